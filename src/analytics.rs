@@ -1,0 +1,133 @@
+//! Usage analytics: requests per key (all time and current hour) and the
+//! number of distinct keys, kept in Redis. The request path only bumps an
+//! in-process counter; a background service writes the batch once a second
+//! (and once more on shutdown), so analytics never cost a request a Redis call.
+//! On shutdown the same task hands unused rate-limit leases back to Redis.
+
+use crate::config::RedisSettings;
+use crate::ratelimit::redis::RedisBackend;
+use crate::state::SharedState;
+use async_trait::async_trait;
+use once_cell::sync::Lazy;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use redis::Script;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+static FLUSH: Lazy<Script> = Lazy::new(|| Script::new(include_str!("../lua/analytics.lua")));
+
+/// Pending counts kept while Redis is away, at most this many keys.
+const MAX_PENDING: usize = 100_000;
+
+pub fn keys(prefix: &str) -> [String; 3] {
+    [
+        format!("{prefix}{{stats}}:requests"),
+        format!("{prefix}{{stats}}:unique"),
+        format!("{prefix}{{stats}}:requests:hour:"),
+    ]
+}
+
+#[derive(Default)]
+pub struct Analytics {
+    pending: Mutex<HashMap<String, u64>>,
+}
+
+impl Analytics {
+    pub fn record(&self, api_key: &str) {
+        if let Ok(mut p) = self.pending.lock() {
+            if let Some(n) = p.get_mut(api_key) {
+                *n += 1;
+            } else if p.len() < MAX_PENDING {
+                p.insert(api_key.to_string(), 1);
+            }
+        }
+    }
+
+    fn take(&self) -> HashMap<String, u64> {
+        self.pending
+            .lock()
+            .map(|mut p| std::mem::take(&mut *p))
+            .unwrap_or_default()
+    }
+
+    fn put_back(&self, batch: HashMap<String, u64>) {
+        if let Ok(mut p) = self.pending.lock() {
+            for (k, n) in batch {
+                if p.len() < MAX_PENDING || p.contains_key(&k) {
+                    *p.entry(k).or_default() += n;
+                }
+            }
+        }
+    }
+}
+
+pub struct Flusher {
+    pub state: SharedState,
+    pub analytics: Arc<Analytics>,
+    pub limiter: Arc<crate::ratelimit::Limiter>,
+}
+
+impl Flusher {
+    async fn flush(&self, redis: &RedisBackend) {
+        let batch = self.analytics.take();
+        if batch.is_empty() {
+            return;
+        }
+        let [all, unique, hour] = keys(&redis.settings.key_prefix);
+        let mut invocation = FLUSH.prepare_invoke();
+        invocation.key(all).key(unique).key(hour);
+        for (k, n) in &batch {
+            invocation.arg(k).arg(*n);
+        }
+        if redis
+            .invoke::<String>("analytics", &invocation, Duration::from_secs(2))
+            .await
+            .is_err()
+        {
+            self.analytics.put_back(batch);
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Flusher {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        // This runtime's own connection, rebuilt when the Redis settings change.
+        let mut backend: Option<(RedisSettings, RedisBackend)> = None;
+        loop {
+            let stop = tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => false,
+                _ = shutdown.changed() => true,
+            };
+            let state = self.state.load_full();
+            match &state.config.redis {
+                Some(settings) => {
+                    let fresh = backend.as_ref().is_none_or(|(s, _)| {
+                        s.urls != settings.urls || s.key_prefix != settings.key_prefix
+                    });
+                    if fresh {
+                        backend = Some((settings.clone(), RedisBackend::new(settings.clone())));
+                    }
+                    if let Some((_, redis)) = &backend {
+                        self.flush(redis).await;
+                        if stop {
+                            let n = self
+                                .limiter
+                                .return_leases(&state.config.limits, redis)
+                                .await;
+                            log::info!("stopping: handed {n} unused leases back to redis");
+                        }
+                    }
+                }
+                None => {
+                    self.analytics.take();
+                }
+            }
+            if stop {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,350 @@
+//! JWT verification with keys pinned to their algorithms.
+//!
+//! The key is parsed once, at load, for the configured algorithm family; the
+//! token's `alg` header is only accepted if it is in `auth.jwt.algorithms`, and
+//! it never selects the key type (a token signed HS256 with an RSA public key
+//! as the secret fails, as does `alg: none`). Claims are read with their types
+//! checked: a claim of the wrong type makes the token invalid.
+
+mod cache;
+pub mod issue;
+pub mod jwks;
+pub mod permissions;
+pub mod store;
+
+use crate::config::{JwtSettings, KeySource};
+use crate::error::Refusal;
+use cache::TokenCache;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use permissions::RouteMatcher;
+use serde_json::{Map, Value};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Tokens longer than this are refused before any parsing.
+pub const MAX_TOKEN_LEN: usize = 8 * 1024;
+
+/// What a verified token says about its caller.
+#[derive(Debug)]
+pub struct Identity {
+    /// The rate-limit key (`api_key` claim by default).
+    pub key: String,
+    /// `key` as the limiter names it (computed once per verified token).
+    pub limit_key: String,
+    pub rate_limit: Option<u64>,
+    pub routes: RouteMatcher,
+    pub tier: Option<String>,
+    pub org: Option<String>,
+    /// `exp` plus leeway, unix seconds.
+    pub valid_until: u64,
+    /// Claims that routes forward as headers: (claim name, header-safe value).
+    pub forwarded: Vec<(String, String)>,
+}
+
+impl Identity {
+    pub fn forwarded(&self, claim: &str) -> Option<&str> {
+        self.forwarded
+            .iter()
+            .find(|(c, _)| c == claim)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Where the verifying key comes from.
+enum Keys {
+    Static(DecodingKey),
+    Jwks(Arc<jwks::Jwks>),
+}
+
+/// Why a token could not be checked yet (JWKS keys missing), or a refusal.
+#[derive(Debug)]
+pub enum VerifyError {
+    Refused(Refusal),
+    /// The token names a key id the current key set lacks.
+    UnknownKey,
+    /// No key set has been fetched yet.
+    NoKeys,
+}
+
+impl From<Refusal> for VerifyError {
+    fn from(r: Refusal) -> Self {
+        VerifyError::Refused(r)
+    }
+}
+
+pub struct Verifier {
+    keys: Keys,
+    validation: Validation,
+    settings: JwtSettings,
+    forwarded_claims: Vec<String>,
+    cache: TokenCache,
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn invalid(why: impl Into<String>) -> Refusal {
+    Refusal::InvalidToken(why.into().into())
+}
+
+impl Verifier {
+    /// `forwarded_claims`: every claim some route forwards as a header.
+    pub fn new(settings: &JwtSettings, forwarded_claims: Vec<String>) -> Result<Self, String> {
+        let algorithms: Vec<Algorithm> = settings
+            .algorithms
+            .iter()
+            .map(|a| {
+                Algorithm::from_str(a)
+                    .map_err(|_| format!("auth.jwt.algorithms: unknown algorithm {a:?}"))
+            })
+            .collect::<Result<_, _>>()?;
+        let first = *algorithms
+            .first()
+            .ok_or("auth.jwt.algorithms: list at least one algorithm")?;
+        let keys = match &settings.key {
+            KeySource::Secret(secret) => Keys::Static(DecodingKey::from_secret(secret)),
+            KeySource::PublicKeyPem(pem) => {
+                let parsed = match first {
+                    Algorithm::RS256
+                    | Algorithm::RS384
+                    | Algorithm::RS512
+                    | Algorithm::PS256
+                    | Algorithm::PS384
+                    | Algorithm::PS512 => DecodingKey::from_rsa_pem(pem),
+                    Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(pem),
+                    Algorithm::EdDSA => DecodingKey::from_ed_pem(pem),
+                    _ => {
+                        return Err("auth.jwt.public_key_file: HS* algorithms take a secret".into())
+                    }
+                };
+                Keys::Static(parsed.map_err(|e| {
+                    format!("auth.jwt.public_key_file: not a {first:?} public key in PEM form: {e}")
+                })?)
+            }
+            KeySource::JwksUrl(url) => {
+                let url = jwks::parse_url(url).map_err(|e| format!("auth.jwt.jwks_url: {e}"))?;
+                Keys::Jwks(Arc::new(jwks::Jwks::new(
+                    url,
+                    settings.jwks_refresh,
+                    algorithms.clone(),
+                )))
+            }
+        };
+        let families: Vec<_> = algorithms.iter().map(|a| a.family()).collect();
+        if families.iter().any(|f| *f != first.family()) {
+            return Err("auth.jwt.algorithms: every algorithm must use the same key type".into());
+        }
+        let mut validation = Validation::new(first);
+        validation.algorithms = algorithms;
+        validation.leeway = settings.leeway.as_secs();
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp"]);
+        if let Some(iss) = &settings.issuer {
+            validation.set_issuer(&[iss]);
+            validation.set_required_spec_claims(&["exp", "iss"]);
+        }
+        match &settings.audience {
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                let mut required = vec!["exp", "aud"];
+                if settings.issuer.is_some() {
+                    required.push("iss");
+                }
+                validation.set_required_spec_claims(&required);
+            }
+            None => validation.validate_aud = false,
+        }
+        Ok(Verifier {
+            keys,
+            validation,
+            settings: settings.clone(),
+            forwarded_claims,
+            cache: TokenCache::new(settings.cache_size),
+        })
+    }
+
+    /// The JWKS key set, when keys come from a JWKS endpoint.
+    pub fn jwks(&self) -> Option<Arc<jwks::Jwks>> {
+        match &self.keys {
+            Keys::Jwks(j) => Some(j.clone()),
+            Keys::Static(_) => None,
+        }
+    }
+
+    /// Verifies a bearer token, from the cache when it was seen before.
+    pub fn verify(&self, token: &str) -> Result<Arc<Identity>, Refusal> {
+        self.try_verify(token).map_err(|e| match e {
+            VerifyError::Refused(r) => r,
+            VerifyError::UnknownKey => invalid("the token's key id is unknown"),
+            VerifyError::NoKeys => Refusal::AuthUnavailable,
+        })
+    }
+
+    /// Like `verify`, but tells a missing JWKS key apart, so the caller can
+    /// fetch the key set and try once more.
+    pub fn try_verify(&self, token: &str) -> Result<Arc<Identity>, VerifyError> {
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(invalid("the token is too large").into());
+        }
+        let now = now_secs();
+        if let Some(id) = self.cache.get(token, now) {
+            return Ok(id);
+        }
+        let jwks_keys;
+        let key = match &self.keys {
+            Keys::Static(k) => k,
+            Keys::Jwks(j) => {
+                let header = jsonwebtoken::decode_header(token)
+                    .map_err(|_| invalid("the token is malformed"))?;
+                let kid = header
+                    .kid
+                    .ok_or_else(|| invalid("the token has no key id (kid)"))?;
+                jwks_keys = j.keys().ok_or(VerifyError::NoKeys)?;
+                jwks_keys.get(&kid).ok_or(VerifyError::UnknownKey)?
+            }
+        };
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, key, &self.validation)
+            .map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => Refusal::TokenExpired,
+                ErrorKind::ImmatureSignature => invalid("the token is not valid yet (nbf)"),
+                ErrorKind::InvalidSignature => invalid("the token signature is invalid"),
+                ErrorKind::InvalidAlgorithm => invalid("the token algorithm is not accepted"),
+                ErrorKind::MissingRequiredClaim(c) => {
+                    invalid(format!("the token has no {c} claim"))
+                }
+                ErrorKind::InvalidClaimFormat(c) => {
+                    invalid(format!("the token's {c} claim has the wrong type"))
+                }
+                ErrorKind::InvalidIssuer => invalid("the token issuer is not accepted"),
+                ErrorKind::InvalidAudience => invalid("the token audience is not accepted"),
+                _ => invalid("the token is malformed"),
+            })?;
+        let identity = Arc::new(self.identity(&data.claims, now)?);
+        self.cache.insert(token, identity.clone(), now);
+        Ok(identity)
+    }
+
+    fn identity(&self, claims: &Map<String, Value>, now: u64) -> Result<Identity, Refusal> {
+        let names = &self.settings.claims;
+        let leeway = self.settings.leeway.as_secs();
+        let exp = claims
+            .get("exp")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| invalid("the token's exp claim has the wrong type"))?;
+        match claims.get("iat") {
+            None => {}
+            Some(v) => match v.as_u64() {
+                Some(iat) if iat <= now.saturating_add(leeway) => {}
+                Some(_) => return Err(invalid("the token was issued in the future (iat)")),
+                None => return Err(invalid("the token's iat claim has the wrong type")),
+            },
+        }
+        let key = match claims.get(&names.key) {
+            Some(Value::String(s)) if !s.is_empty() && s.len() <= 256 => s.clone(),
+            Some(_) => {
+                return Err(invalid(format!(
+                    "the token's {} claim has the wrong type",
+                    names.key
+                )))
+            }
+            None => return Err(invalid(format!("the token has no {} claim", names.key))),
+        };
+        let rate_limit = match claims.get(&names.rate_limit) {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(v.as_u64().ok_or_else(|| {
+                invalid(format!(
+                    "the token's {} claim must be a whole number",
+                    names.rate_limit
+                ))
+            })?),
+        };
+        let routes = match claims.get(&names.routes) {
+            None => RouteMatcher::nothing(),
+            Some(Value::Array(items)) => {
+                let entries: Vec<&str> = items
+                    .iter()
+                    .map(|v| v.as_str())
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| {
+                        invalid(format!(
+                            "the token's {} claim must be a list of strings",
+                            names.routes
+                        ))
+                    })?;
+                RouteMatcher::compile(&entries).map_err(invalid)?
+            }
+            Some(_) => {
+                return Err(invalid(format!(
+                    "the token's {} claim must be a list of strings",
+                    names.routes
+                )))
+            }
+        };
+        let optional_string = |name: &str| match claims.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(invalid(format!(
+                "the token's {name} claim must be a string"
+            ))),
+        };
+        let tier = optional_string(&names.tier)?;
+        let org = optional_string(&names.org)?;
+        let mut forwarded = Vec::new();
+        for claim in &self.forwarded_claims {
+            let value = match claims.get(claim) {
+                None | Some(Value::Null) => continue,
+                Some(Value::String(s)) => s.clone(),
+                Some(v @ (Value::Number(_) | Value::Bool(_))) => v.to_string(),
+                Some(_) => {
+                    return Err(invalid(format!(
+                        "the token's {claim} claim cannot be forwarded as a header"
+                    )))
+                }
+            };
+            if value.len() > 1024 || !value.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+                return Err(invalid(format!(
+                    "the token's {claim} claim has characters not allowed in a header"
+                )));
+            }
+            forwarded.push((claim.clone(), value));
+        }
+        Ok(Identity {
+            limit_key: crate::ratelimit::key_id(&key),
+            key,
+            rate_limit,
+            routes,
+            tier,
+            org,
+            valid_until: exp.saturating_add(leeway),
+            forwarded,
+        })
+    }
+
+    pub fn require_stored(&self) -> bool {
+        self.settings.require_stored
+    }
+
+    pub fn cached_tokens(&self) -> usize {
+        self.cache.len()
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` header.
+pub fn bearer_token(header: Option<&[u8]>) -> Option<&str> {
+    let value = std::str::from_utf8(header?).ok()?.trim();
+    let (scheme, token) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let token = token.trim();
+    (!token.is_empty()).then_some(token)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,166 @@
+//! Stored tokens (`require_stored: true`): a verified token is only good
+//! while `<prefix>token:<api_key>` exists in Redis and is not blocked.
+//!
+//! Lookups are cached for a second, and every instance drops a key from its
+//! cache the moment the admin API publishes a change on
+//! `<prefix>revocations`, so revocation and blocking reach the whole fleet
+//! within a second even if a message is lost.
+
+use crate::ratelimit::redis::{Query, RedisBackend, Unavailable};
+use crate::state::SharedState;
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a lookup is trusted without a Redis round trip.
+const CACHE_FOR: Duration = Duration::from_secs(1);
+const LOOKUP_TIMEOUT: Duration = Duration::from_millis(250);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Active,
+    Blocked,
+    Missing,
+}
+
+pub fn record_key(prefix: &str, api_key: &str) -> String {
+    format!("{prefix}token:{api_key}")
+}
+
+pub fn channel(prefix: &str) -> String {
+    format!("{prefix}revocations")
+}
+
+/// What a stored record says (`{"token", "claims", "blocked"}`).
+pub fn parse_status(record: Option<&str>) -> Status {
+    match record {
+        None => Status::Missing,
+        Some(text) => match serde_json::from_str::<serde_json::Value>(text) {
+            Ok(v) if v["blocked"].as_bool() == Some(true) => Status::Blocked,
+            _ => Status::Active,
+        },
+    }
+}
+
+#[derive(Default)]
+pub struct TokenStore {
+    cache: Mutex<HashMap<String, (Status, Instant)>>,
+}
+
+impl TokenStore {
+    pub async fn status(&self, redis: &RedisBackend, api_key: &str) -> Result<Status, Unavailable> {
+        let now = Instant::now();
+        if let Some((status, at)) = self.cache.lock().ok().and_then(|c| c.get(api_key).copied()) {
+            if now.duration_since(at) < CACHE_FOR {
+                return Ok(status);
+            }
+        }
+        let key = record_key(&redis.settings.key_prefix, api_key);
+        let record: Option<String> = redis
+            .query(
+                "token_lookup",
+                Query::Cmd(&redis::cmd("GET").arg(&key).to_owned()),
+                LOOKUP_TIMEOUT,
+            )
+            .await?;
+        let status = parse_status(record.as_deref());
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() > 100_000 {
+                cache.retain(|_, (_, at)| now.duration_since(*at) < CACHE_FOR);
+            }
+            cache.insert(api_key.to_string(), (status, now));
+        }
+        Ok(status)
+    }
+
+    pub fn invalidate(&self, api_key: &str) {
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.remove(api_key);
+        }
+    }
+
+    pub fn clear(&self) {
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.clear();
+        }
+    }
+}
+
+/// Listens on the revocation channel and drops changed keys from the cache.
+pub struct Revocations {
+    pub state: SharedState,
+    pub store: Arc<TokenStore>,
+}
+
+impl Revocations {
+    async fn listen(&self, url: &str, channel: &str) -> redis::RedisResult<()> {
+        let client = redis::Client::open(url)?;
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(channel).await?;
+        // Messages may have been missed while disconnected.
+        self.store.clear();
+        let mut messages = pubsub.on_message();
+        while let Some(msg) = messages.next().await {
+            if let Ok(api_key) = msg.get_payload::<String>() {
+                self.store.invalidate(&api_key);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Revocations {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        loop {
+            let state = self.state.load_full();
+            let wanted = state.config.redis.as_ref().filter(|_| {
+                state
+                    .config
+                    .auth
+                    .jwt
+                    .as_ref()
+                    .is_some_and(|j| j.require_stored)
+            });
+            if let Some(redis) = wanted {
+                let url = redis.urls.first().cloned().unwrap_or_default();
+                let channel = channel(&redis.key_prefix);
+                tokio::select! {
+                    result = self.listen(&url, &channel) => {
+                        if let Err(e) = result {
+                            log::debug!("revocation channel: {e}");
+                        }
+                    }
+                    _ = shutdown.changed() => return,
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_status() {
+        assert_eq!(parse_status(None), Status::Missing);
+        assert_eq!(
+            parse_status(Some(r#"{"token":"t","blocked":false}"#)),
+            Status::Active
+        );
+        assert_eq!(
+            parse_status(Some(r#"{"token":"t","blocked":true}"#)),
+            Status::Blocked
+        );
+        assert_eq!(parse_status(Some("not json")), Status::Active);
+    }
+}

@@ -1,0 +1,109 @@
+//! Human durations: `250ms`, `5s`, `1m`, `24h`, `7d`, and sums such as `1h30m`.
+//! A bare number is refused: a unit-less TTL is how seconds become milliseconds.
+
+use std::time::Duration;
+
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let s = text.trim();
+    if s.is_empty() {
+        return Err("empty duration (expected e.g. 250ms, 5s, 1m, 24h)".into());
+    }
+    let mut total: u128 = 0;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return Err(format!(
+                "invalid duration {text:?} (expected e.g. 250ms, 5s, 1m, 24h)"
+            ));
+        }
+        let number: u128 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("invalid duration {text:?}: number too large"))?;
+        rest = &rest[digits..];
+        let unit_len = rest.bytes().take_while(|b| b.is_ascii_alphabetic()).count();
+        let unit_ms: u128 = match &rest[..unit_len] {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            "" => {
+                return Err(format!(
+                    "invalid duration {text:?}: a unit is required (ms, s, m, h or d)"
+                ))
+            }
+            other => {
+                return Err(format!(
+                    "invalid duration {text:?}: unknown unit {other:?} (ms, s, m, h or d)"
+                ))
+            }
+        };
+        rest = &rest[unit_len..];
+        total = number
+            .checked_mul(unit_ms)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(|| format!("invalid duration {text:?}: too large"))?;
+    }
+    let ms = u64::try_from(total).map_err(|_| format!("invalid duration {text:?}: too large"))?;
+    Ok(Duration::from_millis(ms))
+}
+
+/// Prints a window the way an operator wrote it (`5s`, `1m`, `1h`), for messages.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    const UNITS: [(u128, &str); 4] = [
+        (86_400_000, "d"),
+        (3_600_000, "h"),
+        (60_000, "m"),
+        (1_000, "s"),
+    ];
+    for (size, unit) in UNITS {
+        if ms >= size && ms.is_multiple_of(size) {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_units_and_sums() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86_400));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5_400));
+        assert_eq!(
+            parse_duration(" 2d ").unwrap(),
+            Duration::from_secs(172_800)
+        );
+    }
+
+    #[test]
+    fn refuses_bare_numbers_and_junk() {
+        for bad in [
+            "",
+            "5",
+            "5x",
+            "s",
+            "1.5s",
+            "-1s",
+            "99999999999999999999999d",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn formats_like_an_operator() {
+        assert_eq!(format_duration(Duration::from_secs(5)), "5s");
+        assert_eq!(format_duration(Duration::from_secs(60)), "1m");
+        assert_eq!(format_duration(Duration::from_secs(90)), "90s");
+        assert_eq!(format_duration(Duration::from_millis(250)), "250ms");
+        assert_eq!(format_duration(Duration::from_secs(3600)), "1h");
+    }
+}

@@ -1,0 +1,298 @@
+//! Upstream credentials (`upstream_auth` on a route): an OAuth2
+//! client-credentials token fetched in the background, refreshed before it
+//! expires, and injected as `Authorization: Bearer` towards the upstream.
+//!
+//! With Redis, instances share the token: one takes a short lock and calls
+//! the token endpoint, the others read what it stored, so N instances make
+//! one call per refresh, not N. A failed refresh keeps the last good token
+//! until it expires.
+
+use crate::config::UpstreamAuthSettings;
+use crate::metrics;
+use crate::ratelimit::redis::{Query, RedisBackend};
+use crate::state::SharedState;
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+
+/// First requests wait at most this long for the first token.
+const WAIT_FOR_TOKEN: Duration = Duration::from_secs(2);
+const LOCK_FOR: Duration = Duration::from_secs(10);
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UpstreamToken {
+    pub access_token: String,
+    /// Unix seconds: the token is used until then.
+    pub expires_at: u64,
+    /// Unix seconds: a new one is fetched from then on (`refresh`, or four
+    /// fifths of the lifetime the endpoint gave, whichever comes first).
+    pub refresh_at: u64,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Tokens by route name.
+pub struct Credentials {
+    tokens: Mutex<HashMap<String, UpstreamToken>>,
+    changed: watch::Sender<u64>,
+}
+
+impl Default for Credentials {
+    fn default() -> Self {
+        Credentials {
+            tokens: Mutex::new(HashMap::new()),
+            changed: watch::channel(0).0,
+        }
+    }
+}
+
+impl Credentials {
+    fn current(&self, route: &str) -> Option<String> {
+        let now = now_secs();
+        self.tokens
+            .lock()
+            .ok()?
+            .get(route)
+            .filter(|t| t.expires_at > now)
+            .map(|t| t.access_token.clone())
+    }
+
+    /// The route's token, waiting briefly for the first one.
+    pub async fn token_for(&self, route: &str) -> Option<String> {
+        if let Some(t) = self.current(route) {
+            return Some(t);
+        }
+        let mut changes = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + WAIT_FOR_TOKEN;
+        loop {
+            if let Some(t) = self.current(route) {
+                return Some(t);
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                return self.current(route);
+            }
+        }
+    }
+
+    fn store(&self, route: &str, token: UpstreamToken) {
+        if let Ok(mut tokens) = self.tokens.lock() {
+            tokens.insert(route.to_string(), token);
+        }
+        self.changed.send_modify(|g| *g += 1);
+    }
+
+    fn refresh_at(&self, route: &str) -> Option<u64> {
+        self.tokens.lock().ok()?.get(route).map(|t| t.refresh_at)
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenAnswer {
+    access_token: String,
+    expires_in: Option<u64>,
+}
+
+fn form_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            b' ' => "+".to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// POSTs the client-credentials grant to `token_url` (plain http://).
+async fn fetch(settings: &UpstreamAuthSettings) -> Result<UpstreamToken, String> {
+    let now = now_secs();
+    let url = crate::http_client::parse_url(&settings.token_url)?;
+    let mut form = format!(
+        "grant_type=client_credentials&client_id={}&client_secret={}",
+        form_escape(&settings.client_id),
+        form_escape(&settings.client_secret)
+    );
+    if let Some(scope) = &settings.scope {
+        form.push_str(&format!("&scope={}", form_escape(scope)));
+    }
+    let (status, answer) =
+        crate::http_client::call(&url, "POST", Some(form), TIMEOUT, 64 * 1024).await?;
+    if status != 200 {
+        return Err(format!("token endpoint answered {status}"));
+    }
+    let parsed: TokenAnswer =
+        serde_json::from_slice(&answer).map_err(|e| format!("not a token answer: {e}"))?;
+    if parsed.access_token.is_empty() || !parsed.access_token.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err("the access token has characters not allowed in a header".into());
+    }
+    let life = parsed.expires_in.unwrap_or(3600).max(1);
+    let refresh = settings.refresh.as_secs().max(1).min(life * 4 / 5).max(1);
+    Ok(UpstreamToken {
+        access_token: parsed.access_token,
+        expires_at: now + life,
+        refresh_at: now + refresh,
+    })
+}
+
+fn needs_refresh(refresh_at: Option<u64>) -> bool {
+    refresh_at.is_none_or(|at| now_secs() >= at)
+}
+
+pub struct CredentialsRefresher {
+    pub state: SharedState,
+    pub credentials: Arc<Credentials>,
+}
+
+impl CredentialsRefresher {
+    async fn refresh(
+        &self,
+        route: &str,
+        settings: &UpstreamAuthSettings,
+        redis: Option<&RedisBackend>,
+    ) {
+        let Some(redis) = redis else {
+            self.fetch_and_store(route, settings, None).await;
+            return;
+        };
+        let prefix = &redis.settings.key_prefix;
+        let key = format!("{prefix}upstream_token:{{{route}}}");
+        // Another instance may have refreshed already.
+        let stored: Result<Option<String>, _> = redis
+            .query(
+                "upstream_token",
+                Query::Cmd(&redis::cmd("GET").arg(&key).to_owned()),
+                TIMEOUT,
+            )
+            .await;
+        if let Ok(Some(text)) = &stored {
+            if let Ok(token) = serde_json::from_str::<UpstreamToken>(text) {
+                if !needs_refresh(Some(token.refresh_at)) {
+                    self.credentials.store(route, token);
+                    return;
+                }
+            }
+        }
+        let lock = redis::cmd("SET")
+            .arg(format!("{key}:lock"))
+            .arg(std::process::id())
+            .arg("NX")
+            .arg("PX")
+            .arg(LOCK_FOR.as_millis() as u64)
+            .to_owned();
+        match redis
+            .query::<Option<String>>("upstream_token", Query::Cmd(&lock), TIMEOUT)
+            .await
+        {
+            Ok(Some(_)) => {
+                self.fetch_and_store(route, settings, Some((redis, &key)))
+                    .await
+            }
+            // Someone else is fetching: read their result on the next round.
+            Ok(None) => {}
+            // Redis is away: fetch for this instance alone.
+            Err(_) => self.fetch_and_store(route, settings, None).await,
+        }
+    }
+
+    async fn fetch_and_store(
+        &self,
+        route: &str,
+        settings: &UpstreamAuthSettings,
+        shared: Option<(&RedisBackend, &str)>,
+    ) {
+        metrics::UPSTREAM_TOKEN_FETCHES
+            .with_label_values(&[route, "attempt"])
+            .inc();
+        match fetch(settings).await {
+            Ok(token) => {
+                if let Some((redis, key)) = shared {
+                    let ttl = token.expires_at.saturating_sub(now_secs()).max(1);
+                    let cmd = redis::cmd("SET")
+                        .arg(key)
+                        .arg(serde_json::to_string(&token).unwrap_or_default())
+                        .arg("EX")
+                        .arg(ttl)
+                        .to_owned();
+                    let _ = redis
+                        .query::<()>("upstream_token", Query::Cmd(&cmd), TIMEOUT)
+                        .await;
+                }
+                log::info!("upstream credentials for route {route} refreshed");
+                self.credentials.store(route, token);
+            }
+            Err(e) => {
+                metrics::UPSTREAM_TOKEN_FETCHES
+                    .with_label_values(&[route, "failure"])
+                    .inc();
+                log::warn!("upstream credentials for route {route}: {e}; keeping the last good token until it expires");
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for CredentialsRefresher {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        // This runtime's own Redis connection, rebuilt when the settings change.
+        let mut backend: Option<(crate::config::RedisSettings, RedisBackend)> = None;
+        loop {
+            let state = self.state.load_full();
+            if let Some(settings) = &state.config.redis {
+                let fresh = backend.as_ref().is_none_or(|(s, _)| {
+                    s.urls != settings.urls || s.key_prefix != settings.key_prefix
+                });
+                if fresh {
+                    backend = Some((settings.clone(), RedisBackend::new(settings.clone())));
+                }
+            } else {
+                backend = None;
+            }
+            for route in &state.config.routes {
+                let Some(auth) = &route.upstream_auth else {
+                    continue;
+                };
+                if needs_refresh(self.credentials.refresh_at(&route.name)) {
+                    self.refresh(&route.name, auth, backend.as_ref().map(|(_, r)| r))
+                        .await;
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn form_values_are_escaped() {
+        assert_eq!(form_escape("a b&c=d/é"), "a+b%26c%3Dd%2F%C3%A9");
+    }
+
+    #[test]
+    fn refresh_when_due() {
+        let now = now_secs();
+        assert!(needs_refresh(None));
+        assert!(needs_refresh(Some(now)));
+        assert!(!needs_refresh(Some(now + 60)));
+    }
+}

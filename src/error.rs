@@ -1,0 +1,116 @@
+//! Every answer tollgate makes itself instead of the upstream, with its
+//! status, its stable error code and a sentence for humans. One renderer
+//! (`proxy::respond`) turns these into the JSON body the SPEC fixes.
+
+use std::borrow::Cow;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    BadRequest(Cow<'static, str>),
+    MissingToken,
+    InvalidToken(Cow<'static, str>),
+    TokenExpired,
+    TokenRevoked,
+    KeyBlocked,
+    RouteForbidden,
+    NoRoute,
+    RateLimited {
+        message: String,
+        retry_after_secs: u64,
+    },
+    UpstreamUnavailable,
+    LimiterUnavailable,
+    UpstreamTimeout,
+    AuthUnavailable,
+}
+
+impl Refusal {
+    pub fn status(&self) -> u16 {
+        match self {
+            Refusal::BadRequest(_) => 400,
+            Refusal::MissingToken
+            | Refusal::InvalidToken(_)
+            | Refusal::TokenExpired
+            | Refusal::TokenRevoked
+            | Refusal::KeyBlocked => 401,
+            Refusal::RouteForbidden => 403,
+            Refusal::NoRoute => 404,
+            Refusal::RateLimited { .. } => 429,
+            Refusal::UpstreamUnavailable => 502,
+            Refusal::LimiterUnavailable | Refusal::AuthUnavailable => 503,
+            Refusal::UpstreamTimeout => 504,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::BadRequest(_) => "bad_request",
+            Refusal::MissingToken => "missing_token",
+            Refusal::InvalidToken(_) => "invalid_token",
+            Refusal::TokenExpired => "token_expired",
+            Refusal::TokenRevoked | Refusal::KeyBlocked => "token_revoked",
+            Refusal::RouteForbidden => "route_forbidden",
+            Refusal::NoRoute => "no_route",
+            Refusal::RateLimited { .. } => "rate_limited",
+            Refusal::UpstreamUnavailable => "upstream_unavailable",
+            Refusal::LimiterUnavailable => "limiter_unavailable",
+            Refusal::UpstreamTimeout => "upstream_timeout",
+            Refusal::AuthUnavailable => "auth_unavailable",
+        }
+    }
+
+    pub fn message(&self) -> Cow<'_, str> {
+        match self {
+            Refusal::BadRequest(why) => Cow::Borrowed(why.as_ref()),
+            Refusal::MissingToken => "a bearer token is required".into(),
+            Refusal::InvalidToken(why) => Cow::Borrowed(why.as_ref()),
+            Refusal::TokenExpired => "the token has expired".into(),
+            Refusal::TokenRevoked => "the token has been revoked".into(),
+            Refusal::KeyBlocked => "the key is blocked".into(),
+            Refusal::RouteForbidden => "the token does not allow this route".into(),
+            Refusal::NoRoute => "no route matches this request".into(),
+            Refusal::RateLimited { message, .. } => Cow::Borrowed(message.as_str()),
+            Refusal::UpstreamUnavailable => "the upstream is unavailable".into(),
+            Refusal::LimiterUnavailable => "the rate limiter is unavailable".into(),
+            Refusal::UpstreamTimeout => "the upstream did not answer in time".into(),
+            Refusal::AuthUnavailable => "token verification is temporarily unavailable".into(),
+        }
+    }
+
+    /// The JSON body: `{"error": "<code>", "message": "<sentence>"}`.
+    pub fn body(&self) -> Vec<u8> {
+        let body = serde_json::json!({ "error": self.code(), "message": self.message() });
+        // Serialising a map of two strings cannot fail.
+        serde_json::to_vec(&body).unwrap_or_default()
+    }
+
+    pub fn is_auth_failure(&self) -> bool {
+        self.status() == 401
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_the_spec_json() {
+        let r = Refusal::NoRoute;
+        let v: serde_json::Value = serde_json::from_slice(&r.body()).unwrap();
+        assert_eq!(v["error"], "no_route");
+        assert_eq!(v["message"], "no route matches this request");
+        let r = Refusal::BadRequest("quote \" and \n newline".into());
+        let v: serde_json::Value = serde_json::from_slice(&r.body()).unwrap();
+        assert_eq!(v["message"], "quote \" and \n newline");
+    }
+
+    #[test]
+    fn statuses_match_the_spec() {
+        assert_eq!(Refusal::BadRequest("x".into()).status(), 400);
+        assert_eq!(Refusal::TokenRevoked.status(), 401);
+        assert_eq!(Refusal::RouteForbidden.status(), 403);
+        assert_eq!(Refusal::UpstreamUnavailable.status(), 502);
+        assert_eq!(Refusal::LimiterUnavailable.status(), 503);
+        assert_eq!(Refusal::UpstreamTimeout.status(), 504);
+    }
+}

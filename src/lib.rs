@@ -1,0 +1,22 @@
+//! tollgate: an edge API proxy on Pingora.
+
+pub mod admin;
+pub mod analytics;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod credentials;
+pub mod echo;
+pub mod error;
+pub mod http_client;
+pub mod logging;
+pub mod metrics;
+pub mod path;
+pub mod proxy;
+pub mod ratelimit;
+pub mod redis_probe;
+pub mod reload;
+pub mod routes;
+pub mod server;
+pub mod state;
+pub mod upstream;

@@ -1,0 +1,167 @@
+//! Every metric tollgate exports, registered in the default registry of the
+//! `prometheus` crate that `pingora-prometheus` re-exports. Labels carry route
+//! and upstream names, never raw paths or keys.
+
+use once_cell::sync::Lazy;
+use pingora_prometheus::prometheus::{
+    self, register_histogram_vec, register_int_counter, register_int_counter_vec,
+    register_int_gauge_vec, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec,
+};
+
+// Registration only fails on a duplicate name or a malformed definition, both
+// programming errors caught by the unit test below, never by user input.
+macro_rules! must {
+    ($e:expr) => {
+        $e.expect("metric definition")
+    };
+}
+
+pub static REQUESTS: Lazy<IntCounterVec> = Lazy::new(|| {
+    must!(register_int_counter_vec!(
+        "tollgate_requests_total",
+        "Requests answered, by route and status.",
+        &["route", "status"]
+    ))
+});
+
+pub static REQUEST_DURATION: Lazy<HistogramVec> = Lazy::new(|| {
+    must!(register_histogram_vec!(
+        "tollgate_request_duration_seconds",
+        "Time from request start to the last byte of the answer, by route.",
+        &["route"],
+        vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+    ))
+});
+
+pub static AUTH_FAILURES: Lazy<IntCounterVec> = Lazy::new(|| {
+    must!(register_int_counter_vec!(
+        "tollgate_auth_failures_total",
+        "Requests refused by authentication or authorization, by reason.",
+        &["reason"]
+    ))
+});
+
+pub static RATELIMIT_DECISIONS: Lazy<IntCounterVec> = Lazy::new(|| {
+    must!(register_int_counter_vec!(
+        "tollgate_ratelimit_decisions_total",
+        "Rate-limit decisions, by decision (allowed, limited) and where they were made (local, redis).",
+        &["decision", "source"]
+    ))
+});
+
+pub static REDIS_CALLS: Lazy<IntCounterVec> = Lazy::new(|| {
+    must!(register_int_counter_vec!(
+        "tollgate_redis_calls_total",
+        "Calls made to Redis, by operation.",
+        &["op"]
+    ))
+});
+
+pub static REDIS_ERRORS: Lazy<IntCounter> = Lazy::new(|| {
+    must!(register_int_counter!(
+        "tollgate_redis_errors_total",
+        "Redis calls that failed or timed out."
+    ))
+});
+
+pub static UPSTREAM_ERRORS: Lazy<IntCounterVec> = Lazy::new(|| {
+    must!(register_int_counter_vec!(
+        "tollgate_upstream_errors_total",
+        "Failures talking to upstreams, by upstream and kind.",
+        &["upstream", "kind"]
+    ))
+});
+
+pub static CONFIG_RELOADS: Lazy<IntCounterVec> = Lazy::new(|| {
+    must!(register_int_counter_vec!(
+        "tollgate_config_reloads_total",
+        "Configuration reloads, by result (success, failure).",
+        &["result"]
+    ))
+});
+
+pub static JWKS_FETCHES: Lazy<IntCounterVec> = Lazy::new(|| {
+    must!(register_int_counter_vec!(
+        "tollgate_jwks_fetches_total",
+        "JWKS fetches, by result (attempt, failure).",
+        &["result"]
+    ))
+});
+
+pub static UPSTREAM_TOKEN_FETCHES: Lazy<IntCounterVec> = Lazy::new(|| {
+    must!(register_int_counter_vec!(
+        "tollgate_upstream_token_fetches_total",
+        "Calls to upstream_auth token endpoints, by route and result (attempt, failure).",
+        &["route", "result"]
+    ))
+});
+
+pub static BUILD_INFO: Lazy<IntGaugeVec> = Lazy::new(|| {
+    must!(register_int_gauge_vec!(
+        "tollgate_build_info",
+        "Always 1; the version label names the running build.",
+        &["version"]
+    ))
+});
+
+pub static UPSTREAM_PEERS_HEALTHY: Lazy<IntGaugeVec> = Lazy::new(|| {
+    must!(register_int_gauge_vec!(
+        "tollgate_upstream_peers_healthy",
+        "Peers of an upstream that pass the health check.",
+        &["upstream"]
+    ))
+});
+
+/// Forces registration so `/metrics` lists every family from the first scrape.
+pub fn init() {
+    BUILD_INFO
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
+    Lazy::force(&REQUESTS);
+    Lazy::force(&REQUEST_DURATION);
+    Lazy::force(&AUTH_FAILURES);
+    Lazy::force(&RATELIMIT_DECISIONS);
+    Lazy::force(&REDIS_CALLS);
+    Lazy::force(&REDIS_ERRORS);
+    Lazy::force(&UPSTREAM_ERRORS);
+    Lazy::force(&CONFIG_RELOADS);
+    Lazy::force(&UPSTREAM_PEERS_HEALTHY);
+    Lazy::force(&JWKS_FETCHES);
+    Lazy::force(&UPSTREAM_TOKEN_FETCHES);
+    // Families with labels show up only once a series exists; start the
+    // well-known series at zero so dashboards and alerts have a line to draw.
+    for result in ["success", "failure"] {
+        CONFIG_RELOADS.with_label_values(&[result]);
+    }
+}
+
+/// The Prometheus text exposition of every registered metric.
+pub fn render() -> Vec<u8> {
+    use prometheus::Encoder;
+    let mut out = Vec::new();
+    let encoder = prometheus::TextEncoder::new();
+    if let Err(e) = encoder.encode(&prometheus::gather(), &mut out) {
+        log::error!("cannot encode metrics: {e}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_spec_family_is_exported() {
+        super::init();
+        let text = String::from_utf8(super::render()).unwrap();
+        for name in [
+            "tollgate_build_info",
+            "tollgate_config_reloads_total",
+            "tollgate_redis_errors_total",
+        ] {
+            assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
+        }
+        assert!(text.contains(&format!(
+            "tollgate_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )));
+    }
+}

@@ -1,0 +1,555 @@
+//! The request path: the `ProxyHttp` implementation and its per-request CTX.
+//!
+//! `request_filter` reads like the SPEC's request path: probes, path, route,
+//! then forwarding. Each step either passes or returns a [`Refusal`] that
+//! `respond::refuse` renders.
+
+pub mod respond;
+
+use crate::analytics::Analytics;
+use crate::auth::store::{Status, TokenStore};
+use crate::auth::{bearer_token, Identity, VerifyError};
+use crate::config::OnFailure;
+use crate::credentials::Credentials;
+use crate::error::Refusal;
+use crate::logging::{self, AccessRecord};
+use crate::metrics;
+use crate::path;
+use crate::ratelimit::Limiter;
+use crate::routes::host_without_port;
+use crate::state::{Health, SharedState, State};
+use async_trait::async_trait;
+use http::header::HeaderName;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{ErrorSource, ErrorType};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+pub struct Proxy {
+    pub state: SharedState,
+    pub health: Arc<Health>,
+    pub limiter: Arc<Limiter>,
+    pub tokens: Arc<TokenStore>,
+    pub analytics: Arc<Analytics>,
+    pub credentials: Arc<Credentials>,
+}
+
+const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+
+pub struct Ctx {
+    pub state: Option<Arc<State>>,
+    pub identity: Option<Arc<Identity>>,
+    /// Bearer token for the upstream (`upstream_auth`).
+    pub upstream_token: Option<String>,
+    pub start: Instant,
+    pub request_id: String,
+    pub route: Option<usize>,
+    /// Metric label when no route applies (`_health`, `_ready`, `_unmatched`, `_invalid`).
+    pub label: &'static str,
+    /// Normalised path and query, forwarded upstream.
+    pub target: String,
+    pub tried: Vec<SocketAddr>,
+    pub status: u16,
+    pub refusal: Option<&'static str>,
+    pub upstream_error: Option<&'static str>,
+    /// Headers added to tollgate's own answers (rate-limit headers, ...).
+    pub extra_headers: Vec<(HeaderName, String)>,
+}
+
+impl Ctx {
+    fn route_name(&self) -> &str {
+        match (&self.state, self.route) {
+            (Some(s), Some(i)) => s.config.routes[i].name.as_str(),
+            _ => self.label,
+        }
+    }
+
+    fn upstream_name(&self) -> &str {
+        match (&self.state, self.route) {
+            (Some(s), Some(i)) => s.upstreams[s.config.routes[i].upstream]
+                .settings
+                .name
+                .as_str(),
+            _ => "-",
+        }
+    }
+}
+
+/// A client-sent request id is kept when it is short and printable.
+fn client_request_id(req: &RequestHeader) -> Option<String> {
+    let v = req.headers.get(respond::REQUEST_ID)?.to_str().ok()?;
+    let ok = !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic());
+    ok.then(|| v.to_string())
+}
+
+pub fn new_request_id() -> String {
+    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+}
+
+enum Step {
+    Continue,
+    Answered,
+}
+
+impl Proxy {
+    async fn probes(&self, session: &mut Session, ctx: &mut Ctx, state: &State) -> Result<Step> {
+        let path = session.req_header().uri.path();
+        let server = &state.config.server;
+        if path == server.health_path {
+            ctx.label = "_health";
+            respond::text(session, ctx, 200, "OK").await?;
+            return Ok(Step::Answered);
+        }
+        if path == server.ready_path {
+            ctx.label = "_ready";
+            let redis_ok =
+                state.config.redis.is_none() || self.health.redis_reachable.load(Ordering::Relaxed);
+            if redis_ok {
+                respond::text(session, ctx, 200, "ready").await?;
+            } else {
+                respond::text(session, ctx, 503, "not ready: redis unreachable").await?;
+            }
+            return Ok(Step::Answered);
+        }
+        Ok(Step::Continue)
+    }
+
+    fn route(&self, session: &Session, ctx: &mut Ctx, state: &State) -> Result<usize, Refusal> {
+        let req = session.req_header();
+        let normalised = path::normalize(req.uri.path()).map_err(|e| {
+            ctx.label = "_invalid";
+            Refusal::BadRequest(e.to_string().into())
+        })?;
+        let host = req
+            .uri
+            .host()
+            .or_else(|| req.headers.get(http::header::HOST)?.to_str().ok())
+            .map(host_without_port);
+        let route = state
+            .routes
+            .find(host, &req.method, &normalised)
+            .ok_or_else(|| {
+                ctx.label = "_unmatched";
+                Refusal::NoRoute
+            })?;
+        ctx.target = match req.uri.query() {
+            Some(q) => format!("{normalised}?{q}"),
+            None => normalised,
+        };
+        Ok(route)
+    }
+
+    /// Steps 3 and 4: who is calling, and may they call this path.
+    async fn authenticate(
+        &self,
+        session: &Session,
+        ctx: &Ctx,
+        state: &State,
+        route: usize,
+    ) -> Result<Option<Arc<Identity>>, Refusal> {
+        if !state.config.routes[route].auth_jwt {
+            return Ok(None);
+        }
+        let verifier = state.verifier.as_ref().ok_or(Refusal::AuthUnavailable)?;
+        let header = session
+            .req_header()
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        let token = bearer_token(header).ok_or(Refusal::MissingToken)?;
+        let identity = match verifier.try_verify(token) {
+            Ok(id) => id,
+            // A key id the JWKS lacks, or no key set yet: let the background
+            // service fetch (single-flight, rate-limited) and try once more.
+            Err(VerifyError::UnknownKey | VerifyError::NoKeys) => {
+                if let Some(jwks) = verifier.jwks() {
+                    jwks.refetch_and_wait().await;
+                }
+                verifier.verify(token)?
+            }
+            Err(VerifyError::Refused(r)) => return Err(r),
+        };
+        self.check_stored(state, &identity).await?;
+        let path = ctx.target.split('?').next().unwrap_or_default();
+        if !identity.routes.allows(path) {
+            return Err(Refusal::RouteForbidden);
+        }
+        Ok(Some(identity))
+    }
+
+    /// `require_stored`: the key must be stored in Redis and not blocked.
+    async fn check_stored(&self, state: &State, identity: &Identity) -> Result<(), Refusal> {
+        let required = state.verifier.as_ref().is_some_and(|v| v.require_stored());
+        let Some(redis) = state.redis.as_ref().filter(|_| required) else {
+            return Ok(());
+        };
+        match self.tokens.status(redis, &identity.key).await {
+            Ok(Status::Active) => Ok(()),
+            Ok(Status::Blocked) => Err(Refusal::KeyBlocked),
+            Ok(Status::Missing) => Err(Refusal::TokenRevoked),
+            Err(_) => match redis.settings.on_failure {
+                OnFailure::Closed => Err(Refusal::AuthUnavailable),
+                OnFailure::Local | OnFailure::Open => Ok(()),
+            },
+        }
+    }
+
+    /// `cost_from_response_header`: charge what the upstream says the request
+    /// cost (a missing or malformed header leaves the route's cost charged).
+    async fn settle_reported_cost(&self, resp: &ResponseHeader, ctx: &Ctx) {
+        let (Some(state), Some(route), Some(identity)) = (&ctx.state, ctx.route, &ctx.identity)
+        else {
+            return;
+        };
+        let route = &state.config.routes[route];
+        let Some(header) = &route.cost_from_response_header else {
+            return;
+        };
+        let reported = resp
+            .headers
+            .get(header)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if let Some(actual) = reported {
+            self.limiter
+                .settle(
+                    &state.config.limits,
+                    state.redis.as_ref(),
+                    identity,
+                    route.cost,
+                    actual,
+                )
+                .await;
+        }
+    }
+
+    /// Step 5: the caller's windows, then its org's.
+    async fn limit(&self, ctx: &mut Ctx, state: &State, route: usize) -> Result<(), Refusal> {
+        let Some(identity) = &ctx.identity else {
+            return Ok(());
+        };
+        let cost = state.config.routes[route].cost;
+        let decision = self
+            .limiter
+            .check(&state.config.limits, state.redis.as_ref(), identity, cost)
+            .await?;
+        let Some(d) = decision else {
+            return Ok(());
+        };
+        let decision = if d.allowed { "allowed" } else { "limited" };
+        metrics::RATELIMIT_DECISIONS
+            .with_label_values(&[decision, d.source])
+            .inc();
+        let mut buf = itoa::Buffer::new();
+        ctx.extra_headers
+            .push((RATELIMIT_LIMIT, buf.format(d.limit).to_string()));
+        ctx.extra_headers
+            .push((RATELIMIT_REMAINING, buf.format(d.remaining).to_string()));
+        ctx.extra_headers
+            .push((RATELIMIT_RESET, buf.format(d.reset_secs).to_string()));
+        if d.allowed {
+            Ok(())
+        } else {
+            Err(Refusal::RateLimited {
+                message: d.message(),
+                retry_after_secs: d.retry_after_secs,
+            })
+        }
+    }
+
+    async fn refuse(&self, session: &mut Session, ctx: &mut Ctx, r: Refusal) -> Result<bool> {
+        if matches!(r.status(), 401 | 403) || matches!(r, Refusal::AuthUnavailable) {
+            metrics::AUTH_FAILURES.with_label_values(&[r.code()]).inc();
+        }
+        respond::refuse(session, ctx, &r).await?;
+        Ok(true)
+    }
+}
+
+fn classify(e: &Error) -> Option<(Refusal, &'static str)> {
+    use ErrorType::*;
+    let kind = match e.etype() {
+        ConnectTimedout => "connect_timeout",
+        ReadTimedout | WriteTimedout => "read_timeout",
+        ConnectRefused => "connect_refused",
+        ConnectNoRoute | ConnectError | SocketError | BindError => "connect_error",
+        ConnectionClosed => "reset",
+        _ if e.esource() == &ErrorSource::Upstream => "protocol",
+        _ => return None,
+    };
+    let refusal = match kind {
+        "connect_timeout" | "read_timeout" => Refusal::UpstreamTimeout,
+        _ => Refusal::UpstreamUnavailable,
+    };
+    Some((refusal, kind))
+}
+
+fn count_upstream_error(ctx: &Ctx, e: &Error) {
+    if let Some((_, kind)) = classify(e) {
+        metrics::UPSTREAM_ERRORS
+            .with_label_values(&[ctx.upstream_name(), kind])
+            .inc();
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Proxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            state: None,
+            identity: None,
+            upstream_token: None,
+            start: Instant::now(),
+            request_id: String::new(),
+            route: None,
+            label: "_unmatched",
+            target: String::new(),
+            tried: Vec::new(),
+            status: 0,
+            refusal: None,
+            upstream_error: None,
+            extra_headers: Vec::new(),
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let state = self.state.load_full();
+        ctx.state = Some(state.clone());
+        ctx.start = Instant::now();
+        ctx.request_id = client_request_id(session.req_header()).unwrap_or_else(new_request_id);
+
+        if let Step::Answered = self.probes(session, ctx, &state).await? {
+            return Ok(true);
+        }
+        let route = match self.route(session, ctx, &state) {
+            Ok(route) => route,
+            Err(r) => return self.refuse(session, ctx, r).await,
+        };
+        ctx.route = Some(route);
+        match self.authenticate(session, ctx, &state, route).await {
+            Ok(identity) => ctx.identity = identity,
+            Err(r) => return self.refuse(session, ctx, r).await,
+        }
+        if let Err(r) = self.limit(ctx, &state, route).await {
+            return self.refuse(session, ctx, r).await;
+        }
+        if state.config.routes[route].upstream_auth.is_some() {
+            let name = &state.config.routes[route].name;
+            match self.credentials.token_for(name).await {
+                Some(token) => ctx.upstream_token = Some(format!("Bearer {token}")),
+                None => {
+                    return self
+                        .refuse(session, ctx, Refusal::UpstreamUnavailable)
+                        .await
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let (Some(state), Some(route)) = (&ctx.state, ctx.route) else {
+            return Error::e_explain(ErrorType::InternalError, "no route chosen");
+        };
+        let upstream = &state.upstreams[state.config.routes[route].upstream];
+        let Some(addr) = upstream.select(&ctx.tried) else {
+            return Error::e_explain(ErrorType::ConnectNoRoute, "every peer failed");
+        };
+        ctx.tried.push(addr);
+        Ok(Box::new(upstream.peer(addr)))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        count_upstream_error(ctx, &e);
+        // One more attempt, on another peer, when there is one.
+        let peers = match (&ctx.state, ctx.route) {
+            (Some(s), Some(r)) => s.upstreams[s.config.routes[r].upstream]
+                .settings
+                .peers
+                .len(),
+            _ => 0,
+        };
+        if ctx.tried.len() < 2 && peers > ctx.tried.len() {
+            e.set_retry(true);
+        } else {
+            e.set_retry(false);
+        }
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        count_upstream_error(ctx, &e);
+        // Pingora's own policy: retry only idempotent requests, and only when
+        // the failure was on a reused (possibly stale) connection.
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated()
+        {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        req: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let uri = ctx
+            .target
+            .parse::<http::Uri>()
+            .map_err(|e| Error::because(ErrorType::InternalError, "normalised path", e))?;
+        req.set_uri(uri);
+        if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
+            let ip = addr.ip().to_string();
+            let forwarded = match req
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
+                _ => ip,
+            };
+            req.insert_header("x-forwarded-for", forwarded)?;
+        }
+        req.insert_header("x-forwarded-proto", "http")?;
+        if let Some(token) = &ctx.upstream_token {
+            // The upstream sees tollgate's credentials, never the client's.
+            req.insert_header(http::header::AUTHORIZATION, token.as_str())?;
+        }
+        if let (Some(state), Some(route)) = (&ctx.state, ctx.route) {
+            for (claim, header) in &state.config.routes[route].forward_claims {
+                // The client's own copy never reaches the upstream.
+                req.remove_header(header);
+                if let Some(value) = ctx.identity.as_ref().and_then(|id| id.forwarded(claim)) {
+                    req.insert_header(header.clone(), value)?;
+                }
+            }
+        }
+        req.insert_header(respond::REQUEST_ID, ctx.request_id.as_str())?;
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        self.settle_reported_cost(resp, ctx).await;
+        resp.insert_header(respond::REQUEST_ID, ctx.request_id.as_str())?;
+        for (name, value) in ctx.extra_headers.drain(..) {
+            resp.insert_header(name, value)?;
+        }
+        ctx.status = resp.status.as_u16();
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let refusal = match classify(e) {
+            Some((refusal, kind)) => {
+                ctx.upstream_error = Some(kind);
+                Some(refusal)
+            }
+            None => match e.etype() {
+                ErrorType::HTTPStatus(code) if (400..500).contains(code) => {
+                    Some(Refusal::BadRequest("the request is malformed".into()))
+                }
+                _ if e.esource() == &ErrorSource::Downstream => {
+                    match e.etype() {
+                        // The client is gone: nobody to answer.
+                        ErrorType::ReadError
+                        | ErrorType::WriteError
+                        | ErrorType::ConnectionClosed => None,
+                        _ => Some(Refusal::BadRequest("the request is malformed".into())),
+                    }
+                }
+                _ => Some(Refusal::UpstreamUnavailable),
+            },
+        };
+        let mut code = 0;
+        if let Some(r) = refusal {
+            code = r.status();
+            if session.response_written().is_none() {
+                if ctx.request_id.is_empty() {
+                    ctx.request_id = new_request_id();
+                }
+                if let Err(err) = respond::refuse(session, ctx, &r).await {
+                    log::debug!("cannot send error answer: {err}");
+                }
+            }
+        }
+        ctx.status = code;
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        let status = session
+            .response_written()
+            .map_or(ctx.status, |r| r.status.as_u16());
+        let route = ctx.route_name();
+        let elapsed = ctx.start.elapsed();
+        let mut buf = itoa::Buffer::new();
+        metrics::REQUESTS
+            .with_label_values(&[route, buf.format(status)])
+            .inc();
+        metrics::REQUEST_DURATION
+            .with_label_values(&[route])
+            .observe(elapsed.as_secs_f64());
+        if let (Some(identity), Some(state)) = (&ctx.identity, &ctx.state) {
+            if state.redis.is_some() {
+                self.analytics.record(&identity.key);
+            }
+        }
+        if !logging::access_enabled() {
+            return;
+        }
+        let req = session.req_header();
+        let client = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default();
+        let upstream = ctx
+            .tried
+            .last()
+            .map_or_else(|| "-".to_string(), |a| a.to_string());
+        logging::access(&AccessRecord {
+            request_id: &ctx.request_id,
+            client: &client,
+            method: req.method.as_str(),
+            path: req.uri.path(),
+            route,
+            status,
+            upstream: &upstream,
+            duration_ms: elapsed.as_secs_f64() * 1000.0,
+            bytes: session.body_bytes_sent(),
+        });
+    }
+}

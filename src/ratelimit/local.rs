@@ -1,0 +1,259 @@
+//! The in-process store: exact within one process. It is the whole limiter
+//! when no Redis is configured, and the fallback for `on_failure: local`.
+//!
+//! Sharded by key; each key holds the state of each of its windows, matched
+//! by (limit, window) so a reload that keeps a window keeps its count.
+
+use super::algo::{self, Outcome, WindowState};
+use crate::config::{Algorithm, Window};
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::Mutex;
+
+const SHARDS: usize = 64;
+/// A shard is swept for stale keys when it grows past this many.
+const SWEEP_AT: usize = 4096;
+
+#[derive(Clone, Copy)]
+struct Slot {
+    window: Window,
+    state: WindowState,
+}
+
+struct Shard {
+    keys: HashMap<Box<str>, Vec<Slot>>,
+    sweep_at: usize,
+}
+
+pub struct LocalStore {
+    shards: Vec<Mutex<Shard>>,
+    hasher: RandomState,
+}
+
+impl Default for LocalStore {
+    fn default() -> Self {
+        LocalStore {
+            shards: (0..SHARDS)
+                .map(|_| {
+                    Mutex::new(Shard {
+                        keys: HashMap::new(),
+                        sweep_at: SWEEP_AT,
+                    })
+                })
+                .collect(),
+            hasher: RandomState::new(),
+        }
+    }
+}
+
+fn window_us(w: &Window) -> u64 {
+    w.window.as_micros() as u64
+}
+
+impl LocalStore {
+    fn shard(&self, key: &str) -> &Mutex<Shard> {
+        &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS]
+    }
+
+    /// Checks every window of `key`; charges all of them only if all admit.
+    /// Returns one outcome per window, in order.
+    pub fn acquire(
+        &self,
+        algo: Algorithm,
+        key: &str,
+        windows: &[Window],
+        cost: u64,
+        now: u64,
+    ) -> Vec<Outcome> {
+        let Ok(mut shard) = self.shard(key).lock() else {
+            // A poisoned lock means a panic elsewhere; admit rather than wedge.
+            return windows
+                .iter()
+                .map(|w| Outcome {
+                    allowed: true,
+                    remaining: w.requests,
+                    reset_us: window_us(w),
+                    retry_us: 0,
+                })
+                .collect();
+        };
+        if shard.keys.len() >= shard.sweep_at {
+            shard.keys.retain(|_, slots| {
+                !slots
+                    .iter()
+                    .all(|s| algo::is_stale(algo, &s.state, now, window_us(&s.window)))
+            });
+            shard.sweep_at = (shard.keys.len() * 2).max(SWEEP_AT);
+        }
+        let slots = shard.keys.entry(key.into()).or_default();
+        // Keep the state of windows that still apply, start new ones.
+        if slots.len() != windows.len() || slots.iter().zip(windows).any(|(s, w)| s.window != *w) {
+            let old = std::mem::take(slots);
+            slots.extend(windows.iter().map(|w| {
+                Slot {
+                    window: *w,
+                    state: old
+                        .iter()
+                        .find(|s| s.window == *w)
+                        .map_or(WindowState::EMPTY, |s| s.state),
+                }
+            }));
+        }
+        let outcomes: Vec<Outcome> = slots
+            .iter_mut()
+            .map(|s| {
+                algo::check(
+                    algo,
+                    &mut s.state,
+                    now,
+                    s.window.requests,
+                    window_us(&s.window),
+                    cost,
+                )
+            })
+            .collect();
+        if outcomes.iter().all(|o| o.allowed) {
+            for s in slots.iter_mut() {
+                algo::commit(
+                    algo,
+                    &mut s.state,
+                    now,
+                    s.window.requests,
+                    window_us(&s.window),
+                    cost,
+                );
+            }
+        }
+        outcomes
+    }
+
+    /// Applies `f(algorithm, state, now, limit, window_us, cost)` to the
+    /// slots of `key` that belong to `windows`.
+    fn adjust(&self, key: &str, windows: &[Window], f: impl Fn(&mut WindowState, u64, u64)) {
+        let Ok(mut shard) = self.shard(key).lock() else {
+            return;
+        };
+        if let Some(slots) = shard.keys.get_mut(key) {
+            for s in slots.iter_mut().filter(|s| windows.contains(&s.window)) {
+                f(&mut s.state, s.window.requests, window_us(&s.window));
+            }
+        }
+    }
+
+    /// Takes back a charge made by `acquire` (a later key refused the request).
+    pub fn refund(&self, algo: Algorithm, key: &str, windows: &[Window], cost: u64, now: u64) {
+        self.adjust(key, windows, |state, limit, window| {
+            algo::refund(algo, state, now, limit, window, cost)
+        });
+    }
+
+    /// Charges `cost` whether or not it fits (cost reported after the answer).
+    pub fn charge(&self, algo: Algorithm, key: &str, windows: &[Window], cost: u64, now: u64) {
+        self.adjust(key, windows, |state, limit, window| {
+            algo::commit(algo, state, now, limit, window, cost)
+        });
+    }
+
+    /// Read-only view for the quota API: outcome of a zero-cost check.
+    pub fn peek(&self, algo: Algorithm, key: &str, windows: &[Window], now: u64) -> Vec<Outcome> {
+        let shard = self.shard(key).lock().ok();
+        windows
+            .iter()
+            .map(|w| {
+                let mut state = shard
+                    .as_ref()
+                    .and_then(|s| s.keys.get(key))
+                    .and_then(|slots| slots.iter().find(|s| s.window == *w))
+                    .map_or(WindowState::EMPTY, |s| s.state);
+                algo::check(algo, &mut state, now, w.requests, window_us(w), 0)
+            })
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().map_or(0, |s| s.keys.len()))
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn w(requests: u64, secs: u64) -> Window {
+        Window {
+            requests,
+            window: Duration::from_secs(secs),
+        }
+    }
+
+    const NOW: u64 = 1_000_000_000_000;
+
+    #[test]
+    fn all_windows_must_admit_and_none_is_charged_otherwise() {
+        let store = LocalStore::default();
+        let windows = [w(5, 5), w(7, 60)];
+        let mut admitted = 0;
+        for i in 0..20u64 {
+            // 5 per 5 s, 7 per minute: two full 5 s windows give 5 + 2.
+            let now = NOW + (i / 10) * 5_000_000;
+            let o = store.acquire(Algorithm::FixedWindow, "k", &windows, 1, now);
+            if o.iter().all(|o| o.allowed) {
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 7);
+        let minute = store.peek(Algorithm::FixedWindow, "k", &windows, NOW + 10_000_000);
+        assert_eq!(minute[1].remaining, 0);
+    }
+
+    #[test]
+    fn reloads_keep_state_of_unchanged_windows() {
+        let store = LocalStore::default();
+        for _ in 0..3 {
+            store.acquire(Algorithm::FixedWindow, "k", &[w(5, 60)], 1, NOW);
+        }
+        let o = store.acquire(Algorithm::FixedWindow, "k", &[w(10, 1), w(5, 60)], 1, NOW);
+        assert_eq!(o[1].remaining, 1);
+        assert_eq!(o[0].remaining, 9);
+    }
+
+    #[test]
+    fn stale_keys_are_swept() {
+        let store = LocalStore::default();
+        for i in 0..(SHARDS * SWEEP_AT * 2) {
+            store.acquire(Algorithm::FixedWindow, &format!("k{i}"), &[w(5, 1)], 1, NOW);
+        }
+        let before = store.len();
+        for i in 0..(SHARDS * SWEEP_AT) {
+            store.acquire(
+                Algorithm::FixedWindow,
+                &format!("n{i}"),
+                &[w(5, 1)],
+                1,
+                NOW + 5_000_000,
+            );
+        }
+        assert!(
+            store.len() < before + SHARDS * SWEEP_AT,
+            "{} vs {before}",
+            store.len()
+        );
+    }
+
+    #[test]
+    fn refund_returns_the_charge() {
+        let store = LocalStore::default();
+        store.acquire(Algorithm::FixedWindow, "k", &[w(2, 60)], 2, NOW);
+        store.refund(Algorithm::FixedWindow, "k", &[w(2, 60)], 2, NOW);
+        assert!(store.acquire(Algorithm::FixedWindow, "k", &[w(2, 60)], 2, NOW)[0].allowed);
+    }
+}

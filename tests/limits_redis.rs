@@ -1,0 +1,322 @@
+//! Distributed limits: several real tollgate processes sharing one real
+//! redis-server, checked for exactness and for how little Redis they use.
+
+mod common;
+use common::*;
+use serde_json::json;
+use std::time::Duration;
+
+const SECRET: &str = "redis-limits-secret-0123456789abcdef";
+
+fn config(upstream: &str, redis: &str, limits: &str, on_failure: &str) -> String {
+    format!(
+        r#"
+server: {{ listen: ["127.0.0.1:{{port}}"], threads: 2, pid_file: "{{dir}}/t.pid", upgrade_sock: "{{dir}}/t.sock" }}
+admin: {{ listen: "127.0.0.1:{{admin}}" }}
+log: {{ level: warn, color: false }}
+redis: {{ url: "{redis}", timeout: 200ms, on_failure: {on_failure}, key_prefix: "tg:" }}
+auth: {{ jwt: {{ algorithms: [HS256], secret: "{SECRET}" }} }}
+limits:
+{limits}
+upstreams:
+  backend: {{ peers: ["{upstream}"] }}
+routes:
+  - {{ name: api, path_prefix: /api/, upstream: backend }}
+"#
+    )
+}
+
+fn limits(algorithm: &str, sync: &str, requests: u64) -> String {
+    format!("  algorithm: {algorithm}\n  sync: {sync}\n  default: [{{ requests: {requests}, window: 1m }}]")
+}
+
+fn token(api_key: &str) -> String {
+    pyjwt(json!({"alg": "HS256", "key": SECRET, "claims": {
+        "api_key": api_key, "exp": unix_now() + 3600, "allowed_routes": ["/*"]}}))
+}
+
+/// Sends `per_instance` requests to each instance at once (one keep-alive
+/// connection each); returns (admitted, limited).
+fn hammer(instances: &[Tollgate], token: &str, per_instance: usize) -> (usize, usize) {
+    let header = format!("Authorization: Bearer {token}\r\n");
+    let handles: Vec<_> = instances
+        .iter()
+        .map(|t| {
+            let (port, header) = (t.port, header.clone());
+            std::thread::spawn(move || {
+                let mut c = Client::connect(port).expect("connect");
+                let (mut ok, mut limited) = (0, 0);
+                for _ in 0..per_instance {
+                    match c.get("/api/x", &header).expect("response").status {
+                        200 => ok += 1,
+                        429 => limited += 1,
+                        s => panic!("unexpected status {s}"),
+                    }
+                }
+                (ok, limited)
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("client thread"))
+        .fold((0, 0), |(a, b), (c, d)| (a + c, b + d))
+}
+
+fn redis_calls(t: &Tollgate) -> f64 {
+    metric_value(&t.metrics(), r#"tollgate_redis_calls_total{op="acquire"}"#).unwrap_or(0.0)
+}
+
+fn fleet(n: usize, template: &str) -> Vec<Tollgate> {
+    (0..n).map(|_| Tollgate::start(template)).collect()
+}
+
+#[test]
+fn three_instances_admit_the_limit_and_no_more_with_every_algorithm() {
+    let up = Recorder::start();
+    let redis = Redis::start();
+    for algorithm in ["fixed_window", "sliding_window", "gcra"] {
+        let instances = fleet(
+            3,
+            &config(
+                &up.addr(),
+                &redis.url(),
+                &limits(algorithm, "hybrid", 200),
+                "local",
+            ),
+        );
+        avoid_window_edge(60, Duration::from_secs(15));
+        let (admitted, limited) = hammer(&instances, &token(&format!("fleet-{algorithm}")), 300);
+        assert_eq!(admitted + limited, 900);
+        // GCRA refills one unit every 300 ms, so it may admit a few more during the run.
+        assert!(
+            (200..=206).contains(&admitted),
+            "{algorithm}: admitted {admitted} of 900 with a limit of 200"
+        );
+    }
+}
+
+#[test]
+fn exact_mode_admits_exactly_the_limit() {
+    let up = Recorder::start();
+    let redis = Redis::start();
+    let instances = fleet(
+        3,
+        &config(
+            &up.addr(),
+            &redis.url(),
+            &limits("fixed_window", "exact", 50),
+            "local",
+        ),
+    );
+    avoid_window_edge(60, Duration::from_secs(10));
+    let (admitted, _) = hammer(&instances, &token("exact-1"), 100);
+    assert_eq!(admitted, 50);
+}
+
+#[test]
+fn far_from_the_limit_costs_few_redis_calls() {
+    let up = Recorder::start();
+    let redis = Redis::start();
+    let instances = fleet(
+        3,
+        &config(
+            &up.addr(),
+            &redis.url(),
+            &limits("fixed_window", "hybrid", 1_000_000),
+            "local",
+        ),
+    );
+    avoid_window_edge(60, Duration::from_secs(10));
+    let (admitted, limited) = hammer(&instances, &token("big-1"), 700);
+    assert_eq!((admitted, limited), (2100, 0));
+    let calls: f64 = instances.iter().map(redis_calls).sum();
+    let per_request = calls / admitted as f64;
+    assert!(
+        per_request <= 0.2,
+        "{calls} Redis calls for {admitted} requests ({per_request:.4} each)"
+    );
+}
+
+#[test]
+fn a_key_over_its_limit_costs_almost_no_redis_calls() {
+    let up = Recorder::start();
+    let redis = Redis::start();
+    let t = Tollgate::start(&config(
+        &up.addr(),
+        &redis.url(),
+        &limits("fixed_window", "hybrid", 5),
+        "local",
+    ));
+    avoid_window_edge(60, Duration::from_secs(10));
+    let tok = token("over-1");
+    let mut c = Client::connect(t.port).unwrap();
+    let header = format!("Authorization: Bearer {tok}\r\n");
+    let remaining: Vec<String> = (0..5)
+        .map(|_| {
+            let r = c.get("/api/x", &header).unwrap();
+            assert_eq!(r.status, 200);
+            r.header("ratelimit-remaining").unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(remaining, ["4", "3", "2", "1", "0"]);
+    let r = c.get("/api/x", &header).unwrap();
+    r.assert_refusal(429, "rate_limited");
+    assert_eq!(r.json()["message"], "limit of 5 requests per 1m exceeded");
+    let before = redis_calls(&t);
+    for _ in 0..1000 {
+        assert_eq!(c.get("/api/x", &header).unwrap().status, 429);
+    }
+    let calls = redis_calls(&t) - before;
+    assert!(
+        calls <= 20.0,
+        "{calls} Redis calls for 1000 refused requests"
+    );
+    t.wait_metric(
+        r#"tollgate_ratelimit_decisions_total{decision="limited",source="local"}"#,
+        1000.0,
+    );
+}
+
+#[test]
+fn redis_keys_are_hash_tagged_and_expire() {
+    let up = Recorder::start();
+    let redis = Redis::start();
+    let t = Tollgate::start(&config(
+        &up.addr(),
+        &redis.url(),
+        &limits("fixed_window", "exact", 10),
+        "local",
+    ));
+    let tok = token("keys-1");
+    let r = request(t.port, &format!("GET /api/x HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {tok}\r\nConnection: close\r\n\r\n")).unwrap();
+    assert_eq!(r.status, 200);
+    let cli = |args: &[&str]| redis.cli(args);
+    let keys = cli(&["KEYS", "tg:rl:*"]);
+    let key = keys.lines().next().expect("a limit key");
+    let start: u64 = key
+        .strip_prefix("tg:rl:{k:keys-1}:60:")
+        .unwrap_or_else(|| panic!("key {key:?} is not <prefix>rl:{{<key>}}:<window>:<start>"))
+        .parse()
+        .unwrap();
+    assert_eq!(start % 60, 0);
+    assert_eq!(cli(&["GET", key]), "1");
+    let ttl: i64 = cli(&["PTTL", key]).parse().unwrap();
+    assert!((1..=61_000).contains(&ttl), "pttl {ttl}");
+}
+
+#[test]
+fn redis_outage_follows_on_failure() {
+    let up = Recorder::start();
+    let mut redis = Redis::start();
+    let tok = token("outage-1");
+    let header = format!("Authorization: Bearer {tok}\r\n");
+    // Exact mode holds no leased budget, so every request needs Redis.
+    let local = Tollgate::start(&config(
+        &up.addr(),
+        &redis.url(),
+        &limits("fixed_window", "exact", 1000),
+        "local",
+    ));
+    let closed = Tollgate::start(&config(
+        &up.addr(),
+        &redis.url(),
+        &limits("fixed_window", "exact", 1000),
+        "closed",
+    ));
+    let open = Tollgate::start(&config(
+        &up.addr(),
+        &redis.url(),
+        &limits("fixed_window", "exact", 1000),
+        "open",
+    ));
+    for t in [&local, &closed, &open] {
+        assert_eq!(
+            Client::connect(t.port)
+                .unwrap()
+                .get("/api/x", &header)
+                .unwrap()
+                .status,
+            200
+        );
+    }
+    redis.stop();
+    wait_for("503 ready with redis down", Duration::from_secs(10), || {
+        (local.get("/ready").status == 503).then_some(())
+    });
+
+    let r = Client::connect(local.port)
+        .unwrap()
+        .get("/api/x", &header)
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.header("ratelimit-limit").is_some());
+    let r = Client::connect(closed.port)
+        .unwrap()
+        .get("/api/x", &header)
+        .unwrap();
+    r.assert_refusal(503, "limiter_unavailable");
+    let r = Client::connect(open.port)
+        .unwrap()
+        .get("/api/x", &header)
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.header("ratelimit-limit").is_none());
+    assert!(metric_value(&local.metrics(), "tollgate_redis_errors_total").unwrap_or(0.0) >= 1.0);
+
+    redis.restart();
+    wait_for("ready again", Duration::from_secs(10), || {
+        (local.get("/ready").status == 200).then_some(())
+    });
+    wait_for(
+        "closed instance admits again",
+        Duration::from_secs(10),
+        || {
+            (Client::connect(closed.port)
+                .ok()?
+                .get("/api/x", &header)
+                .ok()?
+                .status
+                == 200)
+                .then_some(())
+        },
+    );
+}
+
+#[test]
+fn graceful_stop_hands_unused_leases_back() {
+    let up = Recorder::start();
+    let redis = Redis::start();
+    let mut t = Tollgate::start(&config(
+        &up.addr(),
+        &redis.url(),
+        &limits("fixed_window", "hybrid", 1000),
+        "local",
+    ));
+    avoid_window_edge(60, Duration::from_secs(10));
+    let tok = token("stop-1");
+    let mut c = Client::connect(t.port).unwrap();
+    for _ in 0..3 {
+        assert_eq!(
+            c.get("/api/x", &format!("Authorization: Bearer {tok}\r\n"))
+                .unwrap()
+                .status,
+            200
+        );
+    }
+    let keys = redis.cli(&["KEYS", "tg:rl:*"]);
+    let key = keys.lines().next().expect("a window key").to_string();
+    let leased: u64 = redis.cli(&["GET", &key]).parse().unwrap();
+    assert!(
+        leased > 3,
+        "a lease larger than the 3 requests was taken ({leased})"
+    );
+    drop(c);
+    t.proc.signal(libc::SIGTERM);
+    assert_eq!(t.proc.wait_exit(Duration::from_secs(20)), Some(0));
+    assert_eq!(
+        redis.cli(&["GET", &key]),
+        "3",
+        "unused units were not handed back"
+    );
+}
