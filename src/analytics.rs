@@ -1,7 +1,8 @@
 //! Usage analytics: requests per key (all time and current hour) and the
 //! number of distinct keys, kept in Redis. The request path only bumps an
 //! in-process counter; a background service writes the batch once a second
-//! (and once more on shutdown), so analytics never cost a request a Redis call.
+//! (and keeps writing through a graceful stop's grace period), so analytics
+//! never cost a request a Redis call.
 //! On shutdown the same task hands unused rate-limit leases back to Redis.
 
 use crate::config::RedisSettings;
@@ -96,11 +97,21 @@ impl BackgroundService for Flusher {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         // This runtime's own connection, rebuilt when the Redis settings change.
         let mut backend: Option<(RedisSettings, RedisBackend)> = None;
+        let mut stopping = false;
         loop {
-            let stop = tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => false,
-                _ = shutdown.changed() => true,
+            // Once a second; during the grace period of a graceful stop, every
+            // quarter second, so requests still finishing are written too.
+            // Pingora ends this task when it shuts the runtimes down.
+            let stop_now = if stopping {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                false
+            } else {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => false,
+                    _ = shutdown.changed() => true,
+                }
             };
+            stopping |= stop_now;
             let state = self.state.load_full();
             match &state.config.redis {
                 Some(settings) => {
@@ -112,7 +123,7 @@ impl BackgroundService for Flusher {
                     }
                     if let Some((_, redis)) = &backend {
                         self.flush(redis).await;
-                        if stop {
+                        if stop_now {
                             let n = self
                                 .limiter
                                 .return_leases(&state.config.limits, redis)
@@ -124,9 +135,6 @@ impl BackgroundService for Flusher {
                 None => {
                     self.analytics.take();
                 }
-            }
-            if stop {
-                return;
             }
         }
     }

@@ -338,6 +338,11 @@ impl ProxyHttp for Proxy {
             Ok(identity) => ctx.identity = identity,
             Err(r) => return self.refuse(session, ctx, r).await,
         }
+        // Counted before any answer leaves, so a client that has its answer
+        // knows the request is already in the next analytics batch.
+        if let (Some(identity), Some(_)) = (&ctx.identity, &state.redis) {
+            self.analytics.record(&identity.key);
+        }
         if let Err(r) = self.limit(ctx, &state, route).await {
             return self.refuse(session, ctx, r).await;
         }
@@ -522,11 +527,6 @@ impl ProxyHttp for Proxy {
         metrics::REQUEST_DURATION
             .with_label_values(&[route])
             .observe(elapsed.as_secs_f64());
-        if let (Some(identity), Some(state)) = (&ctx.identity, &ctx.state) {
-            if state.redis.is_some() {
-                self.analytics.record(&identity.key);
-            }
-        }
         if !logging::access_enabled() {
             return;
         }
