@@ -117,10 +117,14 @@ fn form_escape(s: &str) -> String {
         .collect()
 }
 
-/// POSTs the client-credentials grant to `token_url` (plain http://).
+/// POSTs the client-credentials grant to `token_url`.
 async fn fetch(settings: &UpstreamAuthSettings) -> Result<UpstreamToken, String> {
     let now = now_secs();
-    let url = crate::http_client::parse_url(&settings.token_url)?;
+    let url = crate::http_client::endpoint(
+        &settings.token_url,
+        settings.ca_file.as_deref(),
+        "token_url",
+    )?;
     let mut form = format!(
         "grant_type=client_credentials&client_id={}&client_secret={}",
         form_escape(&settings.client_id),

@@ -8,12 +8,21 @@ use std::time::Duration;
 const KEYS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/keys");
 
 fn config(upstream: &str, jwks_port: u16) -> String {
+    config_url(
+        upstream,
+        &format!("http://127.0.0.1:{jwks_port}/.well-known/jwks.json"),
+        "",
+    )
+}
+
+/// `extra` goes inside `auth.jwt`, e.g. `jwks_ca_file: ...,`.
+fn config_url(upstream: &str, jwks_url: &str, extra: &str) -> String {
     format!(
         r#"
 server: {{ listen: ["127.0.0.1:{{port}}"], threads: 1, pid_file: "{{dir}}/t.pid", upgrade_sock: "{{dir}}/t.sock" }}
 admin: {{ listen: "127.0.0.1:{{admin}}" }}
 log: {{ level: info, color: false }}
-auth: {{ jwt: {{ algorithms: [RS256], jwks_url: "http://127.0.0.1:{jwks_port}/.well-known/jwks.json", jwks_refresh: 5m }} }}
+auth: {{ jwt: {{ algorithms: [RS256], {extra} jwks_url: "{jwks_url}", jwks_refresh: 5m }} }}
 upstreams: {{ backend: {{ peers: ["{upstream}"] }} }}
 routes: [{{ name: api, path_prefix: /api/, upstream: backend }}]
 "#
@@ -108,4 +117,37 @@ fn no_key_set_yet_is_a_503_not_a_401_and_first_requests_wait() {
         r#"tollgate_auth_failures_total{reason="invalid_token"}"#
     )
     .is_none());
+}
+
+#[test]
+fn https_key_sets_are_verified_against_the_configured_ca() {
+    let up = Recorder::start();
+    let server = JsonServer::start(&set_of(&["k1"]));
+    let front = TlsFront::start(server.port);
+    let url = format!("https://127.0.0.1:{}/.well-known/jwks.json", front.port);
+
+    let trusting = Tollgate::start(&config_url(
+        &up.addr(),
+        &url,
+        &format!("jwks_ca_file: \"{}\",", front.ca_file()),
+    ));
+    assert_eq!(call(&trusting, &rs256("k1")).status, 200);
+    assert!(server.hits() >= 1);
+
+    // Without the private CA the certificate is not trusted: no key set is
+    // loaded, which is a 503 and a counted fetch failure, never a 401.
+    let hits = server.hits();
+    let system_store = Tollgate::start(&config_url(&up.addr(), &url, ""));
+    call(&system_store, &rs256("k1")).assert_refusal(503, "auth_unavailable");
+    assert!(
+        metric_value(
+            &system_store.metrics(),
+            r#"tollgate_jwks_fetches_total{result="failure"}"#
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+    );
+    assert_eq!(server.hits(), hits, "no request passed the TLS handshake");
+    let log = system_store.proc.log_text();
+    assert!(log.to_lowercase().contains("certificate"), "{log}");
 }

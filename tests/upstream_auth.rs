@@ -6,6 +6,23 @@ use common::*;
 use std::time::Duration;
 
 fn config(upstream: &str, token_port: u16, redis: Option<&str>, refresh: &str) -> String {
+    config_url(
+        upstream,
+        &format!("http://127.0.0.1:{token_port}/oauth/token"),
+        redis,
+        refresh,
+        "",
+    )
+}
+
+/// `extra` goes inside `upstream_auth`, e.g. `ca_file: ...,`.
+fn config_url(
+    upstream: &str,
+    token_url: &str,
+    redis: Option<&str>,
+    refresh: &str,
+    extra: &str,
+) -> String {
     let redis = redis
         .map(|url| format!("redis: {{ url: \"{url}\" }}\n"))
         .unwrap_or_default();
@@ -20,7 +37,7 @@ routes:
     path_prefix: /svc/
     upstream: backend
     auth: none
-    upstream_auth: {{ token_url: "http://127.0.0.1:{token_port}/oauth/token", client_id: "tollgate", client_secret: "s3cret&x", scope: "read write", refresh: {refresh} }}
+    upstream_auth: {{ {extra} token_url: "{token_url}", client_id: "tollgate", client_secret: "s3cret&x", scope: "read write", refresh: {refresh} }}
 "#
     )
 }
@@ -102,4 +119,30 @@ fn first_requests_wait_for_the_first_token() {
         (call(&t).status == 200).then_some(())
     });
     assert_eq!(upstream_authorization(&up), "Bearer late");
+}
+
+#[test]
+fn https_token_endpoints_are_verified_against_the_configured_ca() {
+    let up = Recorder::start();
+    let endpoint = JsonServer::start(
+        r#"{"access_token": "tls-tok", "token_type": "Bearer", "expires_in": 3600}"#,
+    );
+    let front = TlsFront::start(endpoint.port);
+    let url = format!("https://127.0.0.1:{}/oauth/token", front.port);
+    let t = Tollgate::start(&config_url(
+        &up.addr(),
+        &url,
+        None,
+        "5m",
+        &format!("ca_file: \"{}\",", front.ca_file()),
+    ));
+    assert_eq!(call(&t).status, 200);
+    assert_eq!(upstream_authorization(&up), "Bearer tls-tok");
+
+    // The system store does not know the private CA: no token, so the
+    // route answers 502 instead of calling the upstream without one.
+    let hits = endpoint.hits();
+    let untrusting = Tollgate::start(&config_url(&up.addr(), &url, None, "5m", ""));
+    call(&untrusting).assert_refusal(502, "upstream_unavailable");
+    assert_eq!(endpoint.hits(), hits, "no request passed the TLS handshake");
 }

@@ -127,7 +127,9 @@ impl Verifier {
                 })?)
             }
             KeySource::JwksUrl(url) => {
-                let url = jwks::parse_url(url).map_err(|e| format!("auth.jwt.jwks_url: {e}"))?;
+                let url =
+                    crate::http_client::endpoint(url, settings.jwks_ca_file.as_deref(), "jwks_url")
+                        .map_err(|e| format!("auth.jwt.jwks_url: {e}"))?;
                 Keys::Jwks(Arc::new(jwks::Jwks::new(
                     url,
                     settings.jwks_refresh,

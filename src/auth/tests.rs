@@ -15,6 +15,7 @@ fn settings(algorithms: &[&str], key: KeySource) -> JwtSettings {
         algorithms: algorithms.iter().map(|s| s.to_string()).collect(),
         key,
         jwks_refresh: Duration::from_secs(300),
+        jwks_ca_file: None,
         issuer: None,
         audience: None,
         leeway: Duration::from_secs(5),

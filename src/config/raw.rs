@@ -133,6 +133,8 @@ pub struct RawJwt {
     pub secret_file: Option<String>,
     pub public_key_file: Option<String>,
     pub jwks_url: Option<String>,
+    /// PEM file of the CAs that verify an https:// `jwks_url` (default: the system's).
+    pub jwks_ca_file: Option<String>,
     /// How often the JWKS is fetched again.
     pub jwks_refresh: String,
     pub issuer: Option<String>,
@@ -152,6 +154,7 @@ impl Default for RawJwt {
             secret_file: None,
             public_key_file: None,
             jwks_url: None,
+            jwks_ca_file: None,
             jwks_refresh: "5m".into(),
             issuer: None,
             audience: None,
@@ -285,6 +288,9 @@ pub struct RawUpstreamAuth {
     pub scope: Option<String>,
     #[serde(default = "default_refresh")]
     pub refresh: String,
+    /// PEM file of the CAs that verify an https:// `token_url` (default: the system's).
+    #[serde(default)]
+    pub ca_file: Option<String>,
 }
 
 fn default_refresh() -> String {

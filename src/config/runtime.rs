@@ -98,6 +98,7 @@ pub struct JwtSettings {
     pub algorithms: Vec<String>,
     pub key: KeySource,
     pub jwks_refresh: Duration,
+    pub jwks_ca_file: Option<String>,
     pub issuer: Option<String>,
     pub audience: Option<String>,
     pub leeway: Duration,
@@ -158,6 +159,7 @@ pub struct UpstreamAuthSettings {
     pub client_secret: String,
     pub scope: Option<String>,
     pub refresh: Duration,
+    pub ca_file: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -359,14 +361,22 @@ fn jwt_settings(p: &mut Problems, raw: &RawJwt) -> Option<JwtSettings> {
         }
     }
     let jwks_refresh = p.positive_duration("auth.jwt.jwks_refresh", &raw.jwks_refresh);
-    if let Some(KeySource::JwksUrl(url)) = &key {
-        if let Err(e) = crate::http_client::parse_url(url) {
-            p.add("auth.jwt.jwks_url", e);
+    match (&key, &raw.jwks_ca_file) {
+        (Some(KeySource::JwksUrl(url)), ca_file) => {
+            if let Err(e) = crate::http_client::parse_url(url) {
+                p.add("auth.jwt.jwks_url", e);
+            } else if let Err(e) = crate::http_client::endpoint(url, ca_file.as_deref(), "jwks_url")
+            {
+                p.add("auth.jwt.jwks_ca_file", e);
+            }
         }
+        (_, Some(_)) => p.add("auth.jwt.jwks_ca_file", "only used with jwks_url"),
+        (_, None) => {}
     }
     Some(JwtSettings {
         algorithms,
         jwks_refresh,
+        jwks_ca_file: raw.jwks_ca_file.clone(),
         key: key?,
         issuer: raw.issuer.clone(),
         audience: raw.audience.clone(),
@@ -626,6 +636,10 @@ fn route_settings(
     if let Some(ua) = &raw.upstream_auth {
         if let Err(e) = crate::http_client::parse_url(&ua.token_url) {
             p.add(format!("{base}.upstream_auth.token_url"), e);
+        } else if let Err(e) =
+            crate::http_client::endpoint(&ua.token_url, ua.ca_file.as_deref(), "token_url")
+        {
+            p.add(format!("{base}.upstream_auth.ca_file"), e);
         }
     }
     let upstream_auth = raw.upstream_auth.as_ref().map(|ua| UpstreamAuthSettings {
@@ -634,6 +648,7 @@ fn route_settings(
         client_secret: ua.client_secret.clone(),
         scope: ua.scope.clone(),
         refresh: p.positive_duration(&format!("{base}.upstream_auth.refresh"), &ua.refresh),
+        ca_file: ua.ca_file.clone(),
     });
     let host = raw.host.as_ref().map(|h| h.to_ascii_lowercase());
     Some(RouteSettings {

@@ -691,3 +691,53 @@ impl JsonServer {
         self.hits.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
+
+/// HTTPS in front of a plain test server (tests/support/tls_front.py, on
+/// Python's ssl module), with a certificate for 127.0.0.1 from a private CA.
+pub struct TlsFront {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    _proc: Proc,
+}
+
+impl TlsFront {
+    pub fn start(backend_port: u16) -> TlsFront {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/tls_front.py");
+        let (log, file) = log_file(dir.path(), "tls_front.log");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .arg(dir.path())
+            .arg(backend_port.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(file)
+            .spawn()
+            .expect("python3 must be installed (make test installs it)");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("tls_front.py output");
+        let proc = Proc { child, log };
+        let port = line
+            .trim()
+            .strip_prefix("PORT ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "tls_front.py did not start (is python3-cryptography installed?): {}",
+                    proc.log_text()
+                )
+            });
+        TlsFront {
+            port,
+            dir,
+            _proc: proc,
+        }
+    }
+
+    /// The private CA that signed the server's certificate.
+    pub fn ca_file(&self) -> String {
+        self.dir.path().join("ca.pem").display().to_string()
+    }
+}
