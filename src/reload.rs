@@ -41,6 +41,9 @@ fn needs_upgrade(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.server.upstream_pool_size != new.server.upstream_pool_size {
         changed.push("server.upstream_pool_size");
     }
+    if old.server.work_stealing != new.server.work_stealing {
+        changed.push("server.work_stealing");
+    }
     if old.admin.listen != new.admin.listen {
         changed.push("admin.listen");
     }

@@ -46,6 +46,7 @@ fn server_conf(config: &Config, daemon: bool) -> ServerConf {
         // A new process started with --upgrade waits this many seconds for
         // the old one to be sent SIGQUIT.
         upgrade_sock_connect_accept_max_retries: Some(30),
+        work_stealing: config.server.work_stealing,
         ..ServerConf::default()
     }
 }

@@ -40,6 +40,10 @@ pub struct RawServer {
     pub pid_file: String,
     /// Idle upstream connections kept per worker thread.
     pub upstream_pool_size: usize,
+    /// Let worker threads steal each other's tasks (tokio's multi-thread
+    /// scheduler); off: one single-thread scheduler per worker, cheaper per
+    /// request, connections stay on the thread that accepted them.
+    pub work_stealing: bool,
     /// Where logs go with `--daemon` (a daemon has no terminal).
     pub error_log: Option<String>,
 }
@@ -55,6 +59,7 @@ impl Default for RawServer {
             upgrade_sock: "/tmp/tollgate_upgrade.sock".into(),
             pid_file: "/tmp/tollgate.pid".into(),
             upstream_pool_size: 128,
+            work_stealing: false,
             error_log: None,
         }
     }

@@ -33,6 +33,7 @@ pub struct ServerSettings {
     pub upgrade_sock: String,
     pub pid_file: String,
     pub upstream_pool_size: usize,
+    pub work_stealing: bool,
     pub error_log: Option<String>,
 }
 
@@ -692,6 +693,7 @@ impl TryFrom<RawConfig> for Config {
             upgrade_sock: s.upgrade_sock.clone(),
             pid_file: s.pid_file.clone(),
             upstream_pool_size: s.upstream_pool_size,
+            work_stealing: s.work_stealing,
             error_log: s.error_log.clone(),
         };
 
