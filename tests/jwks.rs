@@ -61,15 +61,20 @@ fn rotation_and_unknown_key_ids() {
     assert_eq!(call(&t, &rs256("k2")).status, 200);
     assert_eq!(server.hits(), before + 1, "one refetch for the new key id");
 
-    // An unknown key id: refused, and refetches are rate-limited.
+    // An unknown key id: refused, and refetches are rate-limited (one per
+    // 10 s at most; a slow machine may see the loop span a second period).
+    let unknown = rs256("k9");
     let before = server.hits();
+    let started = std::time::Instant::now();
     for _ in 0..20 {
-        call(&t, &rs256("k9")).assert_refusal(401, "invalid_token");
+        call(&t, &unknown).assert_refusal(401, "invalid_token");
     }
+    let allowed = 1 + started.elapsed().as_secs() as usize / 10;
     assert!(
-        server.hits() <= before + 1,
-        "{} fetches for 20 unknown-kid tokens",
-        server.hits() - before
+        server.hits() <= before + allowed,
+        "{} fetches for 20 unknown-kid tokens in {:?}",
+        server.hits() - before,
+        started.elapsed()
     );
 
     // A shared-secret token naming a JWKS key id never passes.
