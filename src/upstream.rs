@@ -36,6 +36,10 @@ impl Upstream {
     /// its health check, still tries one (a real attempt answers better than
     /// a guess), and only returns `None` when every peer was already tried.
     pub fn select(&self, exclude: &[SocketAddr]) -> Option<SocketAddr> {
+        // One peer: nothing to balance and no health check runs.
+        if let [only] = self.settings.peers.as_slice() {
+            return (!exclude.contains(only)).then_some(*only);
+        }
         let tried = |b: &Backend| b.as_inet().is_some_and(|a| exclude.contains(a));
         let pick = self
             .lb
