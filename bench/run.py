@@ -5,6 +5,8 @@ Starts an nginx static upstream (`return 200`), an nginx proxy_pass baseline,
 a private redis-server and tollgate instances, then measures, interleaved and
 repeated (medians of --rounds):
   nginx        nginx proxy_pass (keep-alive upstream)
+  bare         Pingora with no logic (examples/bare_pingora.rs): the floor
+               any proxy built on Pingora's HTTP/1 path stands on
   passthrough  tollgate, route with auth: none and no limits
   full         tollgate, JWT + route permission + hybrid Redis limits, far from the limit
   exact        the same with sync: exact (one Redis script per request)
@@ -143,6 +145,7 @@ def oha(url, duration, connections, headers=()):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default="target/release/tollgate")
+    ap.add_argument("--bare-bin", default="target/release/examples/bare_pingora")
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--connections", type=int, default=32)
@@ -152,6 +155,7 @@ def main():
     if args.smoke:
         args.duration, args.rounds = 1, 1
     binary = os.path.abspath(args.bin)
+    bare_binary = os.path.abspath(args.bare_bin)
     for tool in ("nginx", "wrk", "redis-server"):
         if not shutil.which(tool):
             raise SystemExit(f"{tool} is required (bench/run.sh installs it)")
@@ -213,6 +217,9 @@ routes:
             wait_port(admin)
             return p, port
 
+        bare_port = free_port()
+        bare = spawn([bare_binary, f"127.0.0.1:{bare_port}", f"127.0.0.1:{up_port}"], "bare")
+        wait_port(bare_port)
         hybrid, hybrid_port = tollgate("hybrid", "hybrid")
         exact, exact_port = tollgate("exact", "exact")
         # nginx's worker is the master's child.
@@ -227,6 +234,7 @@ routes:
 
         scenarios = [
             ("nginx", "nginx proxy_pass", f"http://127.0.0.1:{ngx_port}/x", (), ngx_pids),
+            ("bare", "bare Pingora (no logic)", f"http://127.0.0.1:{bare_port}/x", (), [bare.pid]),
             ("passthrough", "tollgate passthrough", f"http://127.0.0.1:{hybrid_port}/pass/x", (), [hybrid.pid]),
             ("full", "tollgate full path (hybrid)", f"http://127.0.0.1:{hybrid_port}/api/x", (far,), [hybrid.pid]),
             ("exact", "tollgate full path (exact)", f"http://127.0.0.1:{exact_port}/api/x", (far,), [exact.pid]),
@@ -284,10 +292,13 @@ routes:
             ("full path / nginx proxy_pass", "full", "nginx", 0.75),
             ("hybrid / exact", "full", "exact", 1.0),
             ("429 path / passthrough", "limited", "passthrough", 1.0),
+            ("full path / bare Pingora (no target)", "full", "bare", None),
+            ("bare Pingora / nginx proxy_pass (no target)", "bare", "nginx", None),
         ]:
             value = ratio(a, b)
-            print(f"| {label} (≥ {goal:.2f}) | {value:.2f} | {per_round(a, b)} | {by_cpu(a, b):.2f} "
-                  f"| {'yes' if value >= goal else 'no'} |")
+            bound = f" (≥ {goal:.2f})" if goal is not None else ""
+            met = "-" if goal is None else ("yes" if value >= goal else "no")
+            print(f"| {label}{bound} | {value:.2f} | {per_round(a, b)} | {by_cpu(a, b):.2f} | {met} |")
 
         oha_rows = []
         for key, label, url, headers, _ in scenarios:
@@ -330,7 +341,7 @@ routes:
             print("| --- | ---: | ---: | ---: | ---: |")
             for label, res in scale:
                 print(f"| {label} | {res['rps']:.0f} | {res['p50']:.3f} | {res['p99']:.3f} | {res['cpu_us']:.1f} |")
-        failed = sum(x["non2xx"] for k in ("nginx", "passthrough", "full", "exact") for x in results[k])
+        failed = sum(x["non2xx"] for k in ("nginx", "bare", "passthrough", "full", "exact") for x in results[k])
         if failed:
             raise SystemExit(f"{failed} non-2xx answers on paths that should all pass")
     finally:

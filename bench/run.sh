@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Whole-system benchmark: nginx proxy_pass vs tollgate (passthrough, full
-# path hybrid and exact, 429 path), in one interleaved run. Writes the report
-# to bench/results/latest.md and prints it.
-#   bench/run.sh            full run (about 5 minutes)
+# Whole-system benchmark: nginx proxy_pass, bare Pingora and tollgate
+# (passthrough, full path hybrid and exact, 429 path), in one interleaved
+# run. Writes the report to bench/results/latest.md and prints it.
+#   bench/run.sh            full run (about 6 minutes)
 #   bench/run.sh --smoke    1-second runs, to check the script works (CI)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +21,6 @@ fi
 if ! command -v oha >/dev/null && [ "${1:-}" != "--smoke" ]; then
   cargo install oha --locked >/dev/null 2>&1 || echo "bench: oha not installed; the oha cross-check is skipped" >&2
 fi
-cargo build --release --quiet
+cargo build --release --quiet --bin tollgate --example bare_pingora
 mkdir -p bench/results
 python3 bench/run.py "$@" | tee bench/results/latest.md
