@@ -173,6 +173,102 @@ impl Redis {
     }
 }
 
+/// A Redis Cluster of `n` masters (no replicas), each a private
+/// redis-server on free ports, created with `redis-cli --cluster create`.
+pub struct RedisCluster {
+    pub ports: Vec<u16>,
+    procs: Vec<Proc>,
+    dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    pub fn start(n: usize) -> RedisCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut ports = Vec::new();
+        let mut procs = Vec::new();
+        for i in 0..n {
+            let (port, bus) = (free_port(), free_port());
+            let node_dir = dir.path().join(format!("node{i}"));
+            std::fs::create_dir(&node_dir).expect("node dir");
+            let (log, file) = log_file(dir.path(), &format!("redis-{i}.log"));
+            let child = Command::new("redis-server")
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--cluster-port",
+                    &bus.to_string(),
+                ])
+                .args(["--bind", "127.0.0.1", "--cluster-enabled", "yes"])
+                .args(["--save", "", "--appendonly", "no", "--dir"])
+                .arg(&node_dir)
+                .stdout(file)
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server must be installed (run `make test`, which installs it)");
+            procs.push(Proc { child, log });
+            wait_port(port, "redis-server (cluster node)");
+            ports.push(port);
+        }
+        let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let cluster = RedisCluster { ports, procs, dir };
+        wait_for(
+            "cluster_state:ok on every node",
+            Duration::from_secs(20),
+            || {
+                cluster
+                    .ports
+                    .iter()
+                    .all(|&p| {
+                        cluster
+                            .cli(p, &["cluster", "info"])
+                            .contains("cluster_state:ok")
+                    })
+                    .then_some(())
+            },
+        );
+        cluster
+    }
+
+    /// `redis.cluster` as the config takes it.
+    pub fn urls_yaml(&self) -> String {
+        let urls: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("\"redis://127.0.0.1:{p}\""))
+            .collect();
+        format!("[{}]", urls.join(", "))
+    }
+
+    /// Runs `redis-cli` against one node; returns its trimmed output.
+    pub fn cli(&self, port: u16, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// How many keys each node holds.
+    pub fn key_counts(&self) -> Vec<u64> {
+        self.ports
+            .iter()
+            .map(|&p| self.cli(p, &["dbsize"]).parse().unwrap_or(0))
+            .collect()
+    }
+}
+
 pub struct Tollgate {
     pub port: u16,
     pub admin_port: u16,
