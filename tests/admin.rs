@@ -28,15 +28,7 @@ routes:
 }
 
 fn admin(t: &Tollgate, method: &str, path: &str, body: Option<&str>) -> Response {
-    let body = body.unwrap_or("");
-    request(
-        t.admin_port,
-        &format!(
-            "{method} {path} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {ADMIN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        ),
-    )
-    .expect("admin request")
+    admin_call(t, ADMIN, method, path, body.unwrap_or(""))
 }
 
 fn call(t: &Tollgate, token: &str) -> Response {

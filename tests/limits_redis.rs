@@ -35,34 +35,6 @@ fn token(api_key: &str) -> String {
         "api_key": api_key, "exp": unix_now() + 3600, "allowed_routes": ["/*"]}}))
 }
 
-/// Sends `per_instance` requests to each instance at once (one keep-alive
-/// connection each); returns (admitted, limited).
-fn hammer(instances: &[Tollgate], token: &str, per_instance: usize) -> (usize, usize) {
-    let header = format!("Authorization: Bearer {token}\r\n");
-    let handles: Vec<_> = instances
-        .iter()
-        .map(|t| {
-            let (port, header) = (t.port, header.clone());
-            std::thread::spawn(move || {
-                let mut c = Client::connect(port).expect("connect");
-                let (mut ok, mut limited) = (0, 0);
-                for _ in 0..per_instance {
-                    match c.get("/api/x", &header).expect("response").status {
-                        200 => ok += 1,
-                        429 => limited += 1,
-                        s => panic!("unexpected status {s}"),
-                    }
-                }
-                (ok, limited)
-            })
-        })
-        .collect();
-    handles
-        .into_iter()
-        .map(|h| h.join().expect("client thread"))
-        .fold((0, 0), |(a, b), (c, d)| (a + c, b + d))
-}
-
 fn redis_calls(t: &Tollgate) -> f64 {
     metric_value(&t.metrics(), r#"tollgate_redis_calls_total{op="acquire"}"#).unwrap_or(0.0)
 }

@@ -372,6 +372,52 @@ impl Tollgate {
     }
 }
 
+/// Sends `per_instance` requests for `/api/x` with `token` to each instance
+/// at once (one keep-alive connection each); returns (admitted, limited).
+pub fn hammer(instances: &[Tollgate], token: &str, per_instance: usize) -> (usize, usize) {
+    let header = format!("Authorization: Bearer {token}\r\n");
+    let handles: Vec<_> = instances
+        .iter()
+        .map(|t| {
+            let (port, header) = (t.port, header.clone());
+            std::thread::spawn(move || {
+                let mut c = Client::connect(port).expect("connect");
+                let (mut ok, mut limited) = (0, 0);
+                for _ in 0..per_instance {
+                    match c.get("/api/x", &header).expect("response").status {
+                        200 => ok += 1,
+                        429 => limited += 1,
+                        s => panic!("unexpected status {s}"),
+                    }
+                }
+                (ok, limited)
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("client thread"))
+        .fold((0, 0), |(a, b), (c, d)| (a + c, b + d))
+}
+
+/// An admin API call authenticated with `admin_token`.
+pub fn admin_call(
+    t: &Tollgate,
+    admin_token: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Response {
+    request(
+        t.admin_port,
+        &format!(
+            "{method} {path} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {admin_token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .expect("admin request")
+}
+
 /// Reads a metric sample's value, e.g. `tollgate_requests_total{route="a",status="200"}`.
 pub fn metric_value(text: &str, series: &str) -> Option<f64> {
     text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
