@@ -5,8 +5,7 @@
 //! never cost a request a Redis call.
 //! On shutdown the same task hands unused rate-limit leases back to Redis.
 
-use crate::config::RedisSettings;
-use crate::ratelimit::redis::RedisBackend;
+use crate::redis_client::Redis;
 use crate::state::SharedState;
 use async_trait::async_trait;
 use once_cell::sync::Lazy;
@@ -71,12 +70,12 @@ pub struct Flusher {
 }
 
 impl Flusher {
-    async fn flush(&self, redis: &RedisBackend) {
+    async fn flush(&self, redis: &Redis) {
         let batch = self.analytics.take();
         if batch.is_empty() {
             return;
         }
-        let [all, unique, hour] = keys(&redis.settings.key_prefix);
+        let [all, unique, hour] = keys(redis.prefix());
         let mut invocation = FLUSH.prepare_invoke();
         invocation.key(all).key(unique).key(hour);
         for (k, n) in &batch {
@@ -95,8 +94,8 @@ impl Flusher {
 #[async_trait]
 impl BackgroundService for Flusher {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        // This runtime's own connection, rebuilt when the Redis settings change.
-        let mut backend: Option<(RedisSettings, RedisBackend)> = None;
+        // This service's own connection, made again when the Redis settings change.
+        let mut backend: Option<Redis> = None;
         let mut stopping = false;
         loop {
             // Once a second; during the grace period of a graceful stop, every
@@ -113,15 +112,15 @@ impl BackgroundService for Flusher {
             };
             stopping |= stop_now;
             let state = self.state.load_full();
-            match &state.config.redis {
-                Some(settings) => {
-                    let fresh = backend.as_ref().is_none_or(|(s, _)| {
-                        s.urls != settings.urls || s.key_prefix != settings.key_prefix
-                    });
-                    if fresh {
-                        backend = Some((settings.clone(), RedisBackend::new(settings.clone())));
+            match &state.redis {
+                Some(redis) => {
+                    if backend
+                        .as_ref()
+                        .is_none_or(|b| b.settings != redis.settings)
+                    {
+                        backend = Some(redis.detached());
                     }
-                    if let Some((_, redis)) = &backend {
+                    if let Some(redis) = &backend {
                         self.flush(redis).await;
                         if stop_now {
                             let n = self

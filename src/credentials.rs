@@ -9,7 +9,7 @@
 
 use crate::config::UpstreamAuthSettings;
 use crate::metrics;
-use crate::ratelimit::redis::{Query, RedisBackend};
+use crate::redis_client::{Query, Redis};
 use crate::state::SharedState;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
@@ -41,9 +41,11 @@ fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Tokens by route name.
+/// Tokens by route name, each with the settings it was fetched with: a
+/// reload that changes a route's `upstream_auth` gets a new token, one that
+/// does not keeps the current one.
 pub struct Credentials {
-    tokens: Mutex<HashMap<String, UpstreamToken>>,
+    tokens: Mutex<HashMap<String, (UpstreamAuthSettings, UpstreamToken)>>,
     changed: watch::Sender<u64>,
 }
 
@@ -57,45 +59,50 @@ impl Default for Credentials {
 }
 
 impl Credentials {
-    fn current(&self, route: &str) -> Option<String> {
+    fn current(&self, route: &str, settings: &UpstreamAuthSettings) -> Option<String> {
         let now = now_secs();
         self.tokens
             .lock()
             .ok()?
             .get(route)
-            .filter(|t| t.expires_at > now)
-            .map(|t| t.access_token.clone())
+            .filter(|(s, t)| s == settings && t.expires_at > now)
+            .map(|(_, t)| t.access_token.clone())
     }
 
     /// The route's token, waiting briefly for the first one.
-    pub async fn token_for(&self, route: &str) -> Option<String> {
-        if let Some(t) = self.current(route) {
+    pub async fn token_for(&self, route: &str, settings: &UpstreamAuthSettings) -> Option<String> {
+        if let Some(t) = self.current(route, settings) {
             return Some(t);
         }
         let mut changes = self.changed.subscribe();
         let deadline = tokio::time::Instant::now() + WAIT_FOR_TOKEN;
         loop {
-            if let Some(t) = self.current(route) {
+            if let Some(t) = self.current(route, settings) {
                 return Some(t);
             }
             if tokio::time::timeout_at(deadline, changes.changed())
                 .await
                 .is_err()
             {
-                return self.current(route);
+                return self.current(route, settings);
             }
         }
     }
 
-    fn store(&self, route: &str, token: UpstreamToken) {
+    fn store(&self, route: &str, settings: &UpstreamAuthSettings, token: UpstreamToken) {
         if let Ok(mut tokens) = self.tokens.lock() {
-            tokens.insert(route.to_string(), token);
+            tokens.insert(route.to_string(), (settings.clone(), token));
         }
         self.changed.send_modify(|g| *g += 1);
     }
 
-    fn refresh_at(&self, route: &str) -> Option<u64> {
-        self.tokens.lock().ok()?.get(route).map(|t| t.refresh_at)
+    fn refresh_at(&self, route: &str, settings: &UpstreamAuthSettings) -> Option<u64> {
+        self.tokens
+            .lock()
+            .ok()?
+            .get(route)
+            .filter(|(s, _)| s == settings)
+            .map(|(_, t)| t.refresh_at)
     }
 }
 
@@ -163,17 +170,12 @@ pub struct CredentialsRefresher {
 }
 
 impl CredentialsRefresher {
-    async fn refresh(
-        &self,
-        route: &str,
-        settings: &UpstreamAuthSettings,
-        redis: Option<&RedisBackend>,
-    ) {
+    async fn refresh(&self, route: &str, settings: &UpstreamAuthSettings, redis: Option<&Redis>) {
         let Some(redis) = redis else {
             self.fetch_and_store(route, settings, None).await;
             return;
         };
-        let prefix = &redis.settings.key_prefix;
+        let prefix = redis.prefix();
         let key = format!("{prefix}upstream_token:{{{route}}}");
         // Another instance may have refreshed already.
         let stored: Result<Option<String>, _> = redis
@@ -186,7 +188,7 @@ impl CredentialsRefresher {
         if let Ok(Some(text)) = &stored {
             if let Ok(token) = serde_json::from_str::<UpstreamToken>(text) {
                 if !needs_refresh(Some(token.refresh_at)) {
-                    self.credentials.store(route, token);
+                    self.credentials.store(route, settings, token);
                     return;
                 }
             }
@@ -217,7 +219,7 @@ impl CredentialsRefresher {
         &self,
         route: &str,
         settings: &UpstreamAuthSettings,
-        shared: Option<(&RedisBackend, &str)>,
+        shared: Option<(&Redis, &str)>,
     ) {
         metrics::UPSTREAM_TOKEN_FETCHES
             .with_label_values(&[route, "attempt"])
@@ -237,7 +239,7 @@ impl CredentialsRefresher {
                         .await;
                 }
                 log::info!("upstream credentials for route {route} refreshed");
-                self.credentials.store(route, token);
+                self.credentials.store(route, settings, token);
             }
             Err(e) => {
                 metrics::UPSTREAM_TOKEN_FETCHES
@@ -252,27 +254,23 @@ impl CredentialsRefresher {
 #[async_trait]
 impl BackgroundService for CredentialsRefresher {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        // This runtime's own Redis connection, rebuilt when the settings change.
-        let mut backend: Option<(crate::config::RedisSettings, RedisBackend)> = None;
+        // This service's own Redis connection, made again when the settings change.
+        let mut backend: Option<Redis> = None;
         loop {
             let state = self.state.load_full();
-            if let Some(settings) = &state.config.redis {
-                let fresh = backend.as_ref().is_none_or(|(s, _)| {
-                    s.urls != settings.urls || s.key_prefix != settings.key_prefix
-                });
-                if fresh {
-                    backend = Some((settings.clone(), RedisBackend::new(settings.clone())));
+            match &state.redis {
+                Some(r) if backend.as_ref().is_none_or(|b| b.settings != r.settings) => {
+                    backend = Some(r.detached());
                 }
-            } else {
-                backend = None;
+                Some(_) => {}
+                None => backend = None,
             }
             for route in &state.config.routes {
                 let Some(auth) = &route.upstream_auth else {
                     continue;
                 };
-                if needs_refresh(self.credentials.refresh_at(&route.name)) {
-                    self.refresh(&route.name, auth, backend.as_ref().map(|(_, r)| r))
-                        .await;
+                if needs_refresh(self.credentials.refresh_at(&route.name, auth)) {
+                    self.refresh(&route.name, auth, backend.as_ref()).await;
                 }
             }
             tokio::select! {

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod path;
 pub mod proxy;
 pub mod ratelimit;
+pub mod redis_client;
 pub mod redis_probe;
 pub mod reload;
 pub mod routes;

@@ -24,9 +24,12 @@ fn main() -> ExitCode {
         }),
         Command::Check { config } => match config::load(&config)
             .map_err(|e| e.problems)
-            .and_then(State::build)
+            .and_then(|c| State::build(c, None))
         {
-            Ok(_) => {
+            Ok(state) => {
+                for warning in state.warnings() {
+                    eprintln!("warning: {warning}");
+                }
                 println!("{}: ok", config.display());
                 Ok(())
             }
@@ -38,42 +41,9 @@ fn main() -> ExitCode {
             }
         },
         Command::Echo { listen, threads } => server::echo(&listen, threads),
-        Command::Token {
-            command:
-                TokenCommand::Issue {
-                    secret,
-                    api_key,
-                    limit,
-                    routes,
-                    ttl,
-                    tier,
-                    org,
-                    redis,
-                    prefix,
-                    url,
-                },
-        } => {
-            let opts = issue::IssueOptions {
-                secret,
-                api_key,
-                limit,
-                routes: issue::split_routes(&routes),
-                ttl,
-                tier,
-                org,
-                redis,
-                prefix,
-                algorithm: jsonwebtoken::Algorithm::HS256,
-            };
-            issue::mint(&opts).and_then(|issued| {
-                let stored = match &opts.redis {
-                    Some(r) => Some(issue::store(r, &opts.prefix, &issued)?),
-                    None => None,
-                };
-                print!("{}", issue::describe(&issued, stored.as_deref(), &url));
-                Ok(())
-            })
-        }
+        Command::Token { command } => match *command {
+            TokenCommand::Issue(args) => issue::run(args),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,5 +1,8 @@
 //! SIGHUP: re-read the config file (with environment overrides), validate it
-//! completely, and swap it in whole. An invalid file changes nothing.
+//! completely, build the new state by diff against the running one (what did
+//! not change keeps running untouched), make what is new ready, and only then
+//! swap it in. An invalid file, or a new part that cannot be made ready (a
+//! new JWKS endpoint that does not answer), changes nothing.
 
 use crate::config::{self, Config};
 use crate::logging;
@@ -19,46 +22,50 @@ pub struct Reloader {
 
 /// Settings that only a new process (graceful upgrade) can change.
 fn needs_upgrade(old: &Config, new: &Config) -> Vec<&'static str> {
-    let mut changed = Vec::new();
-    if old.server.listen != new.server.listen {
-        changed.push("server.listen");
-    }
-    if old.server.threads != new.server.threads {
-        changed.push("server.threads");
-    }
-    if old.server.upgrade_sock != new.server.upgrade_sock {
-        changed.push("server.upgrade_sock");
-    }
-    if old.server.pid_file != new.server.pid_file {
-        changed.push("server.pid_file");
-    }
-    if old.server.grace_period != new.server.grace_period {
-        changed.push("server.grace_period");
-    }
-    if old.server.error_log != new.server.error_log {
-        changed.push("server.error_log");
-    }
-    if old.server.upstream_pool_size != new.server.upstream_pool_size {
-        changed.push("server.upstream_pool_size");
-    }
-    if old.server.work_stealing != new.server.work_stealing {
-        changed.push("server.work_stealing");
-    }
-    if old.admin.listen != new.admin.listen {
-        changed.push("admin.listen");
-    }
-    if old.log.format != new.log.format || old.log.color != new.log.color {
-        changed.push("log.format/log.color");
-    }
-    changed
+    let (o, n) = (&old.server, &new.server);
+    let checks = [
+        (o.listen != n.listen, "server.listen"),
+        (o.threads != n.threads, "server.threads"),
+        (o.upgrade_sock != n.upgrade_sock, "server.upgrade_sock"),
+        (o.pid_file != n.pid_file, "server.pid_file"),
+        (o.grace_period != n.grace_period, "server.grace_period"),
+        (o.error_log != n.error_log, "server.error_log"),
+        (
+            o.upstream_pool_size != n.upstream_pool_size,
+            "server.upstream_pool_size",
+        ),
+        (o.work_stealing != n.work_stealing, "server.work_stealing"),
+        (old.admin.listen != new.admin.listen, "admin.listen"),
+        (
+            old.log.format != new.log.format || old.log.color != new.log.color,
+            "log.format/log.color",
+        ),
+    ];
+    checks
+        .into_iter()
+        .filter_map(|(changed, key)| changed.then_some(key))
+        .collect()
 }
 
 impl Reloader {
-    pub fn reload(&self) -> Result<(), String> {
-        let config = config::load(&self.path).map_err(|e| e.problems.join("; "))?;
+    pub async fn reload(&self) -> Result<(), String> {
+        let path = self.path.clone();
         let old = self.state.load_full();
-        let pending = needs_upgrade(&old.config, &config);
-        let state = State::build(config).map_err(|p| p.join("; "))?;
+        let previous = old.clone();
+        // Reading files and resolving names block: keep them off this runtime's thread.
+        let built = tokio::task::spawn_blocking(move || {
+            let config = config::load(&path).map_err(|e| e.problems.join("; "))?;
+            let pending = needs_upgrade(&previous.config, &config);
+            let state = State::build(config, Some(&previous)).map_err(|p| p.join("; "))?;
+            Ok::<_, String>((state, pending))
+        })
+        .await
+        .map_err(|e| format!("reload task failed: {e}"))?;
+        let (state, pending) = built?;
+        state.prepare(&old).await?;
+        for warning in state.warnings() {
+            log::warn!("{warning}");
+        }
         logging::apply(&state.config.log);
         self.state.store(Arc::new(state));
         if !pending.is_empty() {
@@ -87,7 +94,7 @@ impl BackgroundService for Reloader {
                     if got.is_none() {
                         return;
                     }
-                    match self.reload() {
+                    match self.reload().await {
                         Ok(()) => {
                             metrics::CONFIG_RELOADS.with_label_values(&["success"]).inc();
                             log::info!("config reloaded from {}", self.path.display());

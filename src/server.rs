@@ -13,7 +13,7 @@ use crate::ratelimit::Limiter;
 use crate::redis_probe::RedisProbe;
 use crate::reload::Reloader;
 use crate::state::{Health, State};
-use crate::upstream::HealthChecks;
+use crate::upstream::Maintenance;
 use crate::{logging, metrics};
 use anyhow::{anyhow, bail, Context};
 use arc_swap::ArcSwap;
@@ -86,7 +86,10 @@ pub fn serve(opts: ServeOptions<'_>) -> anyhow::Result<()> {
     let conf = server_conf(&config, opts.daemon);
     let listen = config.server.listen.clone();
     let admin_listen = config.admin.listen.clone();
-    let state = State::build(config).map_err(|p| anyhow!(p.join("\n")))?;
+    let state = State::build(config, None).map_err(|p| anyhow!(p.join("\n")))?;
+    for warning in state.warnings() {
+        log::warn!("{warning}");
+    }
     let state = Arc::new(ArcSwap::from_pointee(state));
     let health = Arc::new(Health::default());
 
@@ -143,8 +146,8 @@ pub fn serve(opts: ServeOptions<'_>) -> anyhow::Result<()> {
         },
     ));
     server.add_service(background_service(
-        "tollgate upstream health",
-        HealthChecks {
+        "tollgate upstream maintenance",
+        Maintenance {
             state: state.clone(),
         },
     ));

@@ -1,10 +1,17 @@
 //! What one request sees: a config and everything compiled from it, swapped
 //! whole on reload. A request takes one snapshot at its start and keeps it,
 //! so it never sees half of two configs.
+//!
+//! A snapshot is built by diff against the one it replaces: the long-lived
+//! parts whose settings did not change are carried over as they are (the
+//! JWKS key set and its fetch schedule, the verified-token cache, the Redis
+//! client with its connection and back-off, upstreams with their resolved
+//! addresses and health). What is new is made ready before the swap
+//! ([`State::prepare`]): a new JWKS endpoint must answer first.
 
 use crate::auth::Verifier;
 use crate::config::Config;
-use crate::ratelimit::redis::RedisBackend;
+use crate::redis_client::Redis;
 use crate::routes::RouteTable;
 use crate::upstream::{self, Upstream};
 use arc_swap::ArcSwap;
@@ -15,34 +22,110 @@ pub struct State {
     pub config: Arc<Config>,
     pub routes: RouteTable,
     pub upstreams: Vec<Arc<Upstream>>,
-    pub verifier: Option<Verifier>,
+    pub verifier: Option<Arc<Verifier>>,
     /// Connected lazily, inside the proxy's runtime, on first use.
-    pub redis: Option<Arc<RedisBackend>>,
+    pub redis: Option<Arc<Redis>>,
+}
+
+/// Every claim some route forwards as a header.
+fn forwarded_claims(config: &Config) -> Vec<String> {
+    let mut forwarded: Vec<String> = config
+        .routes
+        .iter()
+        .flat_map(|r| r.forward_claims.iter().map(|(claim, _)| claim.clone()))
+        .collect();
+    forwarded.sort();
+    forwarded.dedup();
+    forwarded
 }
 
 impl State {
-    pub fn build(config: Config) -> Result<Self, Vec<String>> {
-        let upstreams = upstream::build_all(&config.upstreams).map_err(|e| vec![e])?;
+    /// Builds the live state of `config`, keeping every part of `previous`
+    /// whose settings did not change. Reads key and CA files and resolves
+    /// upstream names (blocking); connects nothing and fetches nothing.
+    pub fn build(config: Config, previous: Option<&State>) -> Result<Self, Vec<String>> {
+        let mut problems = Vec::new();
+        let upstreams = upstream::build_all(
+            &config.upstreams,
+            previous.map_or(&[][..], |p| p.upstreams.as_slice()),
+        );
         let verifier = match &config.auth.jwt {
             Some(jwt) => {
-                let mut forwarded: Vec<String> = config
-                    .routes
-                    .iter()
-                    .flat_map(|r| r.forward_claims.iter().map(|(claim, _)| claim.clone()))
-                    .collect();
-                forwarded.sort();
-                forwarded.dedup();
-                Some(Verifier::new(jwt, forwarded).map_err(|e| vec![e])?)
+                let forwarded = forwarded_claims(&config);
+                let old = previous.and_then(|p| p.verifier.as_ref());
+                match old {
+                    Some(v) if v.same_settings(jwt, &forwarded) => Some(v.clone()),
+                    _ => {
+                        let jwks = old.and_then(|v| v.jwks()).filter(|j| j.serves(jwt));
+                        match Verifier::new(jwt, forwarded, jwks) {
+                            Ok(v) => Some(Arc::new(v)),
+                            Err(e) => {
+                                problems.push(e);
+                                None
+                            }
+                        }
+                    }
+                }
             }
             None => None,
         };
+        let redis = match (&config.redis, previous.and_then(|p| p.redis.as_ref())) {
+            (Some(settings), Some(old)) if old.settings == *settings => Some(old.clone()),
+            (Some(settings), _) => match Redis::new(settings.clone()) {
+                Ok(r) => Some(Arc::new(r)),
+                Err(e) => {
+                    problems.push(e);
+                    None
+                }
+            },
+            (None, _) => None,
+        };
+        if !problems.is_empty() {
+            return Err(problems);
+        }
         Ok(State {
             routes: RouteTable::new(&config.routes),
             upstreams,
             verifier,
-            redis: config.redis.clone().map(|r| Arc::new(RedisBackend::new(r))),
+            redis,
             config: Arc::new(config),
         })
+    }
+
+    /// Makes what `build` created anew ready to serve before it is swapped
+    /// in: a JWKS endpoint that `previous` did not use is fetched now, and
+    /// if that fails the new state must not be used.
+    pub async fn prepare(&self, previous: &State) -> Result<(), String> {
+        let Some(jwks) = self.verifier.as_ref().and_then(|v| v.jwks()) else {
+            return Ok(());
+        };
+        let kept = previous
+            .verifier
+            .as_ref()
+            .and_then(|v| v.jwks())
+            .is_some_and(|old| Arc::ptr_eq(&old, &jwks));
+        if kept || jwks.keys().is_some() {
+            return Ok(());
+        }
+        jwks.refresh_once()
+            .await
+            .map_err(|e| format!("auth.jwt.jwks_url: the new key set could not be fetched ({e})"))
+    }
+
+    /// Things an operator should know that do not stop the config from
+    /// serving (a peer name that does not resolve).
+    pub fn warnings(&self) -> Vec<String> {
+        self.upstreams
+            .iter()
+            .flat_map(|u| {
+                u.unresolved().into_iter().map(move |why| {
+                    format!(
+                        "upstreams.{}.peers: {why}; that peer stays out of rotation until it resolves",
+                        u.settings.name
+                    )
+                })
+            })
+            .collect()
     }
 }
 

@@ -1,51 +1,144 @@
-//! Upstreams: a round-robin set of peers with TCP health checks, and the
-//! `HttpPeer` every request is sent to. Connections are pooled by Pingora
-//! per peer address, so pools stay warm across config reloads.
+//! Upstreams: a round-robin set of peers, resolved from their names at start
+//! and every `resolve_interval`, with a TCP health check when there are
+//! several, and the `HttpPeer` every request is sent to. An `Upstream`
+//! outlives reloads that leave its settings alone, so its resolved
+//! addresses and their health carry over; connections are pooled by
+//! Pingora per peer address, so pools stay warm either way.
 
 use crate::config::UpstreamSettings;
 use crate::metrics;
 use crate::state::SharedState;
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use pingora::lb::health_check::TcpHealthCheck;
-use pingora::lb::selection::RoundRobin;
-use pingora::lb::{Backend, LoadBalancer};
 use pingora::prelude::HttpPeer;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// Consecutive failed checks before a peer leaves rotation: one lost SYN is
+/// not an outage.
+const FAILURES_TO_EJECT: u32 = 2;
+
+/// One resolved address and its health.
+#[derive(Debug)]
+struct Peer {
+    addr: SocketAddr,
+    healthy: AtomicBool,
+    failures: AtomicU32,
+}
+
+impl Peer {
+    fn new(addr: SocketAddr) -> Arc<Peer> {
+        Arc::new(Peer {
+            addr,
+            healthy: AtomicBool::new(true),
+            failures: AtomicU32::new(0),
+        })
+    }
+}
 
 pub struct Upstream {
     pub settings: UpstreamSettings,
-    lb: LoadBalancer<RoundRobin>,
+    peers: ArcSwap<Vec<Arc<Peer>>>,
+    next: AtomicUsize,
+    /// Configured names that did not resolve at the last attempt, with why.
+    unresolved: Mutex<Vec<String>>,
+    resolved_at: Mutex<Instant>,
+    checked_at: Mutex<Option<Instant>>,
+}
+
+/// Resolves `host:port` (blocking: at start, in `check`, or on a blocking thread).
+fn resolve_blocking(peer: &str) -> Result<Vec<SocketAddr>, String> {
+    let addrs: Vec<SocketAddr> = peer
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {peer:?}: {e}"))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(format!("{peer:?} resolves to no address"));
+    }
+    Ok(addrs)
+}
+
+async fn resolve(peer: &str) -> Result<Vec<SocketAddr>, String> {
+    if let Ok(addr) = peer.parse::<SocketAddr>() {
+        return Ok(vec![addr]);
+    }
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(peer)
+        .await
+        .map_err(|e| format!("cannot resolve {peer:?}: {e}"))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(format!("{peer:?} resolves to no address"));
+    }
+    Ok(addrs)
 }
 
 impl Upstream {
-    pub fn new(settings: UpstreamSettings) -> std::io::Result<Self> {
-        let mut lb = LoadBalancer::<RoundRobin>::try_from_iter(settings.peers.iter().copied())?;
-        let mut check = TcpHealthCheck::new();
-        check.peer_template.options.connection_timeout = Some(settings.connect_timeout);
-        // Two misses before a peer leaves rotation: one lost SYN is not an outage.
-        check.consecutive_failure = 2;
-        lb.set_health_check(check);
-        Ok(Upstream { settings, lb })
+    /// Resolves the peers once (blocking). A name that does not resolve is
+    /// not an error: it stays out of rotation until it does, and
+    /// [`Upstream::unresolved`] says why.
+    pub fn new(settings: UpstreamSettings) -> Self {
+        let mut addrs = Vec::new();
+        let mut unresolved = Vec::new();
+        for peer in &settings.peers {
+            match resolve_blocking(peer) {
+                Ok(found) => addrs.extend(found),
+                Err(e) => unresolved.push(e),
+            }
+        }
+        addrs.dedup();
+        Upstream {
+            peers: ArcSwap::from_pointee(addrs.into_iter().map(Peer::new).collect()),
+            next: AtomicUsize::new(0),
+            unresolved: Mutex::new(unresolved),
+            resolved_at: Mutex::new(Instant::now()),
+            checked_at: Mutex::new(None),
+            settings,
+        }
+    }
+
+    /// Why some configured peers are out of rotation (names that did not resolve).
+    pub fn unresolved(&self) -> Vec<String> {
+        self.unresolved
+            .lock()
+            .map(|u| u.clone())
+            .unwrap_or_default()
+    }
+
+    /// Resolved addresses, in rotation or not.
+    pub fn addresses(&self) -> Vec<SocketAddr> {
+        self.peers.load().iter().map(|p| p.addr).collect()
     }
 
     /// Picks the next healthy peer not in `exclude`; if every peer is failing
     /// its health check, still tries one (a real attempt answers better than
     /// a guess), and only returns `None` when every peer was already tried.
     pub fn select(&self, exclude: &[SocketAddr]) -> Option<SocketAddr> {
+        let peers = self.peers.load();
         // One peer: nothing to balance and no health check runs.
-        if let [only] = self.settings.peers.as_slice() {
-            return (!exclude.contains(only)).then_some(*only);
+        if let [only] = peers.as_slice() {
+            return (!exclude.contains(&only.addr)).then_some(only.addr);
         }
-        let tried = |b: &Backend| b.as_inet().is_some_and(|a| exclude.contains(a));
-        let pick = self
-            .lb
-            .select_with(b"", 256, |b, healthy| healthy && !tried(b))
-            .or_else(|| self.lb.select_with(b"", 256, |b, _| !tried(b)))?;
-        pick.as_inet().copied()
+        let n = peers.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let candidates = (0..n).map(|i| &peers[(start + i) % n]);
+        let mut fallback = None;
+        for p in candidates {
+            if exclude.contains(&p.addr) {
+                continue;
+            }
+            if p.healthy.load(Ordering::Relaxed) {
+                return Some(p.addr);
+            }
+            fallback.get_or_insert(p.addr);
+        }
+        fallback
     }
 
     pub fn peer(&self, addr: SocketAddr) -> HttpPeer {
@@ -58,47 +151,127 @@ impl Upstream {
         peer
     }
 
+    fn due(at: &Mutex<Instant>, every: Duration) -> bool {
+        at.lock().map(|t| t.elapsed() >= every).unwrap_or(true)
+    }
+
+    /// Resolves every name again; addresses that stay keep their health.
+    pub async fn re_resolve(&self) {
+        let mut addrs = Vec::new();
+        let mut unresolved = Vec::new();
+        for peer in &self.settings.peers {
+            match resolve(peer).await {
+                Ok(found) => addrs.extend(found),
+                Err(e) => unresolved.push(e),
+            }
+        }
+        addrs.dedup();
+        let old = self.peers.load_full();
+        let changed =
+            addrs.len() != old.len() || addrs.iter().zip(old.iter()).any(|(a, p)| *a != p.addr);
+        if changed {
+            let peers = addrs
+                .iter()
+                .map(|a| {
+                    old.iter()
+                        .find(|p| p.addr == *a)
+                        .cloned()
+                        .unwrap_or_else(|| Peer::new(*a))
+                })
+                .collect();
+            log::info!("upstream {}: peers now {:?}", self.settings.name, addrs);
+            self.peers.store(Arc::new(peers));
+        }
+        if let Ok(mut u) = self.unresolved.lock() {
+            for e in unresolved.iter().filter(|e| !u.contains(e)) {
+                log::warn!(
+                    "upstream {}: {e}; that peer is out of rotation",
+                    self.settings.name
+                );
+            }
+            *u = unresolved;
+        }
+        if let Ok(mut at) = self.resolved_at.lock() {
+            *at = Instant::now();
+        }
+    }
+
     async fn check_health(&self) {
-        if self.settings.peers.len() < 2 {
+        if let Ok(mut at) = self.checked_at.lock() {
+            *at = Some(Instant::now());
+        }
+        let peers = self.peers.load_full();
+        if peers.len() < 2 {
             return;
         }
-        self.lb.backends().run_health_check(true).await;
-        let healthy = self
-            .lb
-            .backends()
-            .get_backend()
+        let timeout = self.settings.connect_timeout;
+        for p in peers.iter() {
+            let ok = matches!(
+                tokio::time::timeout(timeout, tokio::net::TcpStream::connect(p.addr)).await,
+                Ok(Ok(_))
+            );
+            if ok {
+                p.failures.store(0, Ordering::Relaxed);
+                p.healthy.store(true, Ordering::Relaxed);
+            } else if p.failures.fetch_add(1, Ordering::Relaxed) + 1 >= FAILURES_TO_EJECT {
+                p.healthy.store(false, Ordering::Relaxed);
+            }
+        }
+        let healthy = peers
             .iter()
-            .filter(|b| self.lb.backends().ready(b))
+            .filter(|p| p.healthy.load(Ordering::Relaxed))
             .count();
         metrics::UPSTREAM_PEERS_HEALTHY
             .with_label_values(&[self.settings.name.as_str()])
             .set(healthy as i64);
     }
+
+    /// Re-resolves and health-checks this upstream when they are due.
+    pub async fn maintain(&self) {
+        let unresolved = self
+            .unresolved
+            .lock()
+            .map(|u| !u.is_empty())
+            .unwrap_or(false);
+        // A name that failed is retried sooner than the interval.
+        let every = if unresolved {
+            self.settings.resolve_interval.min(Duration::from_secs(5))
+        } else {
+            self.settings.resolve_interval
+        };
+        let names = self
+            .settings
+            .peers
+            .iter()
+            .any(|p| p.parse::<SocketAddr>().is_err());
+        if names && Self::due(&self.resolved_at, every) {
+            self.re_resolve().await;
+        }
+        let check_due = self
+            .checked_at
+            .lock()
+            .map(|t| t.is_none_or(|t| t.elapsed() >= self.settings.health_check_interval))
+            .unwrap_or(true);
+        if check_due {
+            self.check_health().await;
+        }
+    }
 }
 
-/// Runs the health checks of whatever upstreams the current config has, so a
-/// reload that adds or changes upstreams needs nothing restarted.
-pub struct HealthChecks {
+/// Keeps the upstreams of whatever config is current resolved and
+/// health-checked, so a reload that adds or changes upstreams needs nothing
+/// restarted.
+pub struct Maintenance {
     pub state: SharedState,
 }
 
 #[async_trait]
-impl BackgroundService for HealthChecks {
+impl BackgroundService for Maintenance {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut last_run: Vec<(String, Instant)> = Vec::new();
         loop {
             let snapshot = self.state.load_full();
             for upstream in &snapshot.upstreams {
-                let name = &upstream.settings.name;
-                let due = last_run
-                    .iter()
-                    .find(|(n, _)| n == name)
-                    .is_none_or(|(_, at)| at.elapsed() >= upstream.settings.health_check_interval);
-                if due {
-                    upstream.check_health().await;
-                    last_run.retain(|(n, _)| n != name);
-                    last_run.push((name.clone(), Instant::now()));
-                }
+                upstream.maintain().await;
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -108,13 +281,77 @@ impl BackgroundService for HealthChecks {
     }
 }
 
-pub fn build_all(settings: &[UpstreamSettings]) -> Result<Vec<Arc<Upstream>>, String> {
+/// The upstreams of a new config: kept from `previous` when their settings
+/// did not change (resolved addresses and health carry over), else new.
+pub fn build_all(settings: &[UpstreamSettings], previous: &[Arc<Upstream>]) -> Vec<Arc<Upstream>> {
     settings
         .iter()
         .map(|s| {
-            Upstream::new(s.clone())
-                .map(Arc::new)
-                .map_err(|e| format!("upstreams.{}: {e}", s.name))
+            previous
+                .iter()
+                .find(|u| u.settings == *s)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(Upstream::new(s.clone())))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(peers: &[&str]) -> UpstreamSettings {
+        UpstreamSettings {
+            name: "u".into(),
+            peers: peers.iter().map(|p| p.to_string()).collect(),
+            connect_timeout: Duration::from_secs(1),
+            read_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
+            health_check_interval: Duration::from_secs(5),
+            resolve_interval: Duration::from_secs(30),
+        }
+    }
+
+    #[test]
+    fn names_resolve_and_bad_names_stay_out_of_rotation() {
+        let u = Upstream::new(settings(&[
+            "localhost:8081",
+            "no-such-host.invalid:80",
+            "127.0.0.2:9",
+        ]));
+        let addrs = u.addresses();
+        assert!(
+            addrs
+                .iter()
+                .any(|a| a.port() == 8081 && a.ip().is_loopback()),
+            "{addrs:?}"
+        );
+        assert!(addrs.contains(&"127.0.0.2:9".parse().unwrap()));
+        let unresolved = u.unresolved();
+        assert_eq!(unresolved.len(), 1, "{unresolved:?}");
+        assert!(
+            unresolved[0].contains("no-such-host.invalid"),
+            "{unresolved:?}"
+        );
+    }
+
+    #[test]
+    fn round_robin_skips_tried_peers() {
+        let u = Upstream::new(settings(&["127.0.0.1:1", "127.0.0.1:2"]));
+        let a = u.select(&[]).unwrap();
+        let b = u.select(&[a]).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(u.select(&[a, b]), None);
+        let none = Upstream::new(settings(&["no-such-host.invalid:80"]));
+        assert_eq!(none.select(&[]), None);
+    }
+
+    #[test]
+    fn unchanged_upstreams_are_kept() {
+        let old = vec![Arc::new(Upstream::new(settings(&["127.0.0.1:1"])))];
+        let kept = build_all(&[settings(&["127.0.0.1:1"])], &old);
+        assert!(Arc::ptr_eq(&kept[0], &old[0]));
+        let fresh = build_all(&[settings(&["127.0.0.1:2"])], &old);
+        assert!(!Arc::ptr_eq(&fresh[0], &old[0]));
+    }
 }

@@ -7,8 +7,8 @@ use crate::auth::permissions::RouteMatcher;
 use crate::auth::store::{channel, record_key};
 use crate::auth::Identity;
 use crate::config::{format_duration, parse_duration, KeySource};
-use crate::ratelimit::redis::{Query, RedisBackend};
 use crate::ratelimit::Limiter;
+use crate::redis_client::{Query, Redis};
 use crate::state::State;
 use once_cell::sync::Lazy;
 use redis::Script;
@@ -78,7 +78,7 @@ pub struct Api<'a> {
 }
 
 impl Api<'_> {
-    fn redis(&self) -> Result<&Arc<RedisBackend>, Box<Answer>> {
+    fn redis(&self) -> Result<&Arc<Redis>, Box<Answer>> {
         self.state.redis.as_ref().ok_or_else(|| {
             Box::new(error(
                 409,
@@ -88,9 +88,9 @@ impl Api<'_> {
         })
     }
 
-    async fn publish(&self, redis: &RedisBackend, api_key: &str) {
+    async fn publish(&self, redis: &Redis, api_key: &str) {
         let cmd = redis::cmd("PUBLISH")
-            .arg(channel(&redis.settings.key_prefix))
+            .arg(channel(redis.prefix()))
             .arg(api_key)
             .to_owned();
         // Instances re-read within a second even if this message is lost.
@@ -138,9 +138,11 @@ impl Api<'_> {
             ttl: body.ttl.unwrap_or_else(|| "24h".to_string()),
             tier: body.tier,
             org: body.org,
-            redis: None,
-            prefix: String::new(),
             algorithm,
+            // Tokens this proxy itself accepts: its claim names, issuer, audience.
+            claims: jwt.claims.clone(),
+            issuer: jwt.issuer.clone(),
+            audience: jwt.audience.clone(),
         };
         if let Err(e) = ttl_of(&options.ttl) {
             return *e;
@@ -151,7 +153,7 @@ impl Api<'_> {
         };
         if let Some(redis) = &self.state.redis {
             let cmd = redis::cmd("SET")
-                .arg(record_key(&redis.settings.key_prefix, &issued.api_key))
+                .arg(record_key(redis.prefix(), &issued.api_key))
                 .arg(issued.record.to_string())
                 .arg("EX")
                 .arg(issued.ttl.as_secs())
@@ -177,7 +179,7 @@ impl Api<'_> {
             Err(a) => return *a,
         };
         let cmd = redis::cmd("DEL")
-            .arg(record_key(&redis.settings.key_prefix, api_key))
+            .arg(record_key(redis.prefix(), api_key))
             .to_owned();
         match redis
             .query::<i64>("token_revoke", Query::Cmd(&cmd), TIMEOUT)
@@ -199,7 +201,7 @@ impl Api<'_> {
         };
         let mut invocation = BLOCK.prepare_invoke();
         invocation
-            .key(record_key(&redis.settings.key_prefix, api_key))
+            .key(record_key(redis.prefix(), api_key))
             .arg(if blocked { "1" } else { "0" });
         match redis
             .invoke::<i64>("token_block", &invocation, TIMEOUT)
@@ -228,7 +230,7 @@ impl Api<'_> {
             Err(a) => return *a,
         };
         let cmd = redis::cmd("EXPIRE")
-            .arg(record_key(&redis.settings.key_prefix, api_key))
+            .arg(record_key(redis.prefix(), api_key))
             .arg(ttl.as_secs())
             .to_owned();
         match redis
@@ -250,7 +252,7 @@ impl Api<'_> {
         let mut stored = false;
         if let Some(redis) = &self.state.redis {
             let cmd = redis::cmd("GET")
-                .arg(record_key(&redis.settings.key_prefix, api_key))
+                .arg(record_key(redis.prefix(), api_key))
                 .to_owned();
             match redis
                 .query::<Option<String>>("token_lookup", Query::Cmd(&cmd), TIMEOUT)
@@ -332,7 +334,7 @@ impl Api<'_> {
             Some(Ok(n)) if (1..=1000).contains(&n) => n,
             Some(_) => return bad_request("n must be a number from 1 to 1000"),
         };
-        let [all, _, hour_prefix] = analytics::keys(&redis.settings.key_prefix);
+        let [all, _, hour_prefix] = analytics::keys(redis.prefix());
         let time: Result<(u64, u64), _> = redis
             .query("stats", Query::Cmd(&redis::cmd("TIME")), TIMEOUT)
             .await;
@@ -373,7 +375,7 @@ impl Api<'_> {
             Ok(r) => r,
             Err(a) => return *a,
         };
-        let [_, unique, _] = analytics::keys(&redis.settings.key_prefix);
+        let [_, unique, _] = analytics::keys(redis.prefix());
         let cmd = redis::cmd("PFCOUNT").arg(unique).to_owned();
         match redis.query::<u64>("stats", Query::Cmd(&cmd), TIMEOUT).await {
             Ok(count) => json_answer(200, &json!({ "unique_keys": count })),

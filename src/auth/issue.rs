@@ -1,13 +1,11 @@
 //! `tollgate token issue`: mints an HS256 token (and optionally stores it in
 //! Redis under `<prefix>token:<api_key>` with the same lifetime).
 
-use crate::config::{format_duration, parse_duration};
+use crate::config::{format_duration, parse_duration, ClaimNames, RedisSettings};
 use anyhow::{anyhow, bail, Context};
 use base64::Engine;
 use jsonwebtoken::{encode, EncodingKey, Header};
 use serde_json::json;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
 pub struct IssueOptions {
@@ -18,9 +16,12 @@ pub struct IssueOptions {
     pub ttl: String,
     pub tier: Option<String>,
     pub org: Option<String>,
-    pub redis: Option<String>,
-    pub prefix: String,
     pub algorithm: jsonwebtoken::Algorithm,
+    /// Claim names the verifying proxy reads (`auth.jwt.claims`).
+    pub claims: ClaimNames,
+    /// `iss` and `aud`, set when the verifying proxy checks them.
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
 }
 
 /// `--routes /a/*,/b`: the comma-separated form of the command line.
@@ -68,21 +69,28 @@ pub fn mint(o: &IssueOptions) -> anyhow::Result<Issued> {
     super::permissions::RouteMatcher::compile(routes).map_err(|e| anyhow!("--routes: {e}"))?;
     let now = super::now_secs();
     let expires_at = now + ttl.as_secs();
-    let mut claims = json!({
-        "api_key": api_key,
-        "allowed_routes": routes,
-        "iat": now,
-        "exp": expires_at,
-    });
+    let names = &o.claims;
+    let mut claims = serde_json::Map::new();
+    claims.insert(names.key.clone(), json!(api_key));
+    claims.insert(names.routes.clone(), json!(routes));
+    claims.insert("iat".into(), json!(now));
+    claims.insert("exp".into(), json!(expires_at));
     if let Some(limit) = o.limit {
-        claims["rate_limit"] = json!(limit);
+        claims.insert(names.rate_limit.clone(), json!(limit));
     }
     if let Some(tier) = &o.tier {
-        claims["tier"] = json!(tier);
+        claims.insert(names.tier.clone(), json!(tier));
     }
     if let Some(org) = &o.org {
-        claims["org_id"] = json!(org);
+        claims.insert(names.org.clone(), json!(org));
     }
+    if let Some(iss) = &o.issuer {
+        claims.insert("iss".into(), json!(iss));
+    }
+    if let Some(aud) = &o.audience {
+        claims.insert("aud".into(), json!(aud));
+    }
+    let claims = serde_json::Value::Object(claims);
     let token = encode(
         &Header::new(o.algorithm),
         &claims,
@@ -99,50 +107,103 @@ pub fn mint(o: &IssueOptions) -> anyhow::Result<Issued> {
     })
 }
 
-fn resp_command(args: &[&str]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    out
+/// Stores the record under `<prefix>token:<api_key>` with the token's TTL,
+/// through the Redis layer (so `rediss://` works as it does for the proxy).
+pub fn store(redis: RedisSettings, issued: &Issued) -> anyhow::Result<String> {
+    let key = super::store::record_key(&redis.key_prefix, &issued.api_key);
+    let cmd = redis::cmd("SET")
+        .arg(&key)
+        .arg(issued.record.to_string())
+        .arg("EX")
+        .arg(issued.ttl.as_secs())
+        .to_owned();
+    crate::redis_client::blocking_query::<()>(redis, "token_store", cmd)
+        .map_err(|e| anyhow!("cannot store the token in Redis: {e}"))?;
+    Ok(key)
 }
 
-/// Stores the record with `SET key value EX ttl` over a plain connection.
-pub fn store(url: &str, prefix: &str, issued: &Issued) -> anyhow::Result<String> {
-    let (addr, user, password) = crate::redis_probe::parse_url(url)
-        .ok_or_else(|| anyhow!("--redis: {url:?} is not a redis:// URL"))?;
-    let mut stream =
-        TcpStream::connect(&addr).with_context(|| format!("cannot connect to Redis at {addr}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut request = Vec::new();
-    let mut replies = 1;
-    if let Some(p) = &password {
-        replies += 1;
-        request.extend(match &user {
-            Some(u) => resp_command(&["AUTH", u, p]),
-            None => resp_command(&["AUTH", p]),
-        });
-    }
-    let key = format!("{prefix}token:{}", issued.api_key);
-    let ttl = issued.ttl.as_secs().to_string();
-    let value = issued.record.to_string();
-    request.extend(resp_command(&["SET", &key, &value, "EX", &ttl]));
-    stream.write_all(&request)?;
-    let mut got = String::new();
-    let mut buf = [0u8; 512];
-    while got.matches("\r\n").count() < replies {
-        let n = stream.read(&mut buf).context("no answer from Redis")?;
-        if n == 0 {
-            bail!("Redis closed the connection");
+/// `tollgate token issue`: options from the command line, falling back to
+/// the proxy's config (`-c`) for the secret, claim names, issuer, audience
+/// and Redis, so the token is one that proxy accepts. Prints the token.
+pub fn run(args: crate::cli::IssueArgs) -> anyhow::Result<()> {
+    let config = match &args.config {
+        Some(path) => Some(crate::config::load(path).map_err(|e| {
+            anyhow!(
+                "invalid config {}:\n  {}",
+                path.display(),
+                e.problems.join("\n  ")
+            )
+        })?),
+        None => None,
+    };
+    let jwt = config.as_ref().and_then(|c| c.auth.jwt.as_ref());
+    let secret = match (&args.secret, jwt.map(|j| &j.key)) {
+        (Some(s), _) => s.clone(),
+        (None, Some(crate::config::KeySource::Secret(s))) => {
+            String::from_utf8_lossy(s).into_owned()
         }
-        got.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
-    if let Some(err) = got.lines().find(|l| l.starts_with('-')) {
-        bail!("Redis refused: {}", &err[1..]);
-    }
-    Ok(key)
+        (None, Some(_)) => {
+            bail!("the config's auth.jwt has no HS* secret to sign with; give --secret")
+        }
+        (None, None) => {
+            bail!("give --secret (or TOLLGATE_AUTH__JWT__SECRET), or -c with an auth.jwt.secret")
+        }
+    };
+    let redis = match (&args.redis, config.as_ref().and_then(|c| c.redis.clone())) {
+        (Some(url), from_config) => Some(RedisSettings {
+            urls: vec![url.clone()],
+            cluster: false,
+            key_prefix: String::new(),
+            timeout: Duration::from_secs(5),
+            on_failure: crate::config::OnFailure::Closed,
+            ca_file: from_config.and_then(|c| c.ca_file),
+        }),
+        (None, from_config) => from_config.map(|c| RedisSettings {
+            timeout: Duration::from_secs(5),
+            ..c
+        }),
+    };
+    let prefix = args
+        .prefix
+        .clone()
+        .or_else(|| {
+            config
+                .as_ref()
+                .and_then(|c| c.redis.as_ref())
+                .map(|r| r.key_prefix.clone())
+        })
+        .unwrap_or_else(|| "tollgate:".to_string());
+    let opts = IssueOptions {
+        secret,
+        api_key: args.api_key,
+        limit: args.limit,
+        routes: split_routes(&args.routes),
+        ttl: args.ttl,
+        tier: args.tier,
+        org: args.org,
+        algorithm: jwt
+            .and_then(|j| j.algorithms.iter().find(|a| a.starts_with("HS")))
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(jsonwebtoken::Algorithm::HS256),
+        claims: jwt.map(|j| j.claims.clone()).unwrap_or_default(),
+        issuer: args.issuer.or_else(|| jwt.and_then(|j| j.issuer.clone())),
+        audience: args
+            .audience
+            .or_else(|| jwt.and_then(|j| j.audience.clone())),
+    };
+    let issued = mint(&opts)?;
+    let stored = match redis {
+        Some(settings) => Some(store(
+            RedisSettings {
+                key_prefix: prefix,
+                ..settings
+            },
+            &issued,
+        )?),
+        None => None,
+    };
+    print!("{}", describe(&issued, stored.as_deref(), &args.url));
+    Ok(())
 }
 
 /// What `token issue` prints.
@@ -177,9 +238,10 @@ mod tests {
             ttl: "1h".into(),
             tier: Some("free".into()),
             org: None,
-            redis: None,
-            prefix: "tollgate:".into(),
             algorithm: jsonwebtoken::Algorithm::HS256,
+            claims: ClaimNames::default(),
+            issuer: None,
+            audience: None,
         }
     }
 
@@ -195,7 +257,26 @@ mod tests {
             3600
         );
         assert!(claims.get("org_id").is_none());
+        assert!(claims.get("iss").is_none());
         assert_ne!(mint(&opts()).unwrap().api_key, issued.api_key);
+    }
+
+    #[test]
+    fn uses_the_configured_claim_names_issuer_and_audience() {
+        let mut o = opts();
+        o.claims.key = "sub".into();
+        o.claims.routes = "scopes".into();
+        o.claims.rate_limit = "rl".into();
+        o.issuer = Some("https://issuer.example".into());
+        o.audience = Some("tollgate".into());
+        let issued = mint(&o).unwrap();
+        let claims = &issued.record["claims"];
+        assert_eq!(claims["sub"], json!(issued.api_key));
+        assert_eq!(claims["scopes"], json!(["/api/*", "/status"]));
+        assert_eq!(claims["rl"], 5);
+        assert_eq!(claims["iss"], "https://issuer.example");
+        assert_eq!(claims["aud"], "tollgate");
+        assert!(claims.get("api_key").is_none());
     }
 
     #[test]

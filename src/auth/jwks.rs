@@ -9,7 +9,7 @@ use crate::state::SharedState;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
-use jsonwebtoken::{Algorithm, DecodingKey};
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use std::collections::HashMap;
@@ -26,7 +26,14 @@ const MAX_BODY: usize = 1024 * 1024;
 pub use crate::http_client::parse_url;
 use crate::http_client::HttpUrl;
 
-pub type KeyMap = HashMap<String, DecodingKey>;
+/// A key of the set and the accepted algorithms it may verify: those of
+/// its own family, narrowed to its `alg` when the JWK names one.
+pub struct JwksKey {
+    pub key: DecodingKey,
+    pub algorithms: Vec<Algorithm>,
+}
+
+pub type KeyMap = HashMap<String, JwksKey>;
 
 pub struct Jwks {
     pub url: HttpUrl,
@@ -56,6 +63,24 @@ impl Jwks {
             refetch_wanted: Mutex::new(false),
             last_refetch: Mutex::new(None),
         }
+    }
+
+    /// Whether this key set is the one `settings` ask for, so a reload that
+    /// changes other auth settings can keep it (and its keys).
+    pub fn serves(&self, settings: &crate::config::JwtSettings) -> bool {
+        let same_url = match &settings.key {
+            crate::config::KeySource::JwksUrl(url) => {
+                crate::http_client::endpoint(url, settings.jwks_ca_file.as_deref(), "jwks_url")
+                    .is_ok_and(|u| u == self.url)
+            }
+            _ => false,
+        };
+        let algorithms: Vec<Algorithm> = settings
+            .algorithms
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect();
+        same_url && self.refresh == settings.jwks_refresh && self.algorithms == algorithms
     }
 
     pub fn keys(&self) -> Option<Arc<KeyMap>> {
@@ -118,20 +143,31 @@ impl Jwks {
             let Some(kid) = jwk.common.key_id.clone() else {
                 continue;
             };
-            if matches!(jwk.algorithm, AlgorithmParameters::OctetKey(_)) {
-                continue;
-            }
+            let family = match jwk.algorithm {
+                AlgorithmParameters::RSA(_) => AlgorithmFamily::Rsa,
+                AlgorithmParameters::EllipticCurve(_) => AlgorithmFamily::Ec,
+                AlgorithmParameters::OctetKeyPair(_) => AlgorithmFamily::Ed,
+                // Shared secrets ("oct") never come from a key set.
+                _ => continue,
+            };
+            let mut algorithms: Vec<Algorithm> = self
+                .algorithms
+                .iter()
+                .copied()
+                .filter(|a| a.family() == family)
+                .collect();
             if let Some(alg) = jwk.common.key_algorithm {
                 let Ok(alg) = alg.to_string().parse::<Algorithm>() else {
                     continue;
                 };
-                if !self.algorithms.contains(&alg) {
-                    continue;
-                }
+                algorithms.retain(|a| *a == alg);
+            }
+            if algorithms.is_empty() {
+                continue;
             }
             match DecodingKey::from_jwk(jwk) {
                 Ok(key) => {
-                    keys.insert(kid, key);
+                    keys.insert(kid, JwksKey { key, algorithms });
                 }
                 Err(e) => log::warn!("jwks: skipping key {kid:?}: {e}"),
             }
@@ -149,7 +185,9 @@ impl Jwks {
         self.parse(&body)
     }
 
-    async fn refresh_once(&self) {
+    /// One fetch; on success the set is replaced, on failure the last good
+    /// set stays. Waiters learn that the attempt is over either way.
+    pub async fn refresh_once(&self) -> Result<(), String> {
         if let Ok(mut l) = self.last_attempt.lock() {
             *l = Some(Instant::now());
         }
@@ -162,7 +200,8 @@ impl Jwks {
             *w = false;
         }
         metrics::JWKS_FETCHES.with_label_values(&["attempt"]).inc();
-        match self.fetch().await {
+        let result = self.fetch().await;
+        match &result {
             Ok(keys) => {
                 log::info!(
                     "jwks: {} keys from {}{}",
@@ -170,7 +209,6 @@ impl Jwks {
                     self.url.host,
                     self.url.path
                 );
-                self.keys.store(Arc::new(Some(Arc::new(keys))));
                 if let Ok(mut s) = self.last_success.lock() {
                     *s = Some(Instant::now());
                 }
@@ -184,8 +222,9 @@ impl Jwks {
                 );
             }
         }
-        // Waiters learn that the attempt is over, whatever its outcome.
+        let outcome = result.map(|keys| self.keys.store(Arc::new(Some(Arc::new(keys)))));
         self.generation.send_modify(|g| *g += 1);
+        outcome
     }
 }
 
@@ -202,7 +241,8 @@ impl BackgroundService for JwksRefresher {
             let jwks = state.verifier.as_ref().and_then(|v| v.jwks());
             if let Some(jwks) = &jwks {
                 if jwks.due() {
-                    jwks.refresh_once().await;
+                    // A failure is logged and counted there; the last good set stays.
+                    let _ = jwks.refresh_once().await;
                 }
             }
             let woken = async {

@@ -77,6 +77,9 @@ impl From<Refusal> for VerifyError {
 pub struct Verifier {
     keys: Keys,
     validation: Validation,
+    /// One validation per accepted algorithm, for JWKS keys (each key
+    /// verifies only the algorithms of its own family).
+    per_algorithm: Vec<(Algorithm, Validation)>,
     settings: JwtSettings,
     forwarded_claims: Vec<String>,
     cache: TokenCache,
@@ -94,7 +97,13 @@ fn invalid(why: impl Into<String>) -> Refusal {
 
 impl Verifier {
     /// `forwarded_claims`: every claim some route forwards as a header.
-    pub fn new(settings: &JwtSettings, forwarded_claims: Vec<String>) -> Result<Self, String> {
+    /// `jwks`: a key set to keep (from the config this one replaces) when
+    /// it serves these settings; otherwise a new one is made.
+    pub fn new(
+        settings: &JwtSettings,
+        forwarded_claims: Vec<String>,
+        jwks: Option<Arc<jwks::Jwks>>,
+    ) -> Result<Self, String> {
         let algorithms: Vec<Algorithm> = settings
             .algorithms
             .iter()
@@ -109,6 +118,12 @@ impl Verifier {
         let keys = match &settings.key {
             KeySource::Secret(secret) => Keys::Static(DecodingKey::from_secret(secret)),
             KeySource::PublicKeyPem(pem) => {
+                // One PEM key is one family: every algorithm must fit it.
+                if algorithms.iter().any(|a| a.family() != first.family()) {
+                    return Err(
+                        "auth.jwt.algorithms: a public_key_file is one key type; list algorithms of that type only (a JWKS can mix them)".into(),
+                    );
+                }
                 let parsed = match first {
                     Algorithm::RS256
                     | Algorithm::RS384
@@ -126,23 +141,25 @@ impl Verifier {
                     format!("auth.jwt.public_key_file: not a {first:?} public key in PEM form: {e}")
                 })?)
             }
-            KeySource::JwksUrl(url) => {
-                let url =
-                    crate::http_client::endpoint(url, settings.jwks_ca_file.as_deref(), "jwks_url")
-                        .map_err(|e| format!("auth.jwt.jwks_url: {e}"))?;
-                Keys::Jwks(Arc::new(jwks::Jwks::new(
-                    url,
-                    settings.jwks_refresh,
-                    algorithms.clone(),
-                )))
-            }
+            KeySource::JwksUrl(url) => match jwks {
+                Some(kept) => Keys::Jwks(kept),
+                None => {
+                    let url = crate::http_client::endpoint(
+                        url,
+                        settings.jwks_ca_file.as_deref(),
+                        "jwks_url",
+                    )
+                    .map_err(|e| format!("auth.jwt.jwks_url: {e}"))?;
+                    Keys::Jwks(Arc::new(jwks::Jwks::new(
+                        url,
+                        settings.jwks_refresh,
+                        algorithms.clone(),
+                    )))
+                }
+            },
         };
-        let families: Vec<_> = algorithms.iter().map(|a| a.family()).collect();
-        if families.iter().any(|f| *f != first.family()) {
-            return Err("auth.jwt.algorithms: every algorithm must use the same key type".into());
-        }
         let mut validation = Validation::new(first);
-        validation.algorithms = algorithms;
+        validation.algorithms = algorithms.clone();
         validation.leeway = settings.leeway.as_secs();
         validation.validate_exp = true;
         validation.validate_nbf = true;
@@ -162,13 +179,28 @@ impl Verifier {
             }
             None => validation.validate_aud = false,
         }
+        let per_algorithm = algorithms
+            .iter()
+            .map(|a| {
+                let mut v = validation.clone();
+                v.algorithms = vec![*a];
+                (*a, v)
+            })
+            .collect();
         Ok(Verifier {
             keys,
             validation,
+            per_algorithm,
             settings: settings.clone(),
             forwarded_claims,
             cache: TokenCache::new(settings.cache_size),
         })
+    }
+
+    /// Whether this verifier already does what `settings` ask, so a reload
+    /// can keep it (with its key set and its cache of verified tokens).
+    pub fn same_settings(&self, settings: &JwtSettings, forwarded_claims: &[String]) -> bool {
+        self.settings == *settings && self.forwarded_claims == forwarded_claims
     }
 
     /// The JWKS key set, when keys come from a JWKS endpoint.
@@ -198,21 +230,38 @@ impl Verifier {
         if let Some(id) = self.cache.get(token, now) {
             return Ok(id);
         }
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|_| invalid("the token is malformed"))?;
+        // RFC 7515 §4.1.11: extensions named critical must be understood, and
+        // tollgate understands none.
+        if header.crit.is_some() {
+            return Err(invalid("the token names critical header extensions (crit)").into());
+        }
         let jwks_keys;
-        let key = match &self.keys {
-            Keys::Static(k) => k,
+        let (key, validation) = match &self.keys {
+            Keys::Static(k) => (k, &self.validation),
             Keys::Jwks(j) => {
-                let header = jsonwebtoken::decode_header(token)
-                    .map_err(|_| invalid("the token is malformed"))?;
                 let kid = header
                     .kid
                     .ok_or_else(|| invalid("the token has no key id (kid)"))?;
                 jwks_keys = j.keys().ok_or(VerifyError::NoKeys)?;
-                jwks_keys.get(&kid).ok_or(VerifyError::UnknownKey)?
+                let found = jwks_keys.get(&kid).ok_or(VerifyError::UnknownKey)?;
+                // The key's own family (and its `alg`, when the JWK names one)
+                // decides which of the accepted algorithms it may verify.
+                if !found.algorithms.contains(&header.alg) {
+                    return Err(invalid("the token algorithm does not fit its key").into());
+                }
+                let validation = self
+                    .per_algorithm
+                    .iter()
+                    .find(|(a, _)| *a == header.alg)
+                    .map(|(_, v)| v)
+                    .ok_or_else(|| invalid("the token algorithm is not accepted"))?;
+                (&found.key, validation)
             }
         };
-        let data = jsonwebtoken::decode::<Map<String, Value>>(token, key, &self.validation)
-            .map_err(|e| match e.kind() {
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, key, validation).map_err(
+            |e| match e.kind() {
                 ErrorKind::ExpiredSignature => Refusal::TokenExpired,
                 ErrorKind::ImmatureSignature => invalid("the token is not valid yet (nbf)"),
                 ErrorKind::InvalidSignature => invalid("the token signature is invalid"),
@@ -226,7 +275,8 @@ impl Verifier {
                 ErrorKind::InvalidIssuer => invalid("the token issuer is not accepted"),
                 ErrorKind::InvalidAudience => invalid("the token audience is not accepted"),
                 _ => invalid("the token is malformed"),
-            })?;
+            },
+        )?;
         let identity = Arc::new(self.identity(&data.claims, now)?);
         self.cache.insert(token, identity.clone(), now);
         Ok(identity)

@@ -6,10 +6,9 @@
 //! `<prefix>revocations`, so revocation and blocking reach the whole fleet
 //! within a second even if a message is lost.
 
-use crate::ratelimit::redis::{Query, RedisBackend, Unavailable};
+use crate::redis_client::{Query, Redis, Unavailable};
 use crate::state::SharedState;
 use async_trait::async_trait;
-use futures_util::StreamExt;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use std::collections::HashMap;
@@ -52,14 +51,14 @@ pub struct TokenStore {
 }
 
 impl TokenStore {
-    pub async fn status(&self, redis: &RedisBackend, api_key: &str) -> Result<Status, Unavailable> {
+    pub async fn status(&self, redis: &Redis, api_key: &str) -> Result<Status, Unavailable> {
         let now = Instant::now();
         if let Some((status, at)) = self.cache.lock().ok().and_then(|c| c.get(api_key).copied()) {
             if now.duration_since(at) < CACHE_FOR {
                 return Ok(status);
             }
         }
-        let key = record_key(&redis.settings.key_prefix, api_key);
+        let key = record_key(redis.prefix(), api_key);
         let record: Option<String> = redis
             .query(
                 "token_lookup",
@@ -96,29 +95,14 @@ pub struct Revocations {
     pub store: Arc<TokenStore>,
 }
 
-impl Revocations {
-    async fn listen(&self, url: &str, channel: &str) -> redis::RedisResult<()> {
-        let client = redis::Client::open(url)?;
-        let mut pubsub = client.get_async_pubsub().await?;
-        pubsub.subscribe(channel).await?;
-        // Messages may have been missed while disconnected.
-        self.store.clear();
-        let mut messages = pubsub.on_message();
-        while let Some(msg) = messages.next().await {
-            if let Ok(api_key) = msg.get_payload::<String>() {
-                self.store.invalidate(&api_key);
-            }
-        }
-        Ok(())
-    }
-}
-
 #[async_trait]
 impl BackgroundService for Revocations {
     async fn start(&self, mut shutdown: ShutdownWatch) {
+        // This service's own subscription, made again when the Redis settings change.
+        let mut listener: Option<Redis> = None;
         loop {
             let state = self.state.load_full();
-            let wanted = state.config.redis.as_ref().filter(|_| {
+            let wanted = state.redis.as_ref().filter(|_| {
                 state
                     .config
                     .auth
@@ -126,22 +110,53 @@ impl BackgroundService for Revocations {
                     .as_ref()
                     .is_some_and(|j| j.require_stored)
             });
-            if let Some(redis) = wanted {
-                let url = redis.urls.first().cloned().unwrap_or_default();
-                let channel = channel(&redis.key_prefix);
+            match wanted {
+                Some(redis)
+                    if listener
+                        .as_ref()
+                        .is_none_or(|l| l.settings != redis.settings) =>
+                {
+                    listener = Some(redis.detached());
+                }
+                Some(_) => {}
+                None => listener = None,
+            }
+            if let Some(redis) = &listener {
+                let channel = channel(redis.prefix());
+                let store = &self.store;
+                // Messages may have been missed while disconnected.
+                let subscription =
+                    redis.subscribe(&channel, || store.clear(), |key| store.invalidate(&key));
                 tokio::select! {
-                    result = self.listen(&url, &channel) => {
+                    result = subscription => {
                         if let Err(e) = result {
                             log::debug!("revocation channel: {e}");
                         }
                     }
                     _ = shutdown.changed() => return,
+                    // A reload may change or drop the Redis section.
+                    _ = settings_changed(&self.state, &redis.settings) => {}
                 }
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = shutdown.changed() => return,
             }
+        }
+    }
+}
+
+/// Resolves once the current config's Redis settings differ from `settings`.
+async fn settings_changed(state: &SharedState, settings: &crate::config::RedisSettings) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let current = state.load();
+        if current
+            .redis
+            .as_ref()
+            .is_none_or(|r| r.settings != *settings)
+        {
+            return;
         }
     }
 }

@@ -35,6 +35,7 @@ fn hs() -> Verifier {
     Verifier::new(
         &settings(&["HS256"], KeySource::Secret(b"secret".to_vec())),
         vec!["api_key".into(), "team".into()],
+        None,
     )
     .unwrap()
 }
@@ -169,6 +170,7 @@ fn public_key_algorithms_are_pinned() {
             KeySource::PublicKeyPem(key_file("rsa_public.pem")),
         ),
         vec![],
+        None,
     )
     .unwrap();
     assert_eq!(
@@ -197,6 +199,7 @@ fn public_key_algorithms_are_pinned() {
             KeySource::PublicKeyPem(key_file("ec_public.pem")),
         ),
         vec![],
+        None,
     )
     .unwrap();
     let ec_priv = EncodingKey::from_ec_pem(&key_file("ec_private.pem")).unwrap();
@@ -211,6 +214,7 @@ fn public_key_algorithms_are_pinned() {
             KeySource::PublicKeyPem(key_file("ed_public.pem")),
         ),
         vec![],
+        None,
     )
     .unwrap();
     let ed_priv = EncodingKey::from_ed_pem(&key_file("ed_private.pem")).unwrap();
@@ -232,11 +236,13 @@ fn key_files_of_the_wrong_kind_are_config_errors() {
             KeySource::PublicKeyPem(key_file("ec_public.pem")),
         ),
         vec![],
+        None,
     );
     assert!(e.is_err());
     let e = Verifier::new(
         &settings(&["ES256"], KeySource::PublicKeyPem(b"not a pem".to_vec())),
         vec![],
+        None,
     );
     assert!(e
         .err()
@@ -249,7 +255,7 @@ fn issuer_and_audience_when_configured() {
     let mut s = settings(&["HS256"], KeySource::Secret(b"secret".to_vec()));
     s.issuer = Some("https://issuer".into());
     s.audience = Some("tollgate".into());
-    let v = Verifier::new(&s, vec![]).unwrap();
+    let v = Verifier::new(&s, vec![], None).unwrap();
     let mut c = claims();
     assert_eq!(code(v.verify(&hs_token(&c))), "invalid_token");
     c["iss"] = json!("https://issuer");

@@ -112,6 +112,9 @@ pub struct RawRedis {
     pub timeout: String,
     #[serde(default = "default_on_failure")]
     pub on_failure: String,
+    /// PEM file of the CAs that verify a `rediss://` server (default: the system's).
+    #[serde(default)]
+    pub ca_file: Option<String>,
 }
 
 fn default_prefix() -> String {
@@ -240,6 +243,13 @@ pub struct RawUpstream {
     /// Interval of the TCP health check; only run when there are several peers.
     #[serde(default = "default_health_interval")]
     pub health_check_interval: String,
+    /// How often peer names are resolved again.
+    #[serde(default = "default_resolve_interval")]
+    pub resolve_interval: String,
+}
+
+fn default_resolve_interval() -> String {
+    "30s".into()
 }
 
 fn default_connect_timeout() -> String {

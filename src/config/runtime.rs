@@ -8,7 +8,7 @@ use http::header::HeaderName;
 use http::Method;
 use log::LevelFilter;
 use std::collections::{BTreeMap, HashSet};
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 #[derive(Debug, Clone)]
@@ -64,13 +64,14 @@ pub enum OnFailure {
     Closed,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RedisSettings {
     pub urls: Vec<String>,
     pub cluster: bool,
     pub key_prefix: String,
     pub timeout: Duration,
     pub on_failure: OnFailure,
+    pub ca_file: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -78,14 +79,14 @@ pub struct AuthSettings {
     pub jwt: Option<JwtSettings>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum KeySource {
     Secret(Vec<u8>),
     PublicKeyPem(Vec<u8>),
     JwksUrl(String),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ClaimNames {
     pub key: String,
     pub rate_limit: String,
@@ -94,7 +95,20 @@ pub struct ClaimNames {
     pub org: String,
 }
 
-#[derive(Debug, Clone)]
+impl Default for ClaimNames {
+    fn default() -> Self {
+        let raw = RawClaims::default();
+        ClaimNames {
+            key: raw.key,
+            rate_limit: raw.rate_limit,
+            routes: raw.routes,
+            tier: raw.tier,
+            org: raw.org,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub struct JwtSettings {
     pub algorithms: Vec<String>,
     pub key: KeySource,
@@ -140,11 +154,14 @@ pub struct LimitSettings {
 #[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamSettings {
     pub name: String,
-    pub peers: Vec<SocketAddr>,
+    /// `host:port` as written: IP literals or names, resolved by the
+    /// running upstream (at start and every `resolve_interval`).
+    pub peers: Vec<String>,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub idle_timeout: Duration,
     pub health_check_interval: Duration,
+    pub resolve_interval: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,7 +170,7 @@ pub enum PathMatch {
     Prefix(String),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamAuthSettings {
     pub token_url: String,
     pub client_id: String,
@@ -433,9 +450,18 @@ fn redis_settings(p: &mut Problems, raw: &RawRedis) -> RedisSettings {
             OnFailure::Local
         }
     };
+    if let Some(file) = &raw.ca_file {
+        if !urls.iter().all(|u| u.starts_with("rediss://")) {
+            p.add("redis.ca_file", "only used with rediss:// URLs");
+        }
+        if file.is_empty() {
+            p.add("redis.ca_file", "must not be empty");
+        }
+    }
     RedisSettings {
         urls,
         cluster,
+        ca_file: raw.ca_file.clone(),
         key_prefix: raw.key_prefix.clone(),
         timeout: p.positive_duration("redis.timeout", &raw.timeout),
         on_failure,
@@ -490,30 +516,14 @@ fn upstream_settings(p: &mut Problems, name: &str, raw: &RawUpstream) -> Upstrea
             "list at least one peer (host:port)",
         );
     }
-    let mut peers = Vec::new();
     for (i, peer) in raw.peers.iter().enumerate() {
-        let path = format!("{base}.peers[{i}]");
-        if peer.contains("://") {
-            p.add(
-                path,
-                format!("{peer:?}: give host:port without a scheme (plain HTTP upstreams)"),
-            );
-            continue;
-        }
-        match peer.to_socket_addrs() {
-            Ok(addrs) => {
-                let before = peers.len();
-                peers.extend(addrs);
-                if peers.len() == before {
-                    p.add(path, format!("{peer:?} resolves to no address"));
-                }
-            }
-            Err(e) => p.add(path, format!("cannot resolve {peer:?}: {e}")),
+        if let Err(e) = check_peer(peer) {
+            p.add(format!("{base}.peers[{i}]"), e);
         }
     }
     UpstreamSettings {
         name: name.to_string(),
-        peers,
+        peers: raw.peers.clone(),
         connect_timeout: p
             .positive_duration(&format!("{base}.connect_timeout"), &raw.connect_timeout),
         read_timeout: p.positive_duration(&format!("{base}.read_timeout"), &raw.read_timeout),
@@ -522,7 +532,43 @@ fn upstream_settings(p: &mut Problems, name: &str, raw: &RawUpstream) -> Upstrea
             &format!("{base}.health_check_interval"),
             &raw.health_check_interval,
         ),
+        resolve_interval: p
+            .positive_duration(&format!("{base}.resolve_interval"), &raw.resolve_interval),
     }
+}
+
+/// `host:port` with a host that is an IP literal or a DNS name, and a port.
+/// Names are not resolved here: that is the running upstream's job.
+pub fn check_peer(peer: &str) -> Result<(), String> {
+    if peer.contains("://") {
+        return Err(format!(
+            "{peer:?}: give host:port without a scheme (plain HTTP upstreams)"
+        ));
+    }
+    if peer.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let Some((host, port)) = peer.rsplit_once(':') else {
+        return Err(format!("{peer:?}: give host:port"));
+    };
+    if port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(format!("{peer:?}: {port:?} is not a port (1-65535)"));
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    let name = host.strip_suffix('.').unwrap_or(host);
+    if host.len() > 253 || name.is_empty() || !name.split('.').all(label_ok) {
+        return Err(format!(
+            "{peer:?}: {host:?} is neither an IP address nor a host name"
+        ));
+    }
+    Ok(())
 }
 
 fn route_settings(

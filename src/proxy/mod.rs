@@ -380,9 +380,9 @@ impl ProxyHttp for Proxy {
         if let Err(r) = self.limit(ctx, &state, route).await {
             return self.refuse(session, ctx, r).await;
         }
-        if state.config.routes[route].upstream_auth.is_some() {
+        if let Some(auth) = &state.config.routes[route].upstream_auth {
             let name = &state.config.routes[route].name;
-            match self.credentials.token_for(name).await {
+            match self.credentials.token_for(name, auth).await {
                 Some(token) => ctx.upstream_token = Some(format!("Bearer {token}")),
                 None => {
                     return self

@@ -9,8 +9,9 @@
 //! one script call per admitted request.
 
 use super::algo::Outcome;
-use super::redis::{RedisBackend, Unavailable};
+use super::remote;
 use crate::config::{Algorithm, SyncMode, Window};
+use crate::redis_client::{Redis, Unavailable};
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -120,7 +121,7 @@ impl Leases {
 
     pub async fn acquire(
         &self,
-        redis: &Arc<RedisBackend>,
+        redis: &Arc<Redis>,
         algo: Algorithm,
         sync: SyncMode,
         key_id: &str,
@@ -231,9 +232,8 @@ impl Leases {
             SyncMode::Hybrid => (DIVISOR, self.chunk_cap(key_id)),
             SyncMode::Exact => (u64::MAX / 2, 0),
         };
-        let grants = redis
-            .acquire(algo, key_id, windows, &need, divisor, max_chunk)
-            .await?;
+        let grants =
+            remote::acquire(redis, algo, key_id, windows, &need, divisor, max_chunk).await?;
         let now = Instant::now();
         let admitted = grants.iter().zip(&need).all(|(g, n)| g.granted >= *n);
         for (l, g) in state.leases.iter_mut().zip(&grants) {
@@ -365,7 +365,7 @@ fn needs_top_up(leases: &[Lease]) -> bool {
 /// Fetches the next lease before the current one runs out, so requests far
 /// from their limit rarely wait on Redis.
 fn spawn_top_up(
-    redis: Arc<RedisBackend>,
+    redis: Arc<Redis>,
     entry: Entry,
     algo: Algorithm,
     key_id: String,
@@ -374,9 +374,8 @@ fn spawn_top_up(
 ) {
     tokio::spawn(async move {
         let need = vec![0; windows.len()];
-        let grants = redis
-            .acquire(algo, &key_id, &windows, &need, DIVISOR, max_chunk)
-            .await;
+        let grants =
+            remote::acquire(&redis, algo, &key_id, &windows, &need, DIVISOR, max_chunk).await;
         let mut state = entry.lock().await;
         state.prefetching = false;
         let Ok(grants) = grants else {

@@ -4,15 +4,15 @@
 pub mod algo;
 pub mod hybrid;
 pub mod local;
-pub mod redis;
+pub mod remote;
 
 use crate::auth::Identity;
 use crate::config::{format_duration, LimitSettings, OnFailure, Window};
 use crate::error::Refusal;
+use crate::redis_client::{Redis, Unavailable};
 use algo::Outcome;
 use hybrid::Leases;
 use local::LocalStore;
-use redis::{RedisBackend, Unavailable};
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -145,7 +145,7 @@ impl Limiter {
     pub async fn check(
         &self,
         limits: &LimitSettings,
-        redis: Option<&Arc<RedisBackend>>,
+        redis: Option<&Arc<Redis>>,
         identity: &Identity,
         cost: u64,
     ) -> Result<Option<Decision>, Refusal> {
@@ -160,7 +160,7 @@ impl Limiter {
                 .await
             {
                 Ok(d) => return Ok(Some(d)),
-                Err(Unavailable) => match redis.settings.on_failure {
+                Err(_) => match redis.settings.on_failure {
                     OnFailure::Local => {}
                     OnFailure::Open => return Ok(None),
                     OnFailure::Closed => return Err(Refusal::LimiterUnavailable),
@@ -175,7 +175,7 @@ impl Limiter {
     pub async fn settle(
         &self,
         limits: &LimitSettings,
-        redis: Option<&Arc<RedisBackend>>,
+        redis: Option<&Arc<Redis>>,
         identity: &Identity,
         charged: u64,
         actual: u64,
@@ -196,8 +196,7 @@ impl Limiter {
                     let uncovered = self.leases.consume(&id, windows, extra).await;
                     let units = i64::try_from(uncovered).unwrap_or(i64::MAX);
                     if uncovered > 0
-                        && redis
-                            .charge(limits.algorithm, &id, windows, units)
+                        && remote::charge(redis, limits.algorithm, &id, windows, units)
                             .await
                             .is_err()
                     {
@@ -219,13 +218,12 @@ impl Limiter {
 
     /// Hands leased, unused units back to Redis (graceful stop), so other
     /// instances can admit them.
-    pub async fn return_leases(&self, limits: &LimitSettings, redis: &RedisBackend) -> usize {
+    pub async fn return_leases(&self, limits: &LimitSettings, redis: &Redis) -> usize {
         let unused = self.leases.drain().await;
         let mut returned = 0;
         for (key, window, units) in unused {
             let units = i64::try_from(units).unwrap_or(i64::MAX);
-            if redis
-                .charge(limits.algorithm, &key, &[window], -units)
+            if remote::charge(redis, limits.algorithm, &key, &[window], -units)
                 .await
                 .is_ok()
             {
@@ -238,7 +236,7 @@ impl Limiter {
     async fn check_redis(
         &self,
         limits: &LimitSettings,
-        redis: &Arc<RedisBackend>,
+        redis: &Arc<Redis>,
         identity: &Identity,
         own: &[Window],
         org: Option<&str>,
@@ -309,7 +307,7 @@ impl Limiter {
     pub async fn quota_now(
         &self,
         limits: &LimitSettings,
-        redis: Option<&Arc<RedisBackend>>,
+        redis: Option<&Arc<Redis>>,
         identity: &Identity,
     ) -> Result<Vec<(&'static str, Window, Outcome)>, Unavailable> {
         let own = key_windows(limits, identity);
@@ -330,9 +328,16 @@ impl Limiter {
         }
         for (scope, id, windows) in scopes {
             let need = vec![0; windows.len()];
-            let grants = redis
-                .acquire(limits.algorithm, &id, windows, &need, u64::MAX / 2, 0)
-                .await?;
+            let grants = remote::acquire(
+                redis,
+                limits.algorithm,
+                &id,
+                windows,
+                &need,
+                u64::MAX / 2,
+                0,
+            )
+            .await?;
             for (w, g) in windows.iter().zip(grants) {
                 let outcome = Outcome {
                     allowed: g.available > 0,

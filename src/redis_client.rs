@@ -1,0 +1,324 @@
+//! The one Redis layer: every Redis call tollgate makes goes through a
+//! [`Redis`] — the limiter's leases, stored tokens, the revocation channel,
+//! analytics, shared upstream credentials, the readiness probe and
+//! `token issue --redis`. It owns the connection (one server or a Cluster,
+//! `redis://` or `rediss://` verified against the system CAs or
+//! `redis.ca_file`), puts a timeout on every call, counts calls and errors,
+//! and after a failure leaves Redis alone for a second so an outage costs
+//! requests no latency.
+//!
+//! The async client spawns its connection driver on the runtime that first
+//! connects, so a connection is made lazily, inside the runtime that uses
+//! it. A background service whose runtime may outlive or predate the
+//! proxy's takes its own connection with [`Redis::detached`].
+
+use crate::config::RedisSettings;
+use crate::metrics;
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Client, FromRedisValue, TlsCertificates};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::OnceCell;
+
+/// How long Redis is skipped after a failed call.
+const BACKOFF: Duration = Duration::from_secs(1);
+
+/// Why a Redis call did not happen or did not succeed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Unavailable {
+    #[error("skipped: redis failed less than a second ago")]
+    BackingOff,
+    #[error("{op}: {cause}")]
+    Failed { op: &'static str, cause: String },
+    #[error("{op} timed out")]
+    TimedOut { op: &'static str },
+    #[error("{op}: unexpected answer: {what}")]
+    Unexpected { op: &'static str, what: String },
+}
+
+/// The Redis client of one `redis` config section.
+pub struct Redis {
+    pub settings: RedisSettings,
+    clients: Clients,
+    conn: OnceCell<Conn>,
+    down_until: Mutex<Option<Instant>>,
+}
+
+// One per config: its size does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone)]
+enum Clients {
+    Single(Client),
+    Cluster(redis::cluster::ClusterClient),
+}
+
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// A command or a pipeline, run with [`Redis::query`].
+pub enum Query<'a> {
+    Cmd(&'a redis::Cmd),
+    Pipe(&'a redis::Pipeline),
+}
+
+fn certificates(settings: &RedisSettings) -> Result<Option<TlsCertificates>, String> {
+    let Some(path) = &settings.ca_file else {
+        return Ok(None);
+    };
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {path:?}: {e}"))?;
+    if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+        return Err(format!("{path:?} holds no PEM certificate"));
+    }
+    Ok(Some(TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem),
+    }))
+}
+
+impl Redis {
+    /// Builds the client (parses URLs, reads the CA file); connects nothing.
+    /// Errors name the config key they are about.
+    pub fn new(settings: RedisSettings) -> Result<Self, String> {
+        // rustls needs a process-wide crypto provider for rediss://.
+        pingora::tls::install_default_crypto_provider();
+        let certs = certificates(&settings).map_err(|e| format!("redis.ca_file: {e}"))?;
+        let clients = if settings.cluster {
+            let mut builder = redis::cluster::ClusterClient::builder(settings.urls.clone())
+                .connection_timeout(settings.timeout.max(Duration::from_millis(250)))
+                .response_timeout(settings.timeout)
+                .retries(0);
+            if let Some(certs) = certs {
+                builder = builder.certs(certs);
+            }
+            Clients::Cluster(builder.build().map_err(|e| format!("redis.cluster: {e}"))?)
+        } else {
+            let url = settings.urls.first().cloned().unwrap_or_default();
+            let client = match certs {
+                Some(certs) => Client::build_with_tls(url.as_str(), certs),
+                None => Client::open(url.as_str()),
+            };
+            Clients::Single(client.map_err(|e| format!("redis.url: {e}"))?)
+        };
+        Ok(Redis {
+            settings,
+            clients,
+            conn: OnceCell::new(),
+            down_until: Mutex::new(None),
+        })
+    }
+
+    /// The same client with a connection of its own (made in the runtime
+    /// that first uses it) and a back-off of its own.
+    pub fn detached(&self) -> Redis {
+        Redis {
+            settings: self.settings.clone(),
+            clients: self.clients.clone(),
+            conn: OnceCell::new(),
+            down_until: Mutex::new(None),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.settings.key_prefix
+    }
+
+    fn backing_off(&self) -> bool {
+        self.down_until
+            .lock()
+            .ok()
+            .and_then(|d| *d)
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    fn failed(&self, why: &Unavailable) {
+        metrics::REDIS_ERRORS.inc();
+        if let Ok(mut d) = self.down_until.lock() {
+            if d.is_none_or(|until| Instant::now() >= until) {
+                log::warn!("redis unavailable ({why}); using redis.on_failure for the next second");
+            }
+            *d = Some(Instant::now() + BACKOFF);
+        }
+    }
+
+    async fn connect(&self) -> redis::RedisResult<Conn> {
+        match &self.clients {
+            Clients::Cluster(client) => Ok(Conn::Cluster(client.get_async_connection().await?)),
+            Clients::Single(client) => {
+                let timeout = self.settings.timeout;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(timeout.max(Duration::from_millis(250))))
+                    .set_response_timeout(Some(timeout))
+                    .set_number_of_retries(1);
+                Ok(Conn::Single(
+                    ConnectionManager::new_with_config(client.clone(), config).await?,
+                ))
+            }
+        }
+    }
+
+    async fn connection(&self, op: &'static str) -> Result<Conn, Unavailable> {
+        if self.backing_off() {
+            return Err(Unavailable::BackingOff);
+        }
+        let limit = self.settings.timeout.max(Duration::from_millis(250));
+        let outcome = tokio::time::timeout(limit, self.conn.get_or_try_init(|| self.connect()));
+        let err = match outcome.await {
+            Ok(Ok(c)) => return Ok(c.clone()),
+            Ok(Err(e)) => Unavailable::Failed {
+                op,
+                cause: e.to_string(),
+            },
+            Err(_) => Unavailable::TimedOut { op },
+        };
+        self.failed(&err);
+        Err(err)
+    }
+
+    /// Waits for a call at most `timeout`; a failure starts the back-off.
+    async fn bounded<T>(
+        &self,
+        op: &'static str,
+        timeout: Duration,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, Unavailable> {
+        metrics::REDIS_CALLS.with_label_values(&[op]).inc();
+        let err = match tokio::time::timeout(timeout, call).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => Unavailable::Failed {
+                op,
+                cause: e.to_string(),
+            },
+            Err(_) => Unavailable::TimedOut { op },
+        };
+        self.failed(&err);
+        Err(err)
+    }
+
+    /// Runs one command (or a pipeline) with a timeout, counted as `op`.
+    pub async fn query<T: FromRedisValue>(
+        &self,
+        op: &'static str,
+        cmd: Query<'_>,
+        timeout: Duration,
+    ) -> Result<T, Unavailable> {
+        let conn = self.connection(op).await?;
+        let call = async {
+            match (conn, cmd) {
+                (Conn::Single(mut c), Query::Cmd(q)) => q.query_async(&mut c).await,
+                (Conn::Cluster(mut c), Query::Cmd(q)) => q.query_async(&mut c).await,
+                (Conn::Single(mut c), Query::Pipe(p)) => p.query_async(&mut c).await,
+                (Conn::Cluster(mut c), Query::Pipe(p)) => p.query_async(&mut c).await,
+            }
+        };
+        self.bounded(op, timeout, call).await
+    }
+
+    /// Runs a prepared script (EVALSHA, falling back to EVAL on NOSCRIPT).
+    pub async fn invoke<T: FromRedisValue>(
+        &self,
+        op: &'static str,
+        invocation: &redis::ScriptInvocation<'_>,
+        timeout: Duration,
+    ) -> Result<T, Unavailable> {
+        let conn = self.connection(op).await?;
+        let call = async {
+            match conn {
+                Conn::Single(mut c) => invocation.invoke_async::<T>(&mut c).await,
+                Conn::Cluster(mut c) => invocation.invoke_async::<T>(&mut c).await,
+            }
+        };
+        self.bounded(op, timeout, call).await
+    }
+
+    /// Marks an answer that could not be used as a failure (starts the back-off).
+    pub fn unexpected(&self, op: &'static str, what: String) -> Unavailable {
+        let err = Unavailable::Unexpected { op, what };
+        self.failed(&err);
+        err
+    }
+
+    /// `PING` with the configured timeout (at least 250 ms): the readiness probe.
+    pub async fn ping(&self) -> Result<(), Unavailable> {
+        let limit = self.settings.timeout.max(Duration::from_millis(250));
+        let pong: String = self
+            .query("ping", Query::Cmd(&redis::cmd("PING")), limit)
+            .await?;
+        if pong == "PONG" {
+            Ok(())
+        } else {
+            Err(self.unexpected("ping", pong))
+        }
+    }
+
+    /// Subscribes to `channel` and calls `each` with every message until the
+    /// subscription ends (connection lost). `subscribed` runs once the
+    /// subscription is in place. Cluster: PUBLISH reaches every node, so the
+    /// first node serves.
+    pub async fn subscribe(
+        &self,
+        channel: &str,
+        subscribed: impl FnOnce(),
+        mut each: impl FnMut(String),
+    ) -> Result<(), Unavailable> {
+        let op = "subscribe";
+        let client = match &self.clients {
+            Clients::Single(c) => c.clone(),
+            Clients::Cluster(_) => {
+                let url = self.settings.urls.first().cloned().unwrap_or_default();
+                let certs = certificates(&self.settings)
+                    .map_err(|cause| Unavailable::Failed { op, cause })?;
+                match certs {
+                    Some(certs) => Client::build_with_tls(url.as_str(), certs),
+                    None => Client::open(url.as_str()),
+                }
+                .map_err(|e| Unavailable::Failed {
+                    op,
+                    cause: e.to_string(),
+                })?
+            }
+        };
+        let failed = |e: redis::RedisError| Unavailable::Failed {
+            op,
+            cause: e.to_string(),
+        };
+        let limit = self.settings.timeout.max(Duration::from_millis(250));
+        let mut pubsub = tokio::time::timeout(limit, client.get_async_pubsub())
+            .await
+            .map_err(|_| Unavailable::TimedOut { op })?
+            .map_err(failed)?;
+        pubsub.subscribe(channel).await.map_err(failed)?;
+        subscribed();
+        let mut messages = pubsub.on_message();
+        while let Some(msg) = messages.next().await {
+            if let Ok(payload) = msg.get_payload::<String>() {
+                each(payload);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One command from a program that has no runtime of its own (the CLI):
+/// a short-lived single-thread runtime runs it.
+pub fn blocking_query<T: FromRedisValue + Send + 'static>(
+    settings: RedisSettings,
+    op: &'static str,
+    cmd: redis::Cmd,
+) -> Result<T, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+    runtime.block_on(async move {
+        let redis = Arc::new(Redis::new(settings)?);
+        redis
+            .query(op, Query::Cmd(&cmd), Duration::from_secs(5))
+            .await
+            .map_err(|e| e.to_string())
+    })
+}
