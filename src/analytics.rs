@@ -67,6 +67,7 @@ pub struct Flusher {
     pub state: SharedState,
     pub analytics: Arc<Analytics>,
     pub limiter: Arc<crate::ratelimit::Limiter>,
+    pub drain: Arc<crate::edge::drain::Drain>,
 }
 
 impl Flusher {
@@ -97,43 +98,45 @@ impl BackgroundService for Flusher {
         // This service's own connection, made again when the Redis settings change.
         let mut backend: Option<Redis> = None;
         let mut stopping = false;
+        let mut leases_returned = false;
         loop {
-            // Once a second; during the grace period of a graceful stop, every
-            // quarter second, so requests still finishing are written too.
+            // Once a second; once a stop has begun, every quarter second, so
+            // requests still answered during the drain are written too.
             // Pingora ends this task when it shuts the runtimes down.
-            let stop_now = if stopping {
+            if stopping {
                 tokio::time::sleep(Duration::from_millis(250)).await;
-                false
             } else {
                 tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => false,
-                    _ = shutdown.changed() => true,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.changed() => stopping = true,
                 }
-            };
-            stopping |= stop_now;
+            }
             let state = self.state.load_full();
-            match &state.redis {
-                Some(redis) => {
-                    if backend
-                        .as_ref()
-                        .is_none_or(|b| b.settings != redis.settings)
-                    {
-                        backend = Some(redis.detached());
-                    }
-                    if let Some(redis) = &backend {
-                        self.flush(redis).await;
-                        if stop_now {
-                            let n = self
-                                .limiter
-                                .return_leases(&state.config.limits, redis)
-                                .await;
-                            log::info!("stopping: handed {n} unused leases back to redis");
-                        }
-                    }
-                }
-                None => {
-                    self.analytics.take();
-                }
+            let Some(redis) = &state.redis else {
+                self.analytics.take();
+                continue;
+            };
+            if backend
+                .as_ref()
+                .is_none_or(|b| b.settings != redis.settings)
+            {
+                backend = Some(redis.detached());
+            }
+            let Some(redis) = &backend else {
+                continue;
+            };
+            self.flush(redis).await;
+            // Unused leases go back once no request can take from them any more.
+            let drained = tokio::time::timeout(Duration::ZERO, self.drain.finished())
+                .await
+                .is_ok();
+            if stopping && drained && !leases_returned {
+                leases_returned = true;
+                let n = self
+                    .limiter
+                    .return_leases(&state.config.limits, redis)
+                    .await;
+                log::info!("stopping: handed {n} unused leases back to redis");
             }
         }
     }

@@ -7,6 +7,9 @@ use std::borrow::Cow;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
     BadRequest(Cow<'static, str>),
+    HeadersTooLarge {
+        max_bytes: usize,
+    },
     MissingToken,
     InvalidToken(Cow<'static, str>),
     TokenExpired,
@@ -28,6 +31,7 @@ impl Refusal {
     pub fn status(&self) -> u16 {
         match self {
             Refusal::BadRequest(_) => 400,
+            Refusal::HeadersTooLarge { .. } => 431,
             Refusal::MissingToken
             | Refusal::InvalidToken(_)
             | Refusal::TokenExpired
@@ -45,6 +49,7 @@ impl Refusal {
     pub fn code(&self) -> &'static str {
         match self {
             Refusal::BadRequest(_) => "bad_request",
+            Refusal::HeadersTooLarge { .. } => "headers_too_large",
             Refusal::MissingToken => "missing_token",
             Refusal::InvalidToken(_) => "invalid_token",
             Refusal::TokenExpired => "token_expired",
@@ -62,6 +67,9 @@ impl Refusal {
     pub fn message(&self) -> Cow<'_, str> {
         match self {
             Refusal::BadRequest(why) => Cow::Borrowed(why.as_ref()),
+            Refusal::HeadersTooLarge { max_bytes } => Cow::Owned(format!(
+                "the request line and headers are larger than {max_bytes} bytes"
+            )),
             Refusal::MissingToken => "a bearer token is required".into(),
             Refusal::InvalidToken(why) => Cow::Borrowed(why.as_ref()),
             Refusal::TokenExpired => "the token has expired".into(),
@@ -86,6 +94,16 @@ impl Refusal {
 
     pub fn is_auth_failure(&self) -> bool {
         self.status() == 401
+    }
+
+    /// The `WWW-Authenticate` challenge of a 401 (RFC 6750 §3): an error
+    /// code only when a token was sent.
+    pub fn challenge(&self) -> Option<&'static str> {
+        match self {
+            Refusal::MissingToken => Some("Bearer realm=\"tollgate\""),
+            r if r.is_auth_failure() => Some("Bearer realm=\"tollgate\", error=\"invalid_token\""),
+            _ => None,
+        }
     }
 }
 

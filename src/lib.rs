@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod credentials;
 pub mod echo;
+pub mod edge;
 pub mod error;
 pub mod http_client;
 pub mod logging;

@@ -50,6 +50,8 @@ pub struct AccessRecord<'a> {
     pub upstream: &'a str,
     pub duration_ms: f64,
     pub bytes: usize,
+    /// The refusal code or upstream error kind, `-` when none.
+    pub error: &'a str,
 }
 
 pub fn access_enabled() -> bool {
@@ -68,14 +70,15 @@ pub fn access(r: &AccessRecord<'_>) {
             "upstream": r.upstream,
             "duration_ms": r.duration_ms,
             "bytes": r.bytes,
+            "error": r.error,
         });
         log::info!(target: "access", "{line}");
     } else {
         log::info!(
             target: "access",
-            "{} {} {} {} route={} status={} upstream={} duration_ms={:.3} bytes={}",
+            "{} {} {} {} route={} status={} upstream={} duration_ms={:.3} bytes={} error={}",
             r.request_id, r.client, r.method, r.path, r.route, r.status, r.upstream,
-            r.duration_ms, r.bytes
+            r.duration_ms, r.bytes, r.error
         );
     }
 }

@@ -8,6 +8,8 @@ use crate::auth::store::{Revocations, TokenStore};
 use crate::config::{self, Config};
 use crate::credentials::{Credentials, CredentialsRefresher};
 use crate::echo::EchoApp;
+use crate::edge::drain::{Drain, Signals};
+use crate::edge::Edge;
 use crate::proxy::Proxy;
 use crate::ratelimit::Limiter;
 use crate::redis_probe::RedisProbe;
@@ -18,8 +20,9 @@ use crate::{logging, metrics};
 use anyhow::{anyhow, bail, Context};
 use arc_swap::ArcSwap;
 use pingora::apps::http_app::HttpServer;
+use pingora::proxy::HttpProxy;
 use pingora::server::configuration::{Opt, ServerConf};
-use pingora::server::Server;
+use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 use std::net::TcpListener;
@@ -33,7 +36,10 @@ pub struct ServeOptions<'a> {
 }
 
 fn server_conf(config: &Config, daemon: bool) -> ServerConf {
-    let grace = config.server.grace_period.as_secs_f64().ceil() as u64;
+    // The drain (edge::drain) takes the grace period before idle connections
+    // close; Pingora's own period, one second longer, lets the answers in
+    // flight at that moment finish.
+    let grace = config.server.grace_period.as_secs_f64().ceil() as u64 + 1;
     ServerConf {
         daemon,
         threads: config.server.threads,
@@ -84,6 +90,7 @@ pub fn serve(opts: ServeOptions<'_>) -> anyhow::Result<()> {
     }
     ignore_sighup_until_reloader_runs();
     let conf = server_conf(&config, opts.daemon);
+    let grace_period = config.server.grace_period;
     let listen = config.server.listen.clone();
     let admin_listen = config.admin.listen.clone();
     let state = State::build(config, None).map_err(|p| anyhow!(p.join("\n")))?;
@@ -105,7 +112,9 @@ pub fn serve(opts: ServeOptions<'_>) -> anyhow::Result<()> {
     let analytics = Arc::new(Analytics::default());
     let credentials = Arc::new(Credentials::default());
     let limiter = Arc::new(Limiter::default());
+    let drain = Drain::new(grace_period);
     let proxy = Proxy {
+        drain: drain.clone(),
         state: state.clone(),
         health: health.clone(),
         limiter: limiter.clone(),
@@ -113,11 +122,14 @@ pub fn serve(opts: ServeOptions<'_>) -> anyhow::Result<()> {
         analytics: analytics.clone(),
         credentials: credentials.clone(),
     };
-    let mut proxy_service = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        proxy,
-        "tollgate proxy",
-    );
+    let mut http = HttpProxy::new(proxy, server.configuration.clone());
+    http.handle_init_modules();
+    let edge = Edge {
+        proxy: Arc::new(http),
+        state: state.clone(),
+        drain: drain.clone(),
+    };
+    let mut proxy_service = Service::new("tollgate proxy".to_string(), edge);
     for addr in &listen {
         proxy_service.add_tcp(addr);
     }
@@ -157,6 +169,7 @@ pub fn serve(opts: ServeOptions<'_>) -> anyhow::Result<()> {
             state: state.clone(),
             analytics,
             limiter: limiter.clone(),
+            drain: drain.clone(),
         },
     ));
     server.add_service(background_service(
@@ -188,7 +201,10 @@ pub fn serve(opts: ServeOptions<'_>) -> anyhow::Result<()> {
         env!("CARGO_PKG_VERSION"),
         listen.join(", ")
     );
-    server.run_forever()
+    server.run(RunArgs {
+        shutdown_signal: Box::new(Signals { drain }),
+    });
+    Ok(())
 }
 
 /// SIGHUP's default action kills the process. Until the reload service takes

@@ -95,9 +95,10 @@ fn missing_expired_and_forbidden_have_the_spec_codes() {
     let t = Tollgate::start(&hs_config(&up.addr()));
     let r = t.get("/api/x");
     r.assert_refusal(401, "missing_token");
+    // No token sent: a challenge without an error code (RFC 6750 §3.1).
     assert_eq!(
         r.header("www-authenticate"),
-        Some("Bearer error=\"invalid_token\"")
+        Some("Bearer realm=\"tollgate\"")
     );
     let r = request(
         t.port,
@@ -112,7 +113,7 @@ fn missing_expired_and_forbidden_have_the_spec_codes() {
     r.assert_refusal(401, "token_expired");
     assert_eq!(
         r.header("www-authenticate"),
-        Some("Bearer error=\"invalid_token\"")
+        Some("Bearer realm=\"tollgate\", error=\"invalid_token\"")
     );
 
     let mut c = claims();

@@ -80,55 +80,148 @@ fn a_reload_that_changes_listeners_says_it_needs_an_upgrade() {
     });
 }
 
-#[test]
-fn binary_upgrade_hands_over_the_sockets_without_failing_a_request() {
-    let echo = Echo::start();
-    let mut old = Tollgate::start(&config(&echo.addr(), ""));
-    let keep = Load::start(old.port, "/public/ka", "", true, 200);
-    let fresh = Load::start(old.port, "/public/new", "", false, 200);
-    std::thread::sleep(Duration::from_millis(300));
-
-    let (log, file) = log_file(old.dir.path(), "new.log");
+/// Starts `serve --upgrade` on the same config and waits until it listens
+/// on the upgrade socket.
+fn start_upgrade(t: &Tollgate, name: &str) -> Proc {
+    let (log, file) = log_file(t.dir.path(), name);
+    let sock = t.dir.path().join("upgrade.sock");
+    let _ = std::fs::remove_file(&sock);
     let child = Command::new(BIN)
         .args(["serve", "--upgrade", "-c"])
-        .arg(&old.config_path)
+        .arg(&t.config_path)
         .stdout(file.try_clone().unwrap())
         .stderr(file)
         .stdin(Stdio::null())
         .spawn()
         .expect("spawn the new process");
-    let new = Proc { child, log };
-    let sock = old.dir.path().join("upgrade.sock");
     wait_for(
         "the new process to wait for the sockets",
         Duration::from_secs(20),
         || sock.exists().then_some(()),
     );
-    old.proc.signal(libc::SIGQUIT);
-    let code = old.proc.wait_exit(Duration::from_secs(30));
-    assert_eq!(code, Some(0), "old process:\n{}", old.proc.log_text());
-    std::thread::sleep(Duration::from_millis(500));
-    assert_clean(keep.stop(), "keep-alive client");
-    assert_clean(fresh.stop(), "new-connection client");
-    // The new process serves on the same ports.
-    assert_eq!(
-        old.get("/public/after").status,
-        200,
-        "new process:\n{}",
-        new.log_text()
+    Proc { child, log }
+}
+
+fn assert_nothing_lost(report: &LoadReport, what: &str) {
+    assert!(
+        report.ok > 20,
+        "{what}: only {} requests went through",
+        report.ok
     );
-    assert!(old.metrics().contains("tollgate_build_info"));
+    assert!(
+        report.failures.is_empty(),
+        "{what}: {} lost or failed of {}: {:?}",
+        report.failures.len(),
+        report.ok + report.failures.len(),
+        &report.failures[..report.failures.len().min(5)]
+    );
+}
+
+#[test]
+fn three_binary_upgrades_under_kept_alive_load_lose_nothing() {
+    let echo = Echo::start();
+    let mut t = Tollgate::start(&config(&echo.addr(), ""));
+    // Clients that keep their connection until an answer says Connection: close.
+    let loads: Vec<Load> = (0..4)
+        .map(|_| Load::start(t.port, "/public/ka", "", true, 200))
+        .collect();
+    let fresh = Load::start(t.port, "/public/new", "", false, 200);
+    wait_for("traffic", Duration::from_secs(10), || {
+        metric_value(
+            &t.metrics(),
+            r#"tollgate_requests_total{route="public",status="200"}"#,
+        )
+        .filter(|n| *n > 400.0)
+    });
+    for round in 1..=3 {
+        let new = start_upgrade(&t, &format!("new-{round}.log"));
+        t.proc.signal(libc::SIGQUIT);
+        let code = t.proc.wait_exit(Duration::from_secs(40));
+        assert_eq!(
+            code,
+            Some(0),
+            "old process of round {round}:\n{}",
+            t.proc.log_text()
+        );
+        // The new process serves and becomes the one to upgrade next.
+        wait_for("the new process to serve", Duration::from_secs(10), || {
+            (t.get("/public/after").status == 200).then_some(())
+        });
+        t.proc = new;
+    }
+    for (i, load) in loads.into_iter().enumerate() {
+        let report = load.report();
+        assert_nothing_lost(&report, &format!("kept-alive client {i}"));
+        assert!(
+            report.closed_by_server >= 3,
+            "client {i} was never told to reconnect: {report:?}"
+        );
+        assert_eq!(
+            report.refused, 0,
+            "client {i}: a connection was refused during an upgrade"
+        );
+    }
+    let fresh = fresh.report();
+    assert_nothing_lost(&fresh, "new-connection client");
+    assert_eq!(
+        fresh.refused, 0,
+        "a connection was refused during an upgrade"
+    );
+    assert!(t.metrics().contains("tollgate_build_info"));
+}
+
+#[test]
+fn sigterm_under_kept_alive_load_loses_nothing() {
+    let echo = Echo::start();
+    let mut t = Tollgate::start(&config(&echo.addr(), ""));
+    let loads: Vec<Load> = (0..4)
+        .map(|_| Load::start(t.port, "/public/ka", "", true, 200))
+        .collect();
+    wait_for("traffic", Duration::from_secs(10), || {
+        metric_value(
+            &t.metrics(),
+            r#"tollgate_requests_total{route="public",status="200"}"#,
+        )
+        .filter(|n| *n > 400.0)
+    });
+    t.proc.signal(libc::SIGTERM);
+    assert_eq!(
+        t.proc.wait_exit(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        t.proc.log_text()
+    );
+    for (i, load) in loads.into_iter().enumerate() {
+        let report = load.report();
+        // After the stop, connecting is refused: nothing was sent, nothing lost.
+        assert_nothing_lost(&report, &format!("kept-alive client {i}"));
+        assert!(
+            report.closed_by_server >= 1,
+            "client {i} was never told to close: {report:?}"
+        );
+        assert!(
+            report.refused >= 1,
+            "client {i} never saw the listener close: {report:?}"
+        );
+    }
+    let log = t.proc.log_text();
+    assert!(log.contains("draining"), "{log}");
 }
 
 #[test]
 fn sigterm_lets_the_request_in_flight_finish() {
-    let echo = Echo::start();
-    let mut t = Tollgate::start(&config(&echo.addr(), ""));
+    let slow = Recorder::start_slow(Duration::from_millis(1500));
+    let mut t = Tollgate::start(&config(&slow.addr(), ""));
     let port = t.port;
-    let slow = std::thread::spawn(move || get(port, "/public/slow?wait=1500ms"));
-    std::thread::sleep(Duration::from_millis(400));
+    let in_flight = std::thread::spawn(move || get(port, "/public/slow"));
+    // The upstream has the request: it is in flight now.
+    wait_for(
+        "the request to reach the upstream",
+        Duration::from_secs(10),
+        || (slow.hits() == 1).then_some(()),
+    );
     t.proc.signal(libc::SIGTERM);
-    let r = slow
+    let r = in_flight
         .join()
         .unwrap()
         .expect("the slow request got an answer");

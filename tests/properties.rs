@@ -134,3 +134,159 @@ proptest! {
         }
     }
 }
+
+/// Where a head ends, by the definition: just past the first line feed
+/// that closes a line holding nothing but carriage returns, when a line
+/// feed came before it.
+fn reference_head_end(bytes: &[u8]) -> Option<usize> {
+    let feeds: Vec<usize> = bytes
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'\n')
+        .map(|(i, _)| i)
+        .collect();
+    feeds
+        .windows(2)
+        .find(|w| bytes[w[0] + 1..w[1]].iter().all(|b| *b == b'\r'))
+        .map(|w| w[1] + 1)
+}
+
+fn head_bytes() -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec(
+        prop_oneof![
+            Just(b'\r'),
+            Just(b'\n'),
+            Just(b'a'),
+            Just(b':'),
+            Just(b' '),
+            any::<u8>()
+        ],
+        0..200,
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(3_000), ..ProptestConfig::default() })]
+
+    /// The head-end scanner finds what the definition says, however the
+    /// bytes are split into reads.
+    #[test]
+    fn head_end_is_found_across_any_split(bytes in head_bytes(), cuts in proptest::collection::vec(0usize..200, 0..8)) {
+        use tollgate::edge::head::HeadEnd;
+        let expected = reference_head_end(&bytes);
+        let mut cuts: Vec<usize> = cuts.into_iter().filter(|c| *c <= bytes.len()).collect();
+        cuts.sort_unstable();
+        cuts.dedup();
+        let mut end = HeadEnd::default();
+        let mut found = None;
+        let mut from = 0;
+        for to in cuts.into_iter().chain(std::iter::once(bytes.len())) {
+            if found.is_none() {
+                found = end.scan(&bytes[from..to]).map(|i| from + i);
+            }
+            from = to;
+        }
+        prop_assert_eq!(found, expected);
+    }
+
+    /// Host normalisation never panics, keeps to the input, and takes a
+    /// name back from any port and one trailing dot.
+    #[test]
+    fn hosts_normalise_to_their_name(
+        name in "[a-zA-Z0-9-]{1,20}(\\.[a-zA-Z0-9-]{1,10}){0,3}",
+        dot in any::<bool>(),
+        port in proptest::option::of(0u32..70000),
+        junk in "\\PC{0,40}",
+    ) {
+        use tollgate::proxy::request::normalize_host;
+        let mut host = name.clone();
+        if dot { host.push('.'); }
+        if let Some(p) = port { host.push_str(&format!(":{p}")); }
+        prop_assert_eq!(normalize_host(&host), name.as_str());
+        let out = normalize_host(&junk);
+        prop_assert!(junk.contains(out));
+    }
+
+    /// Whatever a client puts in its target and Host, choosing the host
+    /// never panics, and what it picks comes from one of them.
+    #[test]
+    fn request_host_never_panics(target in "\\PC{0,60}", host in proptest::option::of("\\PC{0,60}"), v11 in any::<bool>()) {
+        let Ok(mut req) = pingora::http::RequestHeader::build("GET", target.as_bytes(), None) else {
+            return Ok(());
+        };
+        if !v11 {
+            req.set_version(http::Version::HTTP_10);
+        }
+        if let Some(h) = &host {
+            if req.insert_header(http::header::HOST, h.as_str()).is_err() {
+                return Ok(());
+            }
+        }
+        if let Ok(Some(picked)) = tollgate::proxy::request::host(&req) {
+            prop_assert!(target.contains(picked) || host.as_deref().is_some_and(|h| h.contains(picked)));
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(2_000), ..ProptestConfig::default() })]
+
+    /// Through the head guard, a head within the limit and its body arrive
+    /// unchanged however the client splits its writes; a larger head never
+    /// reaches the reader, and the client gets a 431.
+    #[test]
+    fn the_head_guard_passes_small_heads_and_refuses_big_ones(
+        filler in 0usize..3000,
+        body in proptest::collection::vec(any::<u8>(), 0..300),
+        cuts in proptest::collection::vec(1usize..4000, 0..10),
+        max in 1024usize..2048,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tollgate::edge::head::{HeadGuard, HeadLimits};
+        let head = format!("GET / HTTP/1.1\r\nHost: a\r\nX-Fill: {}\r\n\r\n", "f".repeat(filler));
+        let mut wire = head.clone().into_bytes();
+        wire.extend_from_slice(&body);
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (got, answer) = runtime.block_on(async {
+            let (mut client, server) = tokio::io::duplex(1 << 16);
+            let limits = HeadLimits { max_bytes: max, timeout: std::time::Duration::from_secs(30) };
+            let mut guard = HeadGuard::new(Box::new(server), limits);
+            let mut cuts: Vec<usize> = cuts.into_iter().filter(|c| *c < wire.len()).collect();
+            cuts.sort_unstable();
+            cuts.dedup();
+            let chunks: Vec<Vec<u8>> = {
+                let mut out = Vec::new();
+                let mut from = 0;
+                for to in cuts.into_iter().chain(std::iter::once(wire.len())) {
+                    out.push(wire[from..to].to_vec());
+                    from = to;
+                }
+                out
+            };
+            let writer = tokio::spawn(async move {
+                for c in chunks {
+                    if client.write_all(&c).await.is_err() {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                let _ = client.shutdown().await;
+                let mut answer = Vec::new();
+                let _ = client.read_to_end(&mut answer).await;
+                answer
+            });
+            let mut got = Vec::new();
+            let result = guard.read_to_end(&mut got).await;
+            drop(guard);
+            let answer = writer.await.unwrap();
+            (result.map(|_| got), answer)
+        });
+        if head.len() <= max {
+            prop_assert_eq!(got.unwrap(), wire);
+            prop_assert!(answer.is_empty());
+        } else {
+            prop_assert!(got.is_err());
+            prop_assert!(answer.starts_with(b"HTTP/1.1 431 "), "{}", String::from_utf8_lossy(&answer));
+        }
+    }
+}

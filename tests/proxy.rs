@@ -35,17 +35,25 @@ fn forwards_with_request_id_and_forwarded_for() {
     assert_eq!(id.len(), 32);
     assert!(body.contains(&format!("x-request-id: {id}\n")), "{body}");
 
-    // A client id is kept; an earlier hop's X-Forwarded-For is appended to.
-    let r = t.request(
-        "GET /public/x HTTP/1.1\r\nHost: a\r\nX-Request-Id: client-id-1\r\nX-Forwarded-For: 10.0.0.9\r\nConnection: close\r\n\r\n",
-    );
+    // A client id is kept; a client's own X-Forwarded-For is not believed.
+    let forged = "GET /public/x HTTP/1.1\r\nHost: a\r\nX-Request-Id: client-id-1\r\nX-Forwarded-For: 10.0.0.9\r\nX-Real-IP: 10.0.0.9\r\nConnection: close\r\n\r\n";
+    let r = t.request(forged);
     assert_eq!(r.header("x-request-id"), Some("client-id-1"));
     let body = r.text();
     assert!(body.contains("x-request-id: client-id-1\n"), "{body}");
+    assert!(body.contains("x-forwarded-for: 127.0.0.1\n"), "{body}");
+    assert!(!body.contains("x-real-ip"), "{body}");
+
+    // From a trusted proxy, the earlier hops are kept and appended to.
+    let trusting = config(&echo.addr(), "")
+        .replace("server: {", "server: { trusted_proxies: [\"127.0.0.0/8\"],");
+    let t = Tollgate::start(&trusting);
+    let body = t.request(forged).text();
     assert!(
         body.contains("x-forwarded-for: 10.0.0.9, 127.0.0.1\n"),
         "{body}"
     );
+    assert!(body.contains("x-real-ip: 10.0.0.9\n"), "{body}");
 }
 
 #[test]

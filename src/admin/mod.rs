@@ -44,12 +44,11 @@ pub fn error(status: u16, code: &str, message: impl AsRef<str>) -> Answer {
 
 fn refusal(r: &Refusal) -> Answer {
     let mut answer = error(r.status(), r.code(), r.message());
-    if r.is_auth_failure() {
-        if let Ok(v) = http::HeaderValue::from_str("Bearer") {
-            answer
-                .headers_mut()
-                .insert(http::header::WWW_AUTHENTICATE, v);
-        }
+    if let Some(challenge) = r.challenge() {
+        answer.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static(challenge),
+        );
     }
     answer
 }
@@ -133,8 +132,7 @@ impl AdminApp {
         let given = req
             .headers
             .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(|v| crate::auth::bearer_token(Some(v.as_bytes())))
             .unwrap_or("");
         if given.is_empty() {
             return refusal(&Refusal::MissingToken);

@@ -46,6 +46,12 @@ pub struct RawServer {
     pub work_stealing: bool,
     /// Where logs go with `--daemon` (a daemon has no terminal).
     pub error_log: Option<String>,
+    /// Largest request head (request line and headers) accepted; over it: 431.
+    pub max_header_bytes: usize,
+    /// Whole time allowed to receive a request head.
+    pub header_timeout: String,
+    /// CIDRs whose X-Forwarded-For / Forwarded is believed for the client address.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for RawServer {
@@ -61,6 +67,9 @@ impl Default for RawServer {
             upstream_pool_size: 128,
             work_stealing: false,
             error_log: None,
+            max_header_bytes: 32 * 1024,
+            header_timeout: "10s".into(),
+            trusted_proxies: Vec::new(),
         }
     }
 }

@@ -35,6 +35,60 @@ pub struct ServerSettings {
     pub upstream_pool_size: usize,
     pub work_stealing: bool,
     pub error_log: Option<String>,
+    pub max_header_bytes: usize,
+    pub header_timeout: Duration,
+    pub trusted_proxies: Vec<Cidr>,
+}
+
+/// An address range (`10.0.0.0/8`, `::1/128`; a bare address is one host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(text: &str) -> Result<Cidr, String> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (text, None),
+        };
+        let addr: std::net::IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{text:?} is not an IP address or CIDR"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => match p.parse::<u8>() {
+                Ok(p) if p <= max => p,
+                _ => return Err(format!("{text:?}: prefix length must be 0 to {max}")),
+            },
+        };
+        Ok(Cidr { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr::{V4, V6};
+        let ip = match ip {
+            V6(v6) => v6.to_ipv4_mapped().map_or(V6(v6), V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (V4(net), V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (V6(net), V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -243,6 +297,13 @@ fn check_local_path(p: &mut Problems, path: &str, value: &str) {
     }
 }
 
+/// Largest limit of a window: counts stay exact in Redis' Lua numbers (doubles).
+pub const MAX_REQUESTS: u64 = 1 << 53;
+/// Longest window.
+pub const MAX_WINDOW: Duration = Duration::from_secs(366 * 24 * 3600);
+/// Largest cost of one request.
+pub const MAX_COST: u64 = 1_000_000_000;
+
 fn windows(p: &mut Problems, path: &str, raw: &[RawWindow]) -> Vec<Window> {
     raw.iter()
         .enumerate()
@@ -250,12 +311,21 @@ fn windows(p: &mut Problems, path: &str, raw: &[RawWindow]) -> Vec<Window> {
             if w.requests == 0 {
                 p.add(format!("{path}[{i}].requests"), "must be at least 1");
             }
+            if w.requests > MAX_REQUESTS {
+                p.add(
+                    format!("{path}[{i}].requests"),
+                    format!("must be at most {MAX_REQUESTS} (Redis counts in doubles)"),
+                );
+            }
             let window = p.positive_duration(&format!("{path}[{i}].window"), &w.window);
             if !window.is_zero() && !window.as_millis().is_multiple_of(1000) {
                 p.add(
                     format!("{path}[{i}].window"),
                     "must be a whole number of seconds",
                 );
+            }
+            if window > MAX_WINDOW {
+                p.add(format!("{path}[{i}].window"), "must be at most 366d");
             }
             Window {
                 requests: w.requests,
@@ -651,8 +721,11 @@ fn route_settings(
             false
         }
     };
-    if raw.cost == 0 {
-        p.add(format!("{base}.cost"), "must be at least 1");
+    if raw.cost == 0 || raw.cost > MAX_COST {
+        p.add(
+            format!("{base}.cost"),
+            format!("must be from 1 to {MAX_COST}"),
+        );
     }
     let mut forward_claims = Vec::new();
     for (claim, header) in &raw.forward_claims {
@@ -697,7 +770,19 @@ fn route_settings(
         refresh: p.positive_duration(&format!("{base}.upstream_auth.refresh"), &ua.refresh),
         ca_file: ua.ca_file.clone(),
     });
-    let host = raw.host.as_ref().map(|h| h.to_ascii_lowercase());
+    let host = raw.host.as_ref().map(|h| {
+        let bare = h.strip_suffix('.').unwrap_or(h).to_ascii_lowercase();
+        if bare.is_empty()
+            || bare.contains(['/', ' '])
+            || crate::proxy::request::normalize_host(&bare) != bare
+        {
+            p.add(
+                format!("{base}.host"),
+                format!("{h:?}: give a host name without port or scheme"),
+            );
+        }
+        bare
+    });
     Some(RouteSettings {
         name: raw.name.clone(),
         path: path?.0,
@@ -728,6 +813,12 @@ impl TryFrom<RawConfig> for Config {
         if s.threads == 0 {
             p.add("server.threads", "must be at least 1");
         }
+        if !(1024..=1024 * 1024).contains(&s.max_header_bytes) {
+            p.add(
+                "server.max_header_bytes",
+                "must be from 1024 to 1048576 (1 KiB to 1 MiB)",
+            );
+        }
         check_local_path(&mut p, "server.health_path", &s.health_path);
         check_local_path(&mut p, "server.ready_path", &s.ready_path);
         let server = ServerSettings {
@@ -741,6 +832,18 @@ impl TryFrom<RawConfig> for Config {
             upstream_pool_size: s.upstream_pool_size,
             work_stealing: s.work_stealing,
             error_log: s.error_log.clone(),
+            max_header_bytes: s.max_header_bytes,
+            header_timeout: p.positive_duration("server.header_timeout", &s.header_timeout),
+            trusted_proxies: s
+                .trusted_proxies
+                .iter()
+                .enumerate()
+                .filter_map(|(i, c)| {
+                    Cidr::parse(c)
+                        .map_err(|e| p.add(format!("server.trusted_proxies[{i}]"), e))
+                        .ok()
+                })
+                .collect(),
         };
 
         check_listen(&mut p, "admin.listen", &raw.admin.listen);

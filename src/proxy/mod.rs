@@ -4,20 +4,23 @@
 //! then forwarding. Each step either passes or returns a [`Refusal`] that
 //! `respond::refuse` renders.
 
+pub mod forward;
+pub mod request;
 pub mod respond;
 
 use crate::analytics::Analytics;
 use crate::auth::store::{Status, TokenStore};
 use crate::auth::{bearer_token, Identity, VerifyError};
-use crate::config::OnFailure;
+use crate::config::{OnFailure, RouteSettings};
 use crate::credentials::Credentials;
+use crate::edge::drain::Drain;
 use crate::error::Refusal;
 use crate::logging::{self, AccessRecord};
 use crate::metrics;
 use crate::path;
 use crate::ratelimit::Limiter;
-use crate::routes::host_without_port;
 use crate::state::{Health, SharedState, State};
+use crate::upstream::Upstream;
 use async_trait::async_trait;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
@@ -30,6 +33,8 @@ use std::time::Instant;
 
 pub struct Proxy {
     pub state: SharedState,
+    /// While draining, every answer closes its connection.
+    pub drain: Arc<Drain>,
     pub health: Arc<Health>,
     pub limiter: Arc<Limiter>,
     pub tokens: Arc<TokenStore>,
@@ -56,28 +61,34 @@ pub struct Ctx {
     pub target: String,
     pub tried: Vec<SocketAddr>,
     pub status: u16,
-    pub refusal: Option<&'static str>,
-    pub upstream_error: Option<&'static str>,
+    /// Why the request was not answered by the upstream: a refusal code or
+    /// an upstream error kind (for the access log).
+    pub error: Option<&'static str>,
+    /// The `Authorization` value that was verified (`auth: jwt` routes).
+    pub verified_authorization: Option<http::HeaderValue>,
     /// Headers added to tollgate's own answers (rate-limit headers, ...).
     pub extra_headers: Vec<(&'static str, String)>,
 }
 
 impl Ctx {
+    /// The snapshot and the route this request matched, once it has one.
+    pub fn route(&self) -> Option<(&State, &RouteSettings)> {
+        let state = self.state.as_deref()?;
+        Some((state, state.config.routes.get(self.route?)?))
+    }
+
+    /// The upstream of the matched route.
+    pub fn upstream(&self) -> Option<&Upstream> {
+        let (state, route) = self.route()?;
+        state.upstreams.get(route.upstream).map(|u| u.as_ref())
+    }
+
     fn route_name(&self) -> &str {
-        match (&self.state, self.route) {
-            (Some(s), Some(i)) => s.config.routes[i].name.as_str(),
-            _ => self.label,
-        }
+        self.route().map_or(self.label, |(_, r)| r.name.as_str())
     }
 
     fn upstream_name(&self) -> &str {
-        match (&self.state, self.route) {
-            (Some(s), Some(i)) => s.upstreams[s.config.routes[i].upstream]
-                .settings
-                .name
-                .as_str(),
-            _ => "-",
-        }
+        self.upstream().map_or("-", |u| u.settings.name.as_str())
     }
 }
 
@@ -100,25 +111,6 @@ pub fn new_request_id() -> String {
     }
     // Always ASCII hex: the fallback is never taken.
     std::str::from_utf8(&id).unwrap_or_default().to_owned()
-}
-
-/// The client address as `X-Forwarded-For` carries it. IPv4, nearly every
-/// caller, is written without the formatting machinery.
-fn client_ip(ip: std::net::IpAddr) -> String {
-    match ip {
-        std::net::IpAddr::V4(v4) => {
-            let mut out = String::with_capacity(15);
-            let mut buf = itoa::Buffer::new();
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    out.push('.');
-                }
-                out.push_str(buf.format(octet));
-            }
-            out
-        }
-        std::net::IpAddr::V6(_) => ip.to_string(),
-    }
 }
 
 enum Step {
@@ -155,11 +147,7 @@ impl Proxy {
             ctx.label = "_invalid";
             Refusal::BadRequest(e.to_string().into())
         })?;
-        let host = req
-            .uri
-            .host()
-            .or_else(|| req.headers.get(http::header::HOST)?.to_str().ok())
-            .map(host_without_port);
+        let host = request::host(req).inspect_err(|_| ctx.label = "_invalid")?;
         let route = state
             .routes
             .find(host, &req.method, &normalised)
@@ -178,7 +166,7 @@ impl Proxy {
     async fn authenticate(
         &self,
         session: &Session,
-        ctx: &Ctx,
+        ctx: &mut Ctx,
         state: &State,
         route: usize,
     ) -> Result<Option<Arc<Identity>>, Refusal> {
@@ -189,9 +177,9 @@ impl Proxy {
         let header = session
             .req_header()
             .headers
-            .get(http::header::AUTHORIZATION)
-            .map(|v| v.as_bytes());
-        let token = bearer_token(header).ok_or(Refusal::MissingToken)?;
+            .get(http::header::AUTHORIZATION);
+        let token = bearer_token(header.map(|v| v.as_bytes())).ok_or(Refusal::MissingToken)?;
+        ctx.verified_authorization = header.cloned();
         let identity = match verifier.try_verify(token) {
             Ok(id) => id,
             // A key id the JWKS lacks, or no key set yet: let the background
@@ -348,8 +336,8 @@ impl ProxyHttp for Proxy {
             target: String::new(),
             tried: Vec::new(),
             status: 0,
-            refusal: None,
-            upstream_error: None,
+            error: None,
+            verified_authorization: None,
             extra_headers: Vec::new(),
         }
     }
@@ -358,6 +346,9 @@ impl ProxyHttp for Proxy {
         let state = self.state.load_full();
         ctx.state = Some(state.clone());
         ctx.start = Instant::now();
+        if self.drain.draining() {
+            session.set_keepalive(None);
+        }
         ctx.request_id = client_request_id(session.req_header()).unwrap_or_else(new_request_id);
 
         if let Step::Answered = self.probes(session, ctx, &state).await? {
@@ -368,6 +359,10 @@ impl ProxyHttp for Proxy {
             Err(r) => return self.refuse(session, ctx, r).await,
         };
         ctx.route = Some(route);
+        if request::wants_upgrade(session.req_header()) {
+            let r = Refusal::BadRequest("this route does not allow protocol upgrades".into());
+            return self.refuse(session, ctx, r).await;
+        }
         match self.authenticate(session, ctx, &state, route).await {
             Ok(identity) => ctx.identity = identity,
             Err(r) => return self.refuse(session, ctx, r).await,
@@ -457,45 +452,12 @@ impl ProxyHttp for Proxy {
         req: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        // Most paths are already normal: then the client's URI goes as it is.
-        let unchanged = req.uri.path_and_query().map(|pq| pq.as_str()) == Some(ctx.target.as_str())
-            && req.uri.scheme().is_none()
-            && req.uri.authority().is_none();
-        if !unchanged {
-            let uri = ctx
-                .target
-                .parse::<http::Uri>()
-                .map_err(|e| Error::because(ErrorType::InternalError, "normalised path", e))?;
-            req.set_uri(uri);
-        }
-        if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
-            let ip = client_ip(addr.ip());
-            let forwarded = match req
-                .headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-            {
-                Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-                _ => ip,
-            };
-            req.insert_header("x-forwarded-for", forwarded)?;
-        }
-        req.insert_header("x-forwarded-proto", "http")?;
-        if let Some(token) = &ctx.upstream_token {
-            // The upstream sees tollgate's credentials, never the client's.
-            req.insert_header(http::header::AUTHORIZATION, token.as_str())?;
-        }
-        if let (Some(state), Some(route)) = (&ctx.state, ctx.route) {
-            for (claim, header) in &state.config.routes[route].forward_claims {
-                // The client's own copy never reaches the upstream.
-                req.remove_header(header);
-                if let Some(value) = ctx.identity.as_ref().and_then(|id| id.forwarded(claim)) {
-                    req.insert_header(header.clone(), value)?;
-                }
-            }
-        }
-        req.insert_header(respond::REQUEST_ID, ctx.request_id.as_str())?;
-        Ok(())
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        forward::upstream_request(req, ctx, peer, tls)
     }
 
     async fn response_filter(
@@ -516,7 +478,7 @@ impl ProxyHttp for Proxy {
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let refusal = match classify(e) {
             Some((refusal, kind)) => {
-                ctx.upstream_error = Some(kind);
+                ctx.error = Some(kind);
                 Some(refusal)
             }
             None => match e.etype() {
@@ -590,6 +552,7 @@ impl ProxyHttp for Proxy {
             upstream: &upstream,
             duration_ms: elapsed.as_secs_f64() * 1000.0,
             bytes: session.body_bytes_sent(),
+            error: ctx.error.unwrap_or("-"),
         });
     }
 }
@@ -597,7 +560,6 @@ impl ProxyHttp for Proxy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::IpAddr;
 
     #[test]
     fn request_ids_are_32_hex_digits_and_differ() {
@@ -608,21 +570,5 @@ mod tests {
             .bytes()
             .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
         assert_ne!(a, b);
-    }
-
-    #[test]
-    fn client_ip_matches_the_standard_formatting() {
-        for ip in [
-            "0.0.0.0",
-            "127.0.0.1",
-            "10.200.3.45",
-            "255.255.255.255",
-            "::1",
-            "2001:db8::8a2e:370:7334",
-            "::ffff:192.0.2.1",
-        ] {
-            let ip: IpAddr = ip.parse().expect("test address");
-            assert_eq!(client_ip(ip), ip.to_string());
-        }
     }
 }

@@ -42,11 +42,8 @@ async fn send(
 pub async fn refuse(session: &mut Session, ctx: &mut Ctx, refusal: &Refusal) -> Result<()> {
     let body = refusal.body();
     let mut h = header(refusal.status(), "application/json", body.len(), ctx)?;
-    if refusal.is_auth_failure() {
-        h.insert_header(
-            http::header::WWW_AUTHENTICATE,
-            "Bearer error=\"invalid_token\"",
-        )?;
+    if let Some(challenge) = refusal.challenge() {
+        h.insert_header(http::header::WWW_AUTHENTICATE, challenge)?;
     }
     if let Refusal::RateLimited {
         retry_after_secs, ..
@@ -54,7 +51,7 @@ pub async fn refuse(session: &mut Session, ctx: &mut Ctx, refusal: &Refusal) -> 
     {
         h.insert_header(http::header::RETRY_AFTER, retry_after_secs.to_string())?;
     }
-    ctx.refusal = Some(refusal.code());
+    ctx.error = Some(refusal.code());
     send(session, ctx, h, body).await
 }
 

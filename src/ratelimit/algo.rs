@@ -63,7 +63,7 @@ pub fn check(
         Algorithm::FixedWindow => {
             roll(s, now, window);
             let reset = s.start + window - now;
-            let allowed = s.count + cost <= limit;
+            let allowed = s.count.saturating_add(cost) <= limit;
             let used = if allowed { s.count + cost } else { s.count };
             Outcome {
                 allowed,
@@ -79,12 +79,12 @@ pub fn check(
             // the sliding window; integer maths, rounded up so it never under-counts.
             let weighted_prev =
                 (s.prev as u128 * (window - elapsed) as u128).div_ceil(window as u128) as u64;
-            let used = weighted_prev + s.count;
-            let allowed = used + cost <= limit;
+            let used = weighted_prev.saturating_add(s.count);
+            let allowed = used.saturating_add(cost) <= limit;
             let after = if allowed { used + cost } else { used };
             let retry = if allowed {
                 0
-            } else if s.count + cost > limit {
+            } else if s.count.saturating_add(cost) > limit {
                 // Not even an empty previous window would make room: wait for
                 // the next window, whose own previous is this one.
                 let next_prev_room = limit.saturating_sub(cost);
@@ -97,7 +97,7 @@ pub fn check(
                 (window - elapsed) + wait_in_next.min(window)
             } else {
                 // Room appears as the previous window slides out.
-                let room_needed = (used + cost - limit) as u128;
+                let room_needed = (used.saturating_add(cost) - limit) as u128;
                 ((room_needed * window as u128).div_ceil(s.prev.max(1) as u128) as u64)
                     .min(window - elapsed)
             };
@@ -112,7 +112,7 @@ pub fn check(
             // Emission interval: one unit every window/limit.
             let interval = (window / limit.max(1)).max(1);
             let tat = s.tat.max(now);
-            let new_tat = tat + cost * interval;
+            let new_tat = tat.saturating_add(cost.saturating_mul(interval));
             let allowed = new_tat - now <= window;
             let backlog = if allowed { new_tat - now } else { tat - now };
             Outcome {
@@ -130,11 +130,11 @@ pub fn commit(algo: Algorithm, s: &mut WindowState, now: u64, limit: u64, window
     match algo {
         Algorithm::FixedWindow | Algorithm::SlidingWindow => {
             roll(s, now, window);
-            s.count += cost;
+            s.count = s.count.saturating_add(cost);
         }
         Algorithm::Gcra => {
             let interval = (window / limit.max(1)).max(1);
-            s.tat = s.tat.max(now) + cost * interval;
+            s.tat = s.tat.max(now).saturating_add(cost.saturating_mul(interval));
         }
     }
 }

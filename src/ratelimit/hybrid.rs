@@ -170,7 +170,7 @@ impl Leases {
         }
         let outcome = |l: &Lease, allowed: bool, retry: Duration| Outcome {
             allowed,
-            remaining: l.available + l.budget,
+            remaining: l.available.saturating_add(l.budget),
             reset_us: us(l.expires.saturating_duration_since(now)),
             retry_us: us(retry),
         };
@@ -179,14 +179,14 @@ impl Leases {
         if state
             .leases
             .iter()
-            .any(|l| l.over_until.is_some() && cost > l.budget + l.available)
+            .any(|l| l.over_until.is_some() && cost > l.budget.saturating_add(l.available))
         {
             return Ok(Acquired {
                 outcomes: state
                     .leases
                     .iter()
                     .map(|l| match l.over_until {
-                        Some(until) if cost > l.budget + l.available => {
+                        Some(until) if cost > l.budget.saturating_add(l.available) => {
                             outcome(l, false, until - now)
                         }
                         _ => outcome(l, true, Duration::ZERO),
@@ -243,11 +243,11 @@ impl Leases {
                 _ => Duration::from_micros(g.reset_us),
             };
             if admitted {
-                l.budget = l.budget + g.granted - cost;
+                l.budget = l.budget.saturating_add(g.granted).saturating_sub(cost);
                 l.expires = now + life;
                 l.over_until = None;
                 l.last_grant = g.granted;
-            } else if g.available + l.budget < cost || g.retry_us > 0 {
+            } else if g.available.saturating_add(l.budget) < cost || g.retry_us > 0 {
                 l.over_until = Some(now + Duration::from_micros(g.retry_us.max(1)));
                 if l.budget == 0 {
                     l.expires = now + life;
@@ -312,7 +312,7 @@ impl Leases {
             .iter_mut()
             .filter(|l| windows.contains(&l.window) && l.expires > now)
         {
-            l.budget += cost;
+            l.budget = l.budget.saturating_add(cost);
         }
     }
 
@@ -398,7 +398,7 @@ fn spawn_top_up(
                         < Duration::from_millis(500));
             // Units of a window that has ended count for nothing in the new one.
             l.budget = if same_window {
-                l.budget + g.granted
+                l.budget.saturating_add(g.granted)
             } else {
                 g.granted
             };

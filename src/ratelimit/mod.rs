@@ -180,10 +180,19 @@ impl Limiter {
         charged: u64,
         actual: u64,
     ) {
+        let own = key_windows(limits, identity);
+        // What one answer may charge is capped at the largest window's limit:
+        // a reported cost of 2^64-1 fills the windows, it does not wrap them.
+        let cap = own
+            .iter()
+            .chain(limits.org.iter().filter(|_| identity.org.is_some()))
+            .map(|w| w.requests)
+            .max()
+            .unwrap_or(charged);
+        let actual = actual.min(cap.max(charged));
         if actual == charged {
             return;
         }
-        let own = key_windows(limits, identity);
         let mut scopes: Vec<(String, &[Window])> = vec![(key_id(&identity.key), &own)];
         if let Some(org) = identity.org.as_deref().filter(|_| !limits.org.is_empty()) {
             scopes.push((org_id(org), &limits.org));

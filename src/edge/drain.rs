@@ -1,0 +1,144 @@
+//! Graceful stop and upgrade without losing a request on a kept-alive
+//! connection.
+//!
+//! Pingora drops a connection that is waiting for its next request the
+//! moment its shutdown starts, so a request already on the wire would be
+//! lost. tollgate therefore drains around it:
+//!
+//! 1. `SIGTERM` or `SIGQUIT` arrive at [`Signals`], which switches tollgate to
+//!    draining (every answer from now on carries `Connection: close`) and
+//!    hands Pingora the signal at once: for `SIGQUIT` Pingora passes the
+//!    listening sockets to the new process, which accepts from then on, and
+//!    keeps accepting itself for its hand-over pause; then it stops accepting
+//!    (for `SIGTERM`, at once). Connections it holds stay open.
+//! 2. When the listeners have stopped, Pingora calls the edge's `cleanup`,
+//!    which waits — up to `server.grace_period`, or until every connection
+//!    has gone — while requests on open connections are still answered.
+//! 3. Only then are the remaining idle connections closed, and Pingora's own
+//!    grace period (one second longer) lets the last answers finish.
+
+use async_trait::async_trait;
+use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{watch, Notify};
+
+pub struct Drain {
+    draining: AtomicBool,
+    open: AtomicUsize,
+    all_closed: Notify,
+    grace: Duration,
+    /// True once the drain is over (idle connections are being closed).
+    done: watch::Sender<bool>,
+}
+
+impl Drain {
+    pub fn new(grace: Duration) -> Arc<Drain> {
+        Arc::new(Drain {
+            draining: AtomicBool::new(false),
+            open: AtomicUsize::new(0),
+            all_closed: Notify::new(),
+            grace,
+            done: watch::channel(false).0,
+        })
+    }
+
+    pub fn start(&self) {
+        if !self.draining.swap(true, Ordering::Relaxed) {
+            log::info!(
+                "draining: answers carry Connection: close; idle connections are closed after {:?}",
+                self.grace
+            );
+        }
+    }
+
+    /// Whether answers must close their connection.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Counts an open connection until the guard is dropped.
+    pub fn connection(self: &Arc<Self>) -> OpenConnection {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(self.clone())
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Waits out the grace period, or less when every connection is gone.
+    pub async fn wait(&self) {
+        self.start();
+        let deadline = tokio::time::Instant::now() + self.grace;
+        loop {
+            let closed = self.all_closed.notified();
+            if self.open.load(Ordering::Relaxed) == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, closed).await.is_err() {
+                break;
+            }
+        }
+        log::info!(
+            "drain over: closing {} idle connections",
+            self.open.load(Ordering::Relaxed)
+        );
+        self.done.send_replace(true);
+    }
+
+    /// Resolves once the drain is over.
+    pub async fn finished(&self) {
+        let mut done = self.done.subscribe();
+        let _ = done.wait_for(|d| *d).await;
+    }
+}
+
+pub struct OpenConnection(Arc<Drain>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.0.all_closed.notify_waiters();
+        }
+    }
+}
+
+/// `SIGQUIT`: upgrade, `SIGTERM`: graceful stop — both drain; `SIGINT`: stop now.
+pub struct Signals {
+    pub drain: Arc<Drain>,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        let (quit, term, int) = match (
+            signal(SignalKind::quit()),
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(q), Ok(t), Ok(i)) => (q, t, i),
+            _ => {
+                log::error!("cannot listen for SIGQUIT/SIGTERM/SIGINT; stop with SIGKILL");
+                std::future::pending::<()>().await;
+                return ShutdownSignal::FastShutdown;
+            }
+        };
+        let (mut quit, mut term, mut int) = (quit, term, int);
+        tokio::select! {
+            _ = quit.recv() => {
+                log::info!("SIGQUIT: handing the listeners over, then draining");
+                self.drain.start();
+                ShutdownSignal::GracefulUpgrade
+            }
+            _ = term.recv() => {
+                log::info!("SIGTERM: no new connections; draining open ones");
+                self.drain.start();
+                ShutdownSignal::GracefulTerminate
+            }
+            _ = int.recv() => ShutdownSignal::FastShutdown,
+        }
+    }
+}

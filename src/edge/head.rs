@@ -1,0 +1,434 @@
+//! Bounds on a request head, enforced on the connection's bytes before the
+//! HTTP/1 parser sees them: at most `max_header_bytes` from the first byte of
+//! the request line to the blank line that ends the head (over it: 431,
+//! then the connection is closed), and the whole head within
+//! `header_timeout` (else the connection is closed). Pingora's own parser
+//! allows about 1 MiB and restarts its read timeout on every byte, which
+//! lets a client hold memory and connections with a slow, endless head.
+//!
+//! [`HeadGuard`] wraps the connection's stream. It is armed before each
+//! request ([`HeadGuard::arm`]); it then counts bytes until the end of the
+//! head and lets everything after it (the body, the next request's idle
+//! wait) through untouched.
+
+use crate::metrics;
+use async_trait::async_trait;
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
+    UniqueIDType, ALPN,
+};
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadLimits {
+    pub max_bytes: usize,
+    pub timeout: Duration,
+}
+
+/// Finds the end of a head: an empty line, after CRLF or a bare LF (the
+/// parser accepts both). Carries its state across reads.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HeadEnd {
+    /// The current line has no byte but CR so far (and a line ended before it).
+    line_empty: bool,
+}
+
+impl HeadEnd {
+    /// The index just past the end of the head in `bytes`, if it is there.
+    pub fn scan(&mut self, bytes: &[u8]) -> Option<usize> {
+        for (i, &b) in bytes.iter().enumerate() {
+            match b {
+                b'\n' if self.line_empty => return Some(i + 1),
+                b'\n' => self.line_empty = true,
+                b'\r' => {}
+                _ => self.line_empty = false,
+            }
+        }
+        None
+    }
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Waiting for the first byte of the next request on a kept-alive
+    /// connection: no deadline yet (the keep-alive timeout applies).
+    Idle,
+    /// Inside a head.
+    Head {
+        deadline: Instant,
+        seen: usize,
+        end: HeadEnd,
+    },
+    /// The head is complete: bytes pass through.
+    Body,
+    /// Over the size limit: writing the 431 answer, then failing the read.
+    Refusing { answer: Arc<[u8]>, written: usize },
+}
+
+/// The connection stream with the head bounds; see the module docs.
+pub struct HeadGuard {
+    inner: Stream,
+    limits: HeadLimits,
+    phase: Phase,
+    /// The deadline's timer, made only when a read has to wait.
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl std::fmt::Debug for HeadGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeadGuard")
+            .field("inner", &self.inner)
+            .field("phase", &self.phase)
+            .finish()
+    }
+}
+
+fn answer_431(max_bytes: usize) -> Arc<[u8]> {
+    let refusal = crate::error::Refusal::HeadersTooLarge { max_bytes };
+    let body = refusal.body();
+    let head = format!(
+        "HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\ncontent-length: {}\r\ncache-control: no-store\r\nx-request-id: {}\r\nconnection: close\r\n\r\n",
+        body.len(),
+        crate::proxy::new_request_id()
+    );
+    let mut bytes = head.into_bytes();
+    bytes.extend_from_slice(&body);
+    bytes.into()
+}
+
+impl HeadGuard {
+    /// Wraps a new connection; its first head's deadline runs from now.
+    pub fn new(inner: Stream, limits: HeadLimits) -> Self {
+        HeadGuard {
+            inner,
+            limits,
+            phase: Phase::Head {
+                deadline: Instant::now() + limits.timeout,
+                seen: 0,
+                end: HeadEnd::default(),
+            },
+            timer: None,
+        }
+    }
+
+    /// Before the next request on a kept-alive connection: its head is
+    /// counted from its first byte.
+    pub fn arm(&mut self) {
+        self.phase = Phase::Idle;
+        self.timer = None;
+    }
+
+    /// Re-arms the guard inside a stream that came back from a finished
+    /// request (the stream is always a `HeadGuard`: `Edge` made it so).
+    pub fn rearm(stream: Stream) -> Stream {
+        if !stream.as_any().is::<HeadGuard>() {
+            return stream;
+        }
+        match stream.into_any().downcast::<HeadGuard>() {
+            Ok(mut guard) => {
+                guard.arm();
+                guard
+            }
+            // Unreachable after the `is` check; the stream is gone either way.
+            Err(_) => Box::new(Closed),
+        }
+    }
+
+    /// Accounts the bytes `buf` just received from `before` on. Returns
+    /// whether they are acceptable (else the phase is now `Refusing`).
+    fn account(&mut self, buf: &mut ReadBuf<'_>, before: usize) -> bool {
+        let new = &buf.filled()[before..];
+        if new.is_empty() {
+            return true;
+        }
+        if matches!(self.phase, Phase::Idle) {
+            self.phase = Phase::Head {
+                deadline: Instant::now() + self.limits.timeout,
+                seen: 0,
+                end: HeadEnd::default(),
+            };
+        }
+        let Phase::Head { seen, end, .. } = &mut self.phase else {
+            return true;
+        };
+        match end.scan(new) {
+            Some(at) if *seen + at <= self.limits.max_bytes => {
+                self.phase = Phase::Body;
+                self.timer = None;
+                true
+            }
+            None if *seen + new.len() <= self.limits.max_bytes => {
+                *seen += new.len();
+                true
+            }
+            _ => {
+                // Nothing of this head reaches the parser.
+                buf.set_filled(before);
+                metrics::REQUESTS
+                    .with_label_values(&["_invalid", "431"])
+                    .inc();
+                self.phase = Phase::Refusing {
+                    answer: answer_431(self.limits.max_bytes),
+                    written: 0,
+                };
+                false
+            }
+        }
+    }
+
+    fn poll_refuse(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let max = self.limits.max_bytes;
+        if let Phase::Refusing { answer, written } = &mut self.phase {
+            while *written < answer.len() {
+                let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &answer[*written..]))?;
+                if n == 0 {
+                    break;
+                }
+                *written += n;
+            }
+            ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
+        }
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("request head larger than {max} bytes (server.max_header_bytes): answered 431"),
+        )))
+    }
+}
+
+impl AsyncRead for HeadGuard {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match this.phase {
+            Phase::Body => return Pin::new(&mut this.inner).poll_read(cx, buf),
+            Phase::Refusing { .. } => return this.poll_refuse(cx),
+            Phase::Idle | Phase::Head { .. } => {}
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if this.account(buf, before) {
+                    Poll::Ready(Ok(()))
+                } else {
+                    this.poll_refuse(cx)
+                }
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                let Phase::Head { deadline, .. } = this.phase else {
+                    return Poll::Pending;
+                };
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "request head not complete within {:?} (server.header_timeout): connection closed",
+                            this.limits.timeout
+                        ),
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+}
+
+impl AsyncWrite for HeadGuard {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[async_trait]
+impl Shutdown for HeadGuard {
+    async fn shutdown(&mut self) {
+        self.inner.shutdown().await
+    }
+}
+
+impl UniqueID for HeadGuard {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for HeadGuard {
+    fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
+        self.inner.get_ssl()
+    }
+
+    fn get_ssl_digest(&self) -> Option<Arc<pingora::protocols::tls::SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for HeadGuard {
+    fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for HeadGuard {
+    fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+}
+
+impl GetSocketDigest for HeadGuard {
+    fn get_socket_digest(&self) -> Option<Arc<pingora::protocols::SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, digest: pingora::protocols::SocketDigest) {
+        self.inner.set_socket_digest(digest)
+    }
+}
+
+#[async_trait]
+impl Peek for HeadGuard {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}
+
+/// A stream that is already closed (stands in for one that could not be
+/// recovered; never expected in practice).
+#[derive(Debug)]
+struct Closed;
+
+impl AsyncRead for Closed {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        _buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Closed {
+    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, _: &[u8]) -> Poll<io::Result<usize>> {
+        Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[async_trait]
+impl Shutdown for Closed {
+    async fn shutdown(&mut self) {}
+}
+
+impl UniqueID for Closed {
+    fn id(&self) -> UniqueIDType {
+        0
+    }
+}
+
+impl Ssl for Closed {}
+
+impl GetTimingDigest for Closed {
+    fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
+        Vec::new()
+    }
+}
+
+impl GetProxyDigest for Closed {
+    fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
+        None
+    }
+}
+
+impl GetSocketDigest for Closed {
+    fn get_socket_digest(&self) -> Option<Arc<pingora::protocols::SocketDigest>> {
+        None
+    }
+}
+
+#[async_trait]
+impl Peek for Closed {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn end_of(chunks: &[&[u8]]) -> Option<usize> {
+        let mut end = HeadEnd::default();
+        let mut offset = 0;
+        for c in chunks {
+            if let Some(i) = end.scan(c) {
+                return Some(offset + i);
+            }
+            offset += c.len();
+        }
+        None
+    }
+
+    #[test]
+    fn finds_the_end_of_a_head_across_reads() {
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody";
+        assert_eq!(end_of(&[head]), Some(head.len() - 4));
+        for split in 0..head.len() {
+            let (a, b) = head.split_at(split);
+            assert_eq!(end_of(&[a, b]), Some(head.len() - 4), "split at {split}");
+        }
+        assert_eq!(end_of(&[b"GET / HTTP/1.1\nHost: a\n\n"]), Some(24));
+        assert_eq!(end_of(&[b"GET / HTTP/1.1\r\nHost: a\r\n"]), None);
+        assert_eq!(end_of(&[b"GET / HTTP/1.1\r\nX: \r\r\n"]), None);
+    }
+}
