@@ -2,24 +2,36 @@
 """Whole-system load benchmark, side by side in one run (driven by bench/run.sh).
 
 Starts an nginx static upstream (`return 200`), an nginx proxy_pass baseline,
-a private redis-server and tollgate instances, then measures, interleaved and
-repeated (medians of --rounds):
+HAProxy, a private redis-server and tollgate instances, then measures,
+interleaved and repeated (medians of --rounds):
   nginx        nginx proxy_pass (keep-alive upstream)
   bare         Pingora with no logic (examples/bare_pingora.rs): the floor
                any proxy built on Pingora's HTTP/1 path stands on
+  haproxy      HAProxy doing tollgate's job in C: bearer token, alg must be
+               HS256, jwt_verify, exp against `date`, track-sc0 on the api_key
+               claim into a stick-table (http_req_rate(60s), limit 10^9),
+               `http-reuse always`, nbthread 1. Before measuring, the script
+               asserts 200 for the bench token, 401 for a bad signature and an
+               expired token, and that the stick-table holds the key.
   passthrough  tollgate, route with auth: none and no limits
   full         tollgate, JWT + route permission + hybrid Redis limits, far from the limit
   exact        the same with sync: exact (one Redis script per request)
   limited      tollgate, a key over its limit (the 429 path)
 Reports requests/s, p50/p99 latency (wrk) and the proxy's CPU time per
-request (from /proc/<pid>/stat), the ratios the targets are stated in, an oha
-cross-check, and a scaling section (1 vs 2 worker threads; 1, 1k and 100k
-distinct keys). Prints a markdown report on stdout.
+request (utime+stime from /proc/<pid>/stat, the process and its children,
+over the wrk run), the ratios the targets are stated in, p50/p99 at a fixed
+request rate of half the full path's median throughput (oha -q, with latency
+correction; skipped when oha is missing), an oha cross-check, and a scaling
+section (1 vs 2 worker threads; 1, 1k and 100k distinct keys). Prints a
+markdown report on stdout, progress on stderr.
 """
 import argparse
+import http.client
 import json
 import os
+import resource
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -39,13 +51,17 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_port(port, timeout=30):
+def wait_port(port, timeout=30, proc=None, log=None):
+    """Waits for a listener; fails at once, with the log, if `proc` exits."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
             return
         except OSError:
+            if proc is not None and proc.poll() is not None:
+                tail = open(log).read()[-2000:] if log else ""
+                raise SystemExit(f"{proc.args[0]} exited with {proc.returncode} before opening port {port}:\n{tail}")
             time.sleep(0.05)
     raise SystemExit(f"port {port} never opened")
 
@@ -70,11 +86,90 @@ def children(pid):
         return []
 
 
-def token(api_key, rate_limit=None):
-    claims = {"api_key": api_key, "allowed_routes": ["/api/*"], "exp": int(time.time()) + 7200}
+def token(api_key, rate_limit=None, secret=SECRET, ttl=7200):
+    claims = {"api_key": api_key, "allowed_routes": ["/api/*"], "exp": int(time.time()) + ttl}
     if rate_limit is not None:
         claims["rate_limit"] = rate_limit
-    return jwt.encode(claims, SECRET, algorithm="HS256")
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+def status_of(port, path, tok):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path, headers={"Authorization": f"Bearer {tok}"})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+def haproxy_maxconn(wanted=4096):
+    """HAProxy refuses to start when maxconn needs more file descriptors than
+    allowed (about two per connection): raise our soft limit to the hard one
+    (the child inherits it) and lower maxconn if even that is too small."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    maxconn = min(wanted, (soft - 200) // 2)
+    if maxconn < 256:
+        raise SystemExit(f"open files limit {soft} is too low for HAProxy (ulimit -n)")
+    return maxconn
+
+
+def haproxy_config(work, port, up_port, maxconn):
+    """tollgate's full path, in HAProxy 2.6: every rule answers 401 on a bad
+    token; the stick-table counts requests per api_key over 60 s."""
+    return f"""
+global
+    nbthread 1
+    maxconn {maxconn}
+    pidfile {work}/haproxy.pid
+    stats socket {work}/haproxy.sock mode 600 level admin
+defaults
+    mode http
+    maxconn {maxconn}
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    timeout http-request 10s
+    timeout http-keep-alive 30s
+frontend fe
+    bind 127.0.0.1:{port}
+    stick-table type string len 64 size 1m expire 60s store http_req_rate(60s)
+    http-request set-var(txn.bearer) http_auth_bearer
+    http-request deny deny_status 401 unless {{ var(txn.bearer),jwt_header_query('$.alg') -m str HS256 }}
+    http-request deny deny_status 401 unless {{ var(txn.bearer),jwt_verify("HS256","{SECRET}") -m int 1 }}
+    http-request set-var(txn.now) date
+    http-request set-var(txn.exp) var(txn.bearer),jwt_payload_query('$.exp','int')
+    http-request deny deny_status 401 unless {{ var(txn.exp) -m found }}
+    http-request deny deny_status 401 if {{ var(txn.exp),sub(txn.now) -m int lt 0 }}
+    http-request set-var(txn.api_key) var(txn.bearer),jwt_payload_query('$.api_key')
+    http-request deny deny_status 401 unless {{ var(txn.api_key) -m found }}
+    http-request track-sc0 var(txn.api_key)
+    http-request deny deny_status 429 if {{ sc_http_req_rate(0) gt 1000000000 }}
+    default_backend be
+backend be
+    http-reuse always
+    server up 127.0.0.1:{up_port}
+"""
+
+
+def haproxy_table(sock_path):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(sock_path)
+        s.sendall(b"show table fe\n")
+        chunks = []
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+    return b"".join(chunks).decode()
 
 
 def parse_latency(value):
@@ -119,10 +214,10 @@ def wrk(url, duration, connections, headers=(), script=None):
     return {"rps": rps or 0.0, "p50": p50 or 0.0, "p99": p99 or 0.0, "requests": total, "non2xx": non2xx}
 
 
-def oha(url, duration, connections, headers=()):
+def oha(url, duration, connections, headers=(), extra=()):
     if not shutil.which("oha"):
         return None
-    cmd = ["oha", "-z", f"{duration}s", "-c", str(connections), "--no-tui", "--output-format", "json"]
+    cmd = ["oha", "-z", f"{duration}s", "-c", str(connections), *extra, "--no-tui", "--output-format", "json"]
     for h in headers:
         cmd += ["-H", h]
     cmd.append(url)
@@ -135,10 +230,13 @@ def oha(url, duration, connections, headers=()):
     except json.JSONDecodeError:
         return None
     pct = data.get("latencyPercentiles", {})
+    codes = {int(k): v for k, v in (data.get("statusCodeDistribution") or {}).items()}
     return {
         "rps": data.get("summary", {}).get("requestsPerSec", 0.0),
         "p50": (pct.get("p50") or 0.0) * 1000,
         "p99": (pct.get("p99") or 0.0) * 1000,
+        "requests": sum(codes.values()),
+        "non2xx": sum(v for k, v in codes.items() if not 200 <= k < 300),
     }
 
 
@@ -156,9 +254,16 @@ def main():
         args.duration, args.rounds = 1, 1
     binary = os.path.abspath(args.bin)
     bare_binary = os.path.abspath(args.bare_bin)
-    for tool in ("nginx", "wrk", "redis-server"):
+    for tool in ("nginx", "wrk", "redis-server", "haproxy", "curl"):
         if not shutil.which(tool):
             raise SystemExit(f"{tool} is required (bench/run.sh installs it)")
+    for path in (binary, bare_binary):
+        if not os.access(path, os.X_OK):
+            raise SystemExit(f"{path} not found: cargo build --release --bin tollgate --example bare_pingora")
+    # Ctrl-C, SIGTERM and SIGHUP unwind through the finally that stops every
+    # process (SIGINT explicitly: a shell starts background jobs ignoring it).
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
 
     work = tempfile.mkdtemp(prefix="tollgate-load-")
     procs = []
@@ -213,20 +318,51 @@ routes:
   - {{ name: api, path_prefix: /api/, upstream: backend }}
 """)
             p = spawn([binary, "serve", "-c", conf], name)
-            wait_port(port)
-            wait_port(admin)
+            wait_port(port, proc=p, log=f"{work}/{name}.log")
+            wait_port(admin, proc=p, log=f"{work}/{name}.log")
             return p, port
 
         bare_port = free_port()
         bare = spawn([bare_binary, f"127.0.0.1:{bare_port}", f"127.0.0.1:{up_port}"], "bare")
-        wait_port(bare_port)
+        wait_port(bare_port, proc=bare, log=f"{work}/bare.log")
+
+        ha_port = free_port()
+        ha_conf = f"{work}/haproxy.cfg"
+        with open(ha_conf, "w") as f:
+            f.write(haproxy_config(work, ha_port, up_port, haproxy_maxconn()))
+        check = subprocess.run(["haproxy", "-c", "-f", ha_conf], capture_output=True, text=True)
+        if check.returncode != 0:
+            raise SystemExit(f"HAProxy rejects its config:\n{check.stdout}{check.stderr}")
+        # -db: foreground, no master process; one process with nbthread 1.
+        ha = spawn(["haproxy", "-db", "-f", ha_conf], "haproxy")
+        wait_port(ha_port, proc=ha, log=f"{work}/haproxy.log")
         hybrid, hybrid_port = tollgate("hybrid", "hybrid")
         exact, exact_port = tollgate("exact", "exact")
         # nginx's worker is the master's child.
         time.sleep(0.3)
         ngx_pids = children(ngx.pid) or [ngx.pid]
 
-        far = f"Authorization: Bearer {token('far-key')}"
+        far_tok = token("far-key")
+        far = f"Authorization: Bearer {far_tok}"
+        # Both sides must do the whole job before their numbers mean anything.
+        probes = [
+            ("HAProxy", ha_port, far_tok, 200),
+            ("HAProxy", ha_port, token("far-key", secret="not-the-bench-secret-0123456789ab"), 401),
+            ("HAProxy", ha_port, token("far-key", ttl=-60), 401),
+            ("tollgate", hybrid_port, far_tok, 200),
+            ("tollgate", hybrid_port, token("far-key", secret="not-the-bench-secret-0123456789ab"), 401),
+        ]
+        for name, port, tok, want in probes:
+            got = status_of(port, "/api/x", tok)
+            if got != want:
+                raise SystemExit(f"sanity check failed: {name} answered {got}, expected {want} "
+                                 f"(token {jwt.decode(tok, options={'verify_signature': False})})")
+        table = haproxy_table(f"{work}/haproxy.sock")
+        if "key=far-key" not in table or "http_req_rate(60000)=" not in table:
+            raise SystemExit(f"sanity check failed: HAProxy's stick-table does not track the api_key:\n{table}")
+        print("sanity: HAProxy and tollgate answer 200 to the bench token, 401 to a bad signature; "
+              "HAProxy 401 to an expired token; its stick-table tracks far-key", file=sys.stderr)
+        ha_pids = [ha.pid] + children(ha.pid)
         over_tok = token("over-key", rate_limit=1)
         subprocess.run(["curl", "-s", "-o", "/dev/null", "-H", f"Authorization: Bearer {over_tok}",
                         f"http://127.0.0.1:{hybrid_port}/api/x"], check=False)
@@ -235,6 +371,7 @@ routes:
         scenarios = [
             ("nginx", "nginx proxy_pass", f"http://127.0.0.1:{ngx_port}/x", (), ngx_pids),
             ("bare", "bare Pingora (no logic)", f"http://127.0.0.1:{bare_port}/x", (), [bare.pid]),
+            ("haproxy", "HAProxy jwt_verify + stick-table", f"http://127.0.0.1:{ha_port}/api/x", (far,), ha_pids),
             ("passthrough", "tollgate passthrough", f"http://127.0.0.1:{hybrid_port}/pass/x", (), [hybrid.pid]),
             ("full", "tollgate full path (hybrid)", f"http://127.0.0.1:{hybrid_port}/api/x", (far,), [hybrid.pid]),
             ("exact", "tollgate full path (exact)", f"http://127.0.0.1:{exact_port}/api/x", (far,), [exact.pid]),
@@ -266,9 +403,11 @@ routes:
                 model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
         except OSError:
             pass
+        ha_version = subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.split()
+        ha_version = ha_version[2] if len(ha_version) > 2 else "?"
         print(f"Run on {time.strftime('%Y-%m-%d')}, {cpu_count} cores ({model}), wrk -t1 -c{args.connections} "
-              f"-d{args.duration}s, {args.rounds} interleaved rounds, medians; one worker thread per proxy; "
-              f"nginx `return 200` upstream for both proxies.\n")
+              f"-d{args.duration}s, {args.rounds} interleaved rounds, medians; one worker thread per proxy "
+              f"(HAProxy {ha_version}: nbthread 1); nginx `return 200` upstream for every proxy.\n")
         print("| scenario | requests/s | p50 ms | p99 ms | proxy CPU µs/request |")
         print("| --- | ---: | ---: | ---: | ---: |")
         for key, label, *_ in scenarios:
@@ -285,20 +424,75 @@ routes:
             # Throughput one proxy core would give: the inverse CPU cost ratio.
             return med(b, "cpu_us") / max(med(a, "cpu_us"), 1e-9)
 
-        print("\n| target | ratio (rps medians) | per round | by CPU µs/request | met |")
+        def cpu_per_round(a, b):
+            rs = [x["cpu_us"] / max(y["cpu_us"], 1e-9) for x, y in zip(results[a], results[b])]
+            return f"{min(rs):.2f}–{max(rs):.2f}"
+
+        print("\n| target | ratio (medians) | per round | by CPU µs/request | met |")
         print("| --- | ---: | ---: | ---: | --- |")
-        for label, a, b, goal in [
-            ("full path / tollgate passthrough", "full", "passthrough", 0.90),
-            ("full path / nginx proxy_pass", "full", "nginx", 0.75),
-            ("hybrid / exact", "full", "exact", 1.0),
-            ("429 path / passthrough", "limited", "passthrough", 1.0),
-            ("full path / bare Pingora (no target)", "full", "bare", None),
-            ("bare Pingora / nginx proxy_pass (no target)", "bare", "nginx", None),
+        # (label, a, b, kind, goal): "rps" rows are a's requests/s over b's,
+        # higher is better; the "cpu" row is a's CPU µs/request over b's,
+        # lower is better.
+        for label, a, b, kind, goal in [
+            ("full path / bare Pingora", "full", "bare", "rps", 0.90),
+            ("full path CPU / bare Pingora CPU", "full", "bare", "cpu", 1.11),
+            ("passthrough / bare Pingora", "passthrough", "bare", "rps", 0.95),
+            ("full path / HAProxy", "full", "haproxy", "rps", 0.90),
+            ("full path / tollgate passthrough", "full", "passthrough", "rps", None),
+            ("hybrid / exact", "full", "exact", "rps", None),
+            ("429 path / passthrough", "limited", "passthrough", "rps", None),
+            ("bare Pingora / nginx proxy_pass", "bare", "nginx", "rps", None),
+            ("full path / nginx proxy_pass", "full", "nginx", "rps", None),
         ]:
-            value = ratio(a, b)
-            bound = f" (≥ {goal:.2f})" if goal is not None else ""
-            met = "-" if goal is None else ("yes" if value >= goal else "no")
-            print(f"| {label}{bound} | {value:.2f} | {per_round(a, b)} | {by_cpu(a, b):.2f} | {met} |")
+            if kind == "cpu":
+                value = med(a, "cpu_us") / max(med(b, "cpu_us"), 1e-9)
+                rounds, cpu_col = cpu_per_round(a, b), "–"
+                bound, ok = f" (≤ {goal:.2f})", value <= goal
+            else:
+                value = ratio(a, b)
+                rounds, cpu_col = per_round(a, b), f"{by_cpu(a, b):.2f}"
+                bound = f" (≥ {goal:.2f})" if goal is not None else " (no target)"
+                ok = goal is not None and value >= goal
+            met = "-" if goal is None else ("yes" if ok else "no")
+            print(f"| {label}{bound} | {value:.2f} | {rounds} | {cpu_col} | {met} |")
+        print("\nRatios are of requests/s medians (higher is better; per round: the two runs of one round, "
+              "back to back), except the CPU row: CPU µs/request medians, lower is better. "
+              "By CPU µs/request: the inverse ratio of CPU cost, what one proxy core would give.")
+
+        # Latency at a load every proxy can carry: half of what the full path
+        # reached above, the same rate for all three.
+        fixed_rate = int(med("full", "rps") * 0.5)
+        fixed_keys = ["bare", "haproxy", "full"]
+        if not shutil.which("oha"):
+            print("\np99 at a fixed 50% load: skipped (needs oha for a fixed request rate; wrk2 is not available).")
+        elif fixed_rate < 1:
+            raise SystemExit("the full path measured 0 requests/s: nothing to base the fixed load on")
+        else:
+            fixed = {k: [] for k in fixed_keys}
+            by_key = {key: (label, url, headers, pids) for key, label, url, headers, pids in scenarios}
+            for r in range(args.rounds):
+                order = fixed_keys if r % 2 == 0 else list(reversed(fixed_keys))
+                for key in order:
+                    label, url, headers, pids = by_key[key]
+                    before = cpu_ticks(pids)
+                    o = oha(url, args.duration, args.connections, headers,
+                            extra=("-q", str(fixed_rate), "--latency-correction"))
+                    if o is None or not o["requests"]:
+                        raise SystemExit(f"oha failed at a fixed rate on {label} (no requests in its JSON)")
+                    o["cpu_us"] = (cpu_ticks(pids) - before) * 1e6 / CLK_TCK / max(o["requests"], 1)
+                    if o["non2xx"]:
+                        raise SystemExit(f"{o['non2xx']} non-2xx answers from {label} at a fixed rate")
+                    fixed[key].append(o)
+                    print(f"fixed {fixed_rate}/s round {r + 1} {label}: {o['rps']:.0f} rps, p50 {o['p50']:.3f} ms, "
+                          f"p99 {o['p99']:.3f} ms, {o['cpu_us']:.1f} µs CPU/request", file=sys.stderr)
+            print(f"\np99 at a fixed 50% load: {fixed_rate} requests/s (half the full path's median above), "
+                  f"oha -c {args.connections} -z {args.duration}s -q {fixed_rate} --latency-correction, "
+                  f"{args.rounds} interleaved rounds, medians:\n")
+            print("| scenario | requests/s reached | p50 ms | p99 ms | proxy CPU µs/request |")
+            print("| --- | ---: | ---: | ---: | ---: |")
+            for key in fixed_keys:
+                fm = lambda field: statistics.median(x[field] for x in fixed[key])
+                print(f"| {by_key[key][0]} | {fm('rps'):.0f} | {fm('p50'):.3f} | {fm('p99'):.3f} | {fm('cpu_us'):.1f} |")
 
         oha_rows = []
         for key, label, url, headers, _ in scenarios:
@@ -341,7 +535,8 @@ routes:
             print("| --- | ---: | ---: | ---: | ---: |")
             for label, res in scale:
                 print(f"| {label} | {res['rps']:.0f} | {res['p50']:.3f} | {res['p99']:.3f} | {res['cpu_us']:.1f} |")
-        failed = sum(x["non2xx"] for k in ("nginx", "bare", "passthrough", "full", "exact") for x in results[k])
+        failed = sum(x["non2xx"] for k in ("nginx", "bare", "haproxy", "passthrough", "full", "exact")
+                     for x in results[k])
         if failed:
             raise SystemExit(f"{failed} non-2xx answers on paths that should all pass")
     finally:
