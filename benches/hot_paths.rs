@@ -48,11 +48,12 @@ fn bench(c: &mut Criterion) {
 
     let mut cold = jwt.clone();
     cold.cache_size = 0;
-    let uncached = Verifier::new(&cold, vec!["api_key".into()], None).unwrap();
+    let material = tollgate::auth::KeyMaterial::load(&jwt.key).unwrap();
+    let uncached = Verifier::new(&cold, material.clone(), vec!["api_key".into()], None).unwrap();
     c.bench_function("token check, cold (HS256 verify + claims)", |b| {
         b.iter(|| uncached.verify(black_box(&token)).unwrap())
     });
-    let cached = Verifier::new(&jwt, vec!["api_key".into()], None).unwrap();
+    let cached = Verifier::new(&jwt, material, vec!["api_key".into()], None).unwrap();
     cached.verify(&token).unwrap();
     c.bench_function("token check, cached", |b| {
         b.iter(|| cached.verify(black_box(&token)).unwrap())

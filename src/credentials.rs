@@ -8,6 +8,7 @@
 //! until it expires.
 
 use crate::config::UpstreamAuthSettings;
+use crate::http_client::{HttpClient, HttpError};
 use crate::metrics;
 use crate::redis_client::{Query, Redis};
 use crate::state::SharedState;
@@ -112,44 +113,47 @@ struct TokenAnswer {
     expires_in: Option<u64>,
 }
 
-fn form_escape(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            b' ' => "+".to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error(transparent)]
+    Http(#[from] crate::http_client::HttpError),
+    #[error("token endpoint answered {0}")]
+    Status(u16),
+    #[error("not a token answer: {0}")]
+    NotToken(String),
+    #[error("the access token has characters not allowed in a header")]
+    BadToken,
+}
+
+/// The client-credentials grant, form-encoded.
+fn grant(settings: &UpstreamAuthSettings) -> String {
+    let mut form = form_urlencoded::Serializer::new(String::new());
+    form.append_pair("grant_type", "client_credentials")
+        .append_pair("client_id", &settings.client_id)
+        .append_pair("client_secret", &settings.client_secret);
+    if let Some(scope) = &settings.scope {
+        form.append_pair("scope", scope);
+    }
+    form.finish()
 }
 
 /// POSTs the client-credentials grant to `token_url`.
-async fn fetch(settings: &UpstreamAuthSettings) -> Result<UpstreamToken, String> {
+async fn fetch(
+    settings: &UpstreamAuthSettings,
+    client: &HttpClient,
+) -> Result<UpstreamToken, FetchError> {
     let now = now_secs();
-    let url = crate::http_client::endpoint(
-        &settings.token_url,
-        settings.ca_file.as_deref(),
-        "token_url",
-    )?;
-    let mut form = format!(
-        "grant_type=client_credentials&client_id={}&client_secret={}",
-        form_escape(&settings.client_id),
-        form_escape(&settings.client_secret)
-    );
-    if let Some(scope) = &settings.scope {
-        form.push_str(&format!("&scope={}", form_escape(scope)));
-    }
-    let (status, answer) =
-        crate::http_client::call(&url, "POST", Some(form), TIMEOUT, 64 * 1024).await?;
+    let (status, answer) = client
+        .call("POST", Some(grant(settings)), TIMEOUT, 64 * 1024)
+        .await?;
     if status != 200 {
-        return Err(format!("token endpoint answered {status}"));
+        return Err(FetchError::Status(status));
     }
     let parsed: TokenAnswer =
-        serde_json::from_slice(&answer).map_err(|e| format!("not a token answer: {e}"))?;
+        serde_json::from_slice(&answer).map_err(|e| FetchError::NotToken(e.to_string()))?;
     if parsed.access_token.is_empty() || !parsed.access_token.bytes().all(|b| b.is_ascii_graphic())
     {
-        return Err("the access token has characters not allowed in a header".into());
+        return Err(FetchError::BadToken);
     }
     let life = parsed.expires_in.unwrap_or(3600).max(1);
     let refresh = settings.refresh.as_secs().max(1).min(life * 4 / 5).max(1);
@@ -165,11 +169,38 @@ fn needs_refresh(refresh_at: Option<u64>) -> bool {
 }
 
 pub struct CredentialsRefresher {
-    pub state: SharedState,
-    pub credentials: Arc<Credentials>,
+    state: SharedState,
+    credentials: Arc<Credentials>,
+    /// One client (CA store, connector) per route's token endpoint.
+    clients: Mutex<HashMap<String, Arc<HttpClient>>>,
 }
 
 impl CredentialsRefresher {
+    pub fn new(state: SharedState, credentials: Arc<Credentials>) -> Self {
+        CredentialsRefresher {
+            state,
+            credentials,
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn client(
+        &self,
+        route: &str,
+        settings: &UpstreamAuthSettings,
+    ) -> Result<Arc<HttpClient>, HttpError> {
+        let mut clients = self
+            .clients
+            .lock()
+            .map_err(|_| HttpError::Exchange("lock poisoned".into()))?;
+        if let Some(c) = clients.get(route).filter(|c| c.url == settings.token_url) {
+            return Ok(c.clone());
+        }
+        let client = Arc::new(HttpClient::new(settings.token_url.clone())?);
+        clients.insert(route.to_string(), client.clone());
+        Ok(client)
+    }
+
     async fn refresh(&self, route: &str, settings: &UpstreamAuthSettings, redis: Option<&Redis>) {
         let Some(redis) = redis else {
             self.fetch_and_store(route, settings, None).await;
@@ -224,7 +255,11 @@ impl CredentialsRefresher {
         metrics::UPSTREAM_TOKEN_FETCHES
             .with_label_values(&[route, "attempt"])
             .inc();
-        match fetch(settings).await {
+        let fetched = match self.client(route, settings) {
+            Ok(client) => fetch(settings, &client).await,
+            Err(e) => Err(e.into()),
+        };
+        match fetched {
             Ok(token) => {
                 if let Some((redis, key)) = shared {
                     let ttl = token.expires_at.saturating_sub(now_secs()).max(1);
@@ -286,8 +321,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn form_values_are_escaped() {
-        assert_eq!(form_escape("a b&c=d/é"), "a+b%26c%3Dd%2F%C3%A9");
+    fn the_grant_is_form_encoded() {
+        let settings = UpstreamAuthSettings {
+            token_url: crate::http_client::HttpUrl::parse("http://auth/token").unwrap(),
+            client_id: "a b&c".into(),
+            client_secret: "=d/é".into(),
+            scope: Some("read write".into()),
+            refresh: Duration::from_secs(60),
+        };
+        assert_eq!(
+            grant(&settings),
+            "grant_type=client_credentials&client_id=a+b%26c&client_secret=%3Dd%2F%C3%A9&scope=read+write"
+        );
     }
 
     #[test]

@@ -25,6 +25,17 @@ pub enum Refusal {
     LimiterUnavailable,
     UpstreamTimeout,
     AuthUnavailable,
+    /// Admin API: the key asked about has no stored token.
+    NotFound(Cow<'static, str>),
+    /// Admin API: the endpoint needs a part of the config that is absent.
+    Unconfigured {
+        code: &'static str,
+        message: &'static str,
+    },
+    /// Admin API: Redis did not answer.
+    RedisUnavailable,
+    /// Admin API: a request body over the size it reads.
+    BodyTooLarge,
 }
 
 impl Refusal {
@@ -43,6 +54,10 @@ impl Refusal {
             Refusal::UpstreamUnavailable => 502,
             Refusal::LimiterUnavailable | Refusal::AuthUnavailable => 503,
             Refusal::UpstreamTimeout => 504,
+            Refusal::NotFound(_) => 404,
+            Refusal::Unconfigured { .. } => 409,
+            Refusal::RedisUnavailable => 503,
+            Refusal::BodyTooLarge => 413,
         }
     }
 
@@ -61,6 +76,10 @@ impl Refusal {
             Refusal::LimiterUnavailable => "limiter_unavailable",
             Refusal::UpstreamTimeout => "upstream_timeout",
             Refusal::AuthUnavailable => "auth_unavailable",
+            Refusal::NotFound(_) => "not_found",
+            Refusal::Unconfigured { code, .. } => code,
+            Refusal::RedisUnavailable => "redis_unavailable",
+            Refusal::BodyTooLarge => "body_too_large",
         }
     }
 
@@ -82,14 +101,18 @@ impl Refusal {
             Refusal::LimiterUnavailable => "the rate limiter is unavailable".into(),
             Refusal::UpstreamTimeout => "the upstream did not answer in time".into(),
             Refusal::AuthUnavailable => "token verification is temporarily unavailable".into(),
+            Refusal::NotFound(what) => Cow::Borrowed(what.as_ref()),
+            Refusal::Unconfigured { message, .. } => Cow::Borrowed(message),
+            Refusal::RedisUnavailable => "Redis did not answer".into(),
+            Refusal::BodyTooLarge => "the request body is too large".into(),
         }
     }
 
     /// The JSON body: `{"error": "<code>", "message": "<sentence>"}`.
     pub fn body(&self) -> Vec<u8> {
-        let body = serde_json::json!({ "error": self.code(), "message": self.message() });
-        // Serialising a map of two strings cannot fail.
-        serde_json::to_vec(&body).unwrap_or_default()
+        serde_json::json!({ "error": self.code(), "message": self.message() })
+            .to_string()
+            .into_bytes()
     }
 
     pub fn is_auth_failure(&self) -> bool {

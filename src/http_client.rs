@@ -2,167 +2,261 @@
 //! tollgate makes itself (JWKS, upstream token endpoints), over `http://` or
 //! `https://`. HTTPS verifies the server's certificate and name against the
 //! system's CA store, or against the CAs of a configured PEM file.
+//!
+//! An [`HttpUrl`] is parsed (and checked) with the config, with no I/O; an
+//! [`HttpClient`] loads the CAs and builds its connector once, when the live
+//! state is built, and is then used for every call.
 
 use bytes::Bytes;
 use pingora::connectors::ConnectorOptions;
 use pingora::http::RequestHeader;
 use pingora::prelude::HttpPeer;
 use pingora::tls::RootCertStore;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpUrl {
+    /// As the URL names it; IPv6 literals without brackets.
     pub host: String,
     pub port: u16,
+    /// Path and query.
     pub path: String,
     pub tls: bool,
     /// PEM file of the CAs trusted for this endpoint; `None`: the system store.
     pub ca_file: Option<String>,
 }
 
-/// `http[s]://host[:port]/path`.
-pub fn parse_url(url: &str) -> Result<HttpUrl, String> {
-    let (tls, rest) = if let Some(rest) = url.strip_prefix("https://") {
-        (true, rest)
-    } else if let Some(rest) = url.strip_prefix("http://") {
-        (false, rest)
-    } else {
-        return Err(format!("{url:?} is not an http:// or https:// URL"));
-    };
-    let (hostport, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let (host, port) = match hostport.rsplit_once(':') {
-        Some((h, p)) => (
-            h.to_string(),
-            p.parse().map_err(|_| format!("{url:?}: bad port {p:?}"))?,
-        ),
-        None => (hostport.to_string(), if tls { 443 } else { 80 }),
-    };
-    if host.is_empty() {
-        return Err(format!("{url:?}: no host"));
-    }
-    Ok(HttpUrl {
-        host,
-        port,
-        path: path.to_string(),
-        tls,
-        ca_file: None,
-    })
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("{0:?} is not an http:// or https:// URL")]
+    NotHttp(String),
+    #[error("{url:?}: {why}")]
+    BadUrl { url: String, why: String },
+    #[error("only used with an https:// {url_key}, and {url:?} is plain http://")]
+    CaWithoutTls { url_key: String, url: String },
+    #[error("cannot load CA certificates from {path:?}: {why}")]
+    CaFile { path: String, why: String },
+    #[error("{0:?} holds no PEM certificate")]
+    NoCertificate(String),
+    #[error("cannot load the system's CA certificates: {0}")]
+    SystemCas(String),
+    #[error("cannot resolve {host}: {why}")]
+    Resolve { host: String, why: String },
+    #[error("{0}")]
+    Exchange(String),
+    #[error("answer larger than {0} bytes")]
+    TooLarge(usize),
 }
 
-/// An endpoint and the CA file it is verified with: the URL must be
-/// `https://` when a CA file is given, and the file must hold certificates.
-/// `url_key` names the URL's key in messages about the CA file.
-pub fn endpoint(url: &str, ca_file: Option<&str>, url_key: &str) -> Result<HttpUrl, String> {
-    let mut parsed = parse_url(url)?;
-    if let Some(path) = ca_file {
-        if !parsed.tls {
-            return Err(format!(
-                "only used with an https:// {url_key}, and {url:?} is plain http://"
-            ));
+impl HttpUrl {
+    /// `http[s]://host[:port][/path][?query]`, IPv6 literals in brackets.
+    pub fn parse(url: &str) -> Result<HttpUrl, HttpError> {
+        let bad = |why: &str| HttpError::BadUrl {
+            url: url.to_string(),
+            why: why.to_string(),
+        };
+        let uri: http::Uri = url.parse().map_err(|_| HttpError::NotHttp(url.into()))?;
+        let tls = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err(HttpError::NotHttp(url.into())),
+        };
+        let authority = uri.authority().ok_or_else(|| bad("no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(bad("user information in a URL is not supported"));
         }
-        load_cas(Some(path))?;
-        parsed.ca_file = Some(path.to_string());
+        let host = authority.host();
+        let rest = authority.as_str().get(host.len()..).unwrap_or_default();
+        if !rest.is_empty() && authority.port_u16().is_none() {
+            return Err(bad("bad port"));
+        }
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        if host.is_empty() {
+            return Err(bad("no host"));
+        }
+        Ok(HttpUrl {
+            host: host.to_string(),
+            port: authority.port_u16().unwrap_or(if tls { 443 } else { 80 }),
+            path: uri
+                .path_and_query()
+                .map_or("/".to_string(), |pq| pq.as_str().to_string()),
+            tls,
+            ca_file: None,
+        })
     }
-    Ok(parsed)
+
+    /// The URL with the CA file that verifies it: only for `https://`.
+    /// `url_key` names the URL's key in the message about the CA file.
+    pub fn with_ca_file(mut self, ca_file: Option<&str>, url_key: &str) -> Result<Self, HttpError> {
+        if let Some(path) = ca_file {
+            if !self.tls {
+                return Err(HttpError::CaWithoutTls {
+                    url_key: url_key.into(),
+                    url: self.to_string(),
+                });
+            }
+            self.ca_file = Some(path.to_string());
+        }
+        Ok(self)
+    }
 }
 
-/// The CAs that would verify a server: the file's, or the system's.
-fn load_cas(ca_file: Option<&str>) -> Result<usize, String> {
+impl std::fmt::Display for HttpUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.tls { "https" } else { "http" };
+        if self.host.contains(':') {
+            write!(f, "{scheme}://[{}]", self.host)?;
+        } else {
+            write!(f, "{scheme}://{}", self.host)?;
+        }
+        if self.port != if self.tls { 443 } else { 80 } {
+            write!(f, ":{}", self.port)?;
+        }
+        write!(f, "{}", self.path)
+    }
+}
+
+/// The CAs that would verify a server: the file's, or the system's. Pingora's
+/// connector panics on a CA file it cannot load, so they are loaded here
+/// first and a bad or vanished file is an error instead.
+fn load_cas(ca_file: Option<&str>) -> Result<usize, HttpError> {
     let mut store = RootCertStore::empty();
     match ca_file {
         Some(path) => {
-            pingora::tls::load_ca_file_into_store(path, &mut store)
-                .map_err(|e| format!("cannot load CA certificates from {path:?}: {e}"))?;
+            pingora::tls::load_ca_file_into_store(path, &mut store).map_err(|e| {
+                HttpError::CaFile {
+                    path: path.into(),
+                    why: e.to_string(),
+                }
+            })?;
             if store.is_empty() {
-                return Err(format!("{path:?} holds no PEM certificate"));
+                return Err(HttpError::NoCertificate(path.into()));
             }
         }
         None => pingora::tls::load_platform_certs_incl_env_into_store(&mut store)
-            .map_err(|e| format!("cannot load the system's CA certificates: {e}"))?,
+            .map_err(|e| HttpError::SystemCas(e.to_string()))?,
     }
     Ok(store.len())
 }
 
-/// Pingora's connector panics on CA files it cannot load; load them first
-/// so a bad or vanished file is an error here instead.
-fn connector(url: &HttpUrl) -> Result<pingora::connectors::http::Connector, String> {
-    load_cas(url.ca_file.as_deref())?;
-    let mut options = ConnectorOptions::new(1);
-    options.ca_file = url.ca_file.clone();
-    Ok(pingora::connectors::http::Connector::new(Some(options)))
+/// One endpoint and the connector (with its CA store) that reaches it.
+pub struct HttpClient {
+    pub url: HttpUrl,
+    connector: pingora::connectors::http::Connector,
 }
 
-/// One request; returns the status and a body of at most `max_body` bytes.
-pub async fn call(
-    url: &HttpUrl,
-    method: &str,
-    form: Option<String>,
-    timeout: Duration,
-    max_body: usize,
-) -> Result<(u16, Vec<u8>), String> {
-    let addr = tokio::net::lookup_host((url.host.as_str(), url.port))
-        .await
-        .map_err(|e| format!("cannot resolve {}: {e}", url.host))?
-        .next()
-        .ok_or_else(|| format!("{} resolves to no address", url.host))?;
-    let mut peer = HttpPeer::new(addr, url.tls, url.host.clone());
-    peer.options.connection_timeout = Some(timeout);
-    peer.options.read_timeout = Some(timeout);
-    peer.options.write_timeout = Some(timeout);
-    let connector = connector(url)?;
-    let (mut session, _) = connector
-        .get_http_session(&peer)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut req =
-        RequestHeader::build(method, url.path.as_bytes(), None).map_err(|e| e.to_string())?;
-    let set = |req: &mut RequestHeader| -> pingora::Result<()> {
-        req.insert_header(http::header::HOST, url.host.as_str())?;
-        req.insert_header(http::header::ACCEPT, "application/json")?;
+impl HttpClient {
+    pub fn new(url: HttpUrl) -> Result<HttpClient, HttpError> {
+        if url.tls {
+            load_cas(url.ca_file.as_deref())?;
+        }
+        let mut options = ConnectorOptions::new(1);
+        options.ca_file = url.ca_file.clone();
+        Ok(HttpClient {
+            connector: pingora::connectors::http::Connector::new(Some(options)),
+            url,
+        })
+    }
+
+    /// One request; returns the status and a body of at most `max_body`
+    /// bytes. Every address the host resolves to is tried in turn.
+    pub async fn call(
+        &self,
+        method: &str,
+        form: Option<String>,
+        timeout: Duration,
+        max_body: usize,
+    ) -> Result<(u16, Vec<u8>), HttpError> {
+        let url = &self.url;
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((url.host.as_str(), url.port))
+            .await
+            .map_err(|e| HttpError::Resolve {
+                host: url.host.clone(),
+                why: e.to_string(),
+            })?
+            .collect();
+        let mut last = HttpError::Resolve {
+            host: url.host.clone(),
+            why: "no address".into(),
+        };
+        for addr in addrs {
+            match self
+                .call_at(addr, method, form.clone(), timeout, max_body)
+                .await
+            {
+                Ok(answer) => return Ok(answer),
+                // Too large is an answer, not an unreachable address.
+                Err(e @ HttpError::TooLarge(_)) => return Err(e),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    async fn call_at(
+        &self,
+        addr: SocketAddr,
+        method: &str,
+        form: Option<String>,
+        timeout: Duration,
+        max_body: usize,
+    ) -> Result<(u16, Vec<u8>), HttpError> {
+        let url = &self.url;
+        let failed = |e: Box<pingora::Error>| HttpError::Exchange(e.to_string());
+        let mut peer = HttpPeer::new(addr, url.tls, url.host.clone());
+        peer.options.connection_timeout = Some(timeout);
+        peer.options.read_timeout = Some(timeout);
+        peer.options.write_timeout = Some(timeout);
+        let (mut session, _) = self
+            .connector
+            .get_http_session(&peer)
+            .await
+            .map_err(failed)?;
+        let mut req = RequestHeader::build(method, url.path.as_bytes(), None).map_err(failed)?;
+        let host = if url.host.contains(':') {
+            format!("[{}]", url.host)
+        } else {
+            url.host.clone()
+        };
+        req.insert_header(http::header::HOST, host)
+            .map_err(failed)?;
+        req.insert_header(http::header::ACCEPT, "application/json")
+            .map_err(failed)?;
         if let Some(body) = &form {
             req.insert_header(
                 http::header::CONTENT_TYPE,
                 "application/x-www-form-urlencoded",
-            )?;
-            req.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+            )
+            .map_err(failed)?;
+            req.insert_header(http::header::CONTENT_LENGTH, body.len())
+                .map_err(failed)?;
         }
-        Ok(())
-    };
-    set(&mut req).map_err(|e| e.to_string())?;
-    session
-        .write_request_header(Box::new(req))
-        .await
-        .map_err(|e| e.to_string())?;
-    if let Some(body) = form {
         session
-            .write_request_body(Bytes::from(body), true)
+            .write_request_header(Box::new(req))
             .await
-            .map_err(|e| e.to_string())?;
-    }
-    session
-        .finish_request_body()
-        .await
-        .map_err(|e| e.to_string())?;
-    session
-        .read_response_header()
-        .await
-        .map_err(|e| e.to_string())?;
-    let status = session.response_header().map_or(0, |h| h.status.as_u16());
-    let mut body = Vec::new();
-    while let Some(chunk) = session
-        .read_response_body()
-        .await
-        .map_err(|e| e.to_string())?
-    {
-        body.extend_from_slice(&chunk);
-        if body.len() > max_body {
-            return Err(format!("answer larger than {max_body} bytes"));
+            .map_err(failed)?;
+        if let Some(body) = form {
+            session
+                .write_request_body(Bytes::from(body), true)
+                .await
+                .map_err(failed)?;
         }
+        session.finish_request_body().await.map_err(failed)?;
+        session.read_response_header().await.map_err(failed)?;
+        let status = session.response_header().map_or(0, |h| h.status.as_u16());
+        let mut body = Vec::new();
+        while let Some(chunk) = session.read_response_body().await.map_err(failed)? {
+            body.extend_from_slice(&chunk);
+            if body.len() > max_body {
+                return Err(HttpError::TooLarge(max_body));
+            }
+        }
+        Ok((status, body))
     }
-    Ok((status, body))
 }
 
 #[cfg(test)]
@@ -172,7 +266,7 @@ mod tests {
     #[test]
     fn parses_http_and_https_urls() {
         assert_eq!(
-            parse_url("http://keys.internal:8080/.well-known/jwks.json").unwrap(),
+            HttpUrl::parse("http://keys.internal:8080/.well-known/jwks.json").unwrap(),
             HttpUrl {
                 host: "keys.internal".into(),
                 port: 8080,
@@ -181,15 +275,20 @@ mod tests {
                 ca_file: None,
             }
         );
-        assert_eq!(parse_url("http://keys").unwrap().port, 80);
-        assert_eq!(parse_url("http://keys").unwrap().path, "/");
-        let https = parse_url("https://keys/jwks").unwrap();
+        assert_eq!(HttpUrl::parse("http://keys").unwrap().port, 80);
+        assert_eq!(HttpUrl::parse("http://keys").unwrap().path, "/");
+        assert_eq!(HttpUrl::parse("http://keys/a?b=c").unwrap().path, "/a?b=c");
+        let https = HttpUrl::parse("https://keys/jwks").unwrap();
         assert!(https.tls);
         assert_eq!(https.port, 443);
-        assert!(parse_url("HTTPS//keys").is_err());
-        assert!(parse_url("ftp://keys").is_err());
-        assert!(parse_url("http://:80/x").is_err());
-        assert!(parse_url("http://h:port/x").is_err());
+        let v6 = HttpUrl::parse("http://[::1]:9000/jwks").unwrap();
+        assert_eq!((v6.host.as_str(), v6.port), ("::1", 9000));
+        assert_eq!(v6.to_string(), "http://[::1]:9000/jwks");
+        assert!(HttpUrl::parse("HTTPS//keys").is_err());
+        assert!(HttpUrl::parse("ftp://keys").is_err());
+        assert!(HttpUrl::parse("http://:80/x").is_err());
+        assert!(HttpUrl::parse("http://h:port/x").is_err());
+        assert!(HttpUrl::parse("http://user:pw@h/x").is_err());
     }
 
     #[test]
@@ -198,13 +297,30 @@ mod tests {
         let empty = dir.path().join("empty.pem");
         std::fs::write(&empty, "not a certificate\n").unwrap();
         let empty = empty.to_str().unwrap();
-        let err = endpoint("http://keys/jwks", Some(empty), "jwks_url").unwrap_err();
-        assert!(err.contains("only used with an https:// jwks_url"), "{err}");
-        let err = endpoint("https://keys/jwks", Some(empty), "jwks_url").unwrap_err();
-        assert!(err.contains("holds no PEM certificate"), "{err}");
-        let err = endpoint("https://keys/jwks", Some("/nonexistent/ca.pem"), "x").unwrap_err();
-        assert!(err.contains("cannot load CA certificates"), "{err}");
-        let plain = endpoint("https://keys/jwks", None, "jwks_url").unwrap();
-        assert_eq!(plain.ca_file, None);
+        let http = HttpUrl::parse("http://keys/jwks").unwrap();
+        let err = http.with_ca_file(Some(empty), "jwks_url").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("only used with an https:// jwks_url"),
+            "{err}"
+        );
+        let url = HttpUrl::parse("https://keys/jwks")
+            .unwrap()
+            .with_ca_file(Some(empty), "jwks_url")
+            .unwrap();
+        let err = HttpClient::new(url).err().unwrap();
+        assert!(
+            err.to_string().contains("holds no PEM certificate"),
+            "{err}"
+        );
+        let url = HttpUrl::parse("https://keys/jwks")
+            .unwrap()
+            .with_ca_file(Some("/nonexistent/ca.pem"), "x")
+            .unwrap();
+        let err = HttpClient::new(url).err().unwrap();
+        assert!(
+            err.to_string().contains("cannot load CA certificates"),
+            "{err}"
+        );
     }
 }

@@ -35,7 +35,7 @@ fn main() -> ExitCode {
             }
             Err(problems) => {
                 for p in &problems {
-                    eprintln!("{p}");
+                    eprintln!("{}", config::line(p));
                 }
                 return ExitCode::from(1);
             }

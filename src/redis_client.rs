@@ -12,7 +12,7 @@
 //! it. A background service whose runtime may outlive or predate the
 //! proxy's takes its own connection with [`Redis::detached`].
 
-use crate::config::RedisSettings;
+use crate::config::{ConfigProblem, RedisSettings};
 use crate::metrics;
 use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -83,10 +83,10 @@ fn certificates(settings: &RedisSettings) -> Result<Option<TlsCertificates>, Str
 impl Redis {
     /// Builds the client (parses URLs, reads the CA file); connects nothing.
     /// Errors name the config key they are about.
-    pub fn new(settings: RedisSettings) -> Result<Self, String> {
+    pub fn new(settings: RedisSettings) -> Result<Self, ConfigProblem> {
         // rustls needs a process-wide crypto provider for rediss://.
         pingora::tls::install_default_crypto_provider();
-        let certs = certificates(&settings).map_err(|e| format!("redis.ca_file: {e}"))?;
+        let certs = certificates(&settings).map_err(|e| ConfigProblem::new("redis.ca_file", e))?;
         let clients = if settings.cluster {
             let mut builder = redis::cluster::ClusterClient::builder(settings.urls.clone())
                 .connection_timeout(settings.timeout.max(Duration::from_millis(250)))
@@ -95,14 +95,18 @@ impl Redis {
             if let Some(certs) = certs {
                 builder = builder.certs(certs);
             }
-            Clients::Cluster(builder.build().map_err(|e| format!("redis.cluster: {e}"))?)
+            Clients::Cluster(
+                builder
+                    .build()
+                    .map_err(|e| ConfigProblem::new("redis.cluster", e.to_string()))?,
+            )
         } else {
             let url = settings.urls.first().cloned().unwrap_or_default();
             let client = match certs {
                 Some(certs) => Client::build_with_tls(url.as_str(), certs),
                 None => Client::open(url.as_str()),
             };
-            Clients::Single(client.map_err(|e| format!("redis.url: {e}"))?)
+            Clients::Single(client.map_err(|e| ConfigProblem::new("redis.url", e.to_string()))?)
         };
         Ok(Redis {
             settings,
@@ -315,7 +319,7 @@ pub fn blocking_query<T: FromRedisValue + Send + 'static>(
         .build()
         .map_err(|e| format!("cannot start a runtime: {e}"))?;
     runtime.block_on(async move {
-        let redis = Arc::new(Redis::new(settings)?);
+        let redis = Arc::new(Redis::new(settings).map_err(|e| e.to_string())?);
         redis
             .query(op, Query::Cmd(&cmd), Duration::from_secs(5))
             .await

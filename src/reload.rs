@@ -54,15 +54,16 @@ impl Reloader {
         let previous = old.clone();
         // Reading files and resolving names block: keep them off this runtime's thread.
         let built = tokio::task::spawn_blocking(move || {
-            let config = config::load(&path).map_err(|e| e.problems.join("; "))?;
+            let config = config::load(&path).map_err(|e| config::join(&e.problems, "; "))?;
             let pending = needs_upgrade(&previous.config, &config);
-            let state = State::build(config, Some(&previous)).map_err(|p| p.join("; "))?;
+            let state =
+                State::build(config, Some(&previous)).map_err(|p| config::join(&p, "; "))?;
             Ok::<_, String>((state, pending))
         })
         .await
         .map_err(|e| format!("reload task failed: {e}"))?;
         let (state, pending) = built?;
-        state.prepare(&old).await?;
+        state.prepare(&old).await.map_err(|p| p.to_string())?;
         for warning in state.warnings() {
             log::warn!("{warning}");
         }

@@ -80,7 +80,7 @@ pub fn serve(opts: ServeOptions<'_>) -> anyhow::Result<()> {
         anyhow!(
             "invalid config {}:\n  {}",
             opts.config_path.display(),
-            e.problems.join("\n  ")
+            config::join(&e.problems, "\n  ")
         )
     })?;
     logging::init(&config.log);
@@ -93,7 +93,7 @@ pub fn serve(opts: ServeOptions<'_>) -> anyhow::Result<()> {
     let grace_period = config.server.grace_period;
     let listen = config.server.listen.clone();
     let admin_listen = config.admin.listen.clone();
-    let state = State::build(config, None).map_err(|p| anyhow!(p.join("\n")))?;
+    let state = State::build(config, None).map_err(|p| anyhow!(config::join(&p, "\n")))?;
     for warning in state.warnings() {
         log::warn!("{warning}");
     }
@@ -174,10 +174,7 @@ pub fn serve(opts: ServeOptions<'_>) -> anyhow::Result<()> {
     ));
     server.add_service(background_service(
         "tollgate upstream credentials",
-        CredentialsRefresher {
-            state: state.clone(),
-            credentials,
-        },
+        CredentialsRefresher::new(state.clone(), credentials),
     ));
     server.add_service(background_service(
         "tollgate jwks",

@@ -9,8 +9,8 @@
 //! addresses and health). What is new is made ready before the swap
 //! ([`State::prepare`]): a new JWKS endpoint must answer first.
 
-use crate::auth::Verifier;
-use crate::config::Config;
+use crate::auth::{KeyMaterial, Verifier};
+use crate::config::{Config, ConfigProblem};
 use crate::redis_client::Redis;
 use crate::routes::RouteTable;
 use crate::upstream::{self, Upstream};
@@ -39,34 +39,42 @@ fn forwarded_claims(config: &Config) -> Vec<String> {
     forwarded
 }
 
+/// The verifier of `jwt`: the running one when nothing it depends on
+/// changed (its key set and token cache carry over), else a new one that
+/// keeps the running key set when that still serves.
+fn verifier(
+    jwt: &crate::config::JwtSettings,
+    config: &Config,
+    previous: Option<&State>,
+) -> Result<Arc<Verifier>, ConfigProblem> {
+    let material = KeyMaterial::load(&jwt.key)?;
+    let forwarded = forwarded_claims(config);
+    let old = previous.and_then(|p| p.verifier.as_ref());
+    if let Some(v) = old.filter(|v| v.same_settings(jwt, &material, &forwarded)) {
+        return Ok(v.clone());
+    }
+    let jwks = old.and_then(|v| v.jwks()).filter(|j| j.serves(jwt));
+    Verifier::new(jwt, material, forwarded, jwks).map(Arc::new)
+}
+
 impl State {
     /// Builds the live state of `config`, keeping every part of `previous`
     /// whose settings did not change. Reads key and CA files and resolves
     /// upstream names (blocking); connects nothing and fetches nothing.
-    pub fn build(config: Config, previous: Option<&State>) -> Result<Self, Vec<String>> {
+    pub fn build(config: Config, previous: Option<&State>) -> Result<Self, Vec<ConfigProblem>> {
         let mut problems = Vec::new();
         let upstreams = upstream::build_all(
             &config.upstreams,
             previous.map_or(&[][..], |p| p.upstreams.as_slice()),
         );
         let verifier = match &config.auth.jwt {
-            Some(jwt) => {
-                let forwarded = forwarded_claims(&config);
-                let old = previous.and_then(|p| p.verifier.as_ref());
-                match old {
-                    Some(v) if v.same_settings(jwt, &forwarded) => Some(v.clone()),
-                    _ => {
-                        let jwks = old.and_then(|v| v.jwks()).filter(|j| j.serves(jwt));
-                        match Verifier::new(jwt, forwarded, jwks) {
-                            Ok(v) => Some(Arc::new(v)),
-                            Err(e) => {
-                                problems.push(e);
-                                None
-                            }
-                        }
-                    }
+            Some(jwt) => match verifier(jwt, &config, previous) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    problems.push(e);
+                    None
                 }
-            }
+            },
             None => None,
         };
         let redis = match (&config.redis, previous.and_then(|p| p.redis.as_ref())) {
@@ -95,7 +103,7 @@ impl State {
     /// Makes what `build` created anew ready to serve before it is swapped
     /// in: a JWKS endpoint that `previous` did not use is fetched now, and
     /// if that fails the new state must not be used.
-    pub async fn prepare(&self, previous: &State) -> Result<(), String> {
+    pub async fn prepare(&self, previous: &State) -> Result<(), ConfigProblem> {
         let Some(jwks) = self.verifier.as_ref().and_then(|v| v.jwks()) else {
             return Ok(());
         };
@@ -107,9 +115,12 @@ impl State {
         if kept || jwks.keys().is_some() {
             return Ok(());
         }
-        jwks.refresh_once()
-            .await
-            .map_err(|e| format!("auth.jwt.jwks_url: the new key set could not be fetched ({e})"))
+        jwks.refresh_once().await.map_err(|e| {
+            ConfigProblem::new(
+                "auth.jwt.jwks_url",
+                format!("the new key set could not be fetched ({e})"),
+            )
+        })
     }
 
     /// Things an operator should know that do not stop the config from

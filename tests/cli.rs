@@ -72,7 +72,7 @@ routes:
         "server.threads: must be at least 1",
         "upstreams.b.connect_timeout: invalid duration \"forever\"",
         "routes[0].upstream: unknown upstream \"nope\"",
-        "routes[1].auth: unknown auth \"maybe\"",
+        "routes[1].auth: unknown variant `maybe`, expected `jwt` or `none`",
     ] {
         assert!(
             err.lines().any(|l| l.starts_with(expected)),

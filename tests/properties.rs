@@ -23,7 +23,9 @@ routes: [{ name: a, path_prefix: /, upstream: b, forward_claims: { team: X-Team 
         Vec::new(),
     )
     .unwrap();
-    Verifier::new(config.auth.jwt.as_ref().unwrap(), vec!["team".into()], None).unwrap()
+    let jwt = config.auth.jwt.as_ref().unwrap();
+    let material = tollgate::auth::KeyMaterial::load(&jwt.key).unwrap();
+    Verifier::new(jwt, material, vec!["team".into()], None).unwrap()
 }
 
 fn path_strategy() -> impl Strategy<Value = String> {

@@ -1,5 +1,7 @@
 //! The admin listener: `GET /metrics` for Prometheus, and the bearer-protected
-//! `/admin/` API (absent `admin.token` => `/admin/` answers 404).
+//! `/admin/` API (absent `admin.token` => `/admin/` answers 404). Every error
+//! is a [`Refusal`], in the same JSON shape and with the same codes as the
+//! proxy's own answers.
 
 mod handlers;
 
@@ -8,7 +10,7 @@ use crate::metrics;
 use crate::ratelimit::Limiter;
 use crate::state::SharedState;
 use async_trait::async_trait;
-use http::{Method, Response, StatusCode};
+use http::{header, HeaderValue, Method, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use std::sync::Arc;
@@ -23,31 +25,29 @@ const MAX_BODY: usize = 64 * 1024;
 
 pub type Answer = Response<Vec<u8>>;
 
-pub fn json_answer(status: u16, body: &serde_json::Value) -> Answer {
-    let bytes = serde_json::to_vec(body).unwrap_or_default();
-    Response::builder()
-        .status(status)
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .header(http::header::CONTENT_LENGTH, bytes.len())
-        .header(http::header::CACHE_CONTROL, "no-store")
-        .body(bytes)
-        .unwrap_or_default()
+/// An answer with a body; built field by field, so it cannot fail.
+fn answer(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Answer {
+    let len = body.len();
+    let mut answer = Response::new(body);
+    *answer.status_mut() = status;
+    let headers = answer.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    answer
 }
 
-/// `{"error": code, "message": ...}` with any status.
-pub fn error(status: u16, code: &str, message: impl AsRef<str>) -> Answer {
-    json_answer(
-        status,
-        &serde_json::json!({ "error": code, "message": message.as_ref() }),
-    )
+pub fn json_answer(status: StatusCode, body: &serde_json::Value) -> Answer {
+    answer(status, "application/json", body.to_string().into_bytes())
 }
 
 fn refusal(r: &Refusal) -> Answer {
-    let mut answer = error(r.status(), r.code(), r.message());
+    let status = StatusCode::from_u16(r.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut answer = answer(status, "application/json", r.body());
     if let Some(challenge) = r.challenge() {
         answer.headers_mut().insert(
-            http::header::WWW_AUTHENTICATE,
-            http::HeaderValue::from_static(challenge),
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(challenge),
         );
     }
     answer
@@ -61,28 +61,18 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, Box<Answer>> {
+async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, Refusal> {
     let mut body = Vec::new();
     loop {
         match session.read_request_body().await {
             Ok(Some(chunk)) => {
                 if body.len() + chunk.len() > MAX_BODY {
-                    return Err(Box::new(error(
-                        413,
-                        "bad_request",
-                        "the request body is too large",
-                    )));
+                    return Err(Refusal::BodyTooLarge);
                 }
                 body.extend_from_slice(&chunk);
             }
             Ok(None) => return Ok(body),
-            Err(_) => {
-                return Err(Box::new(error(
-                    400,
-                    "bad_request",
-                    "cannot read the request body",
-                )))
-            }
+            Err(_) => return Err(Refusal::BadRequest("cannot read the request body".into())),
         }
     }
 }
@@ -97,8 +87,8 @@ impl ServeHttp for AdminApp {
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
             .map_or_else(crate::proxy::new_request_id, str::to_string);
-        let mut answer = self.handle(session).await;
-        if let Ok(v) = http::HeaderValue::from_str(&id) {
+        let mut answer = self.handle(session).await.unwrap_or_else(|r| refusal(&r));
+        if let Ok(v) = HeaderValue::from_str(&id) {
             answer
                 .headers_mut()
                 .insert(crate::proxy::respond::REQUEST_ID, v);
@@ -108,42 +98,37 @@ impl ServeHttp for AdminApp {
 }
 
 impl AdminApp {
-    async fn handle(&self, session: &mut ServerSession) -> Answer {
+    async fn handle(&self, session: &mut ServerSession) -> Result<Answer, Refusal> {
         let req = session.req_header();
         let path = req.uri.path().to_string();
         let query = req.uri.query().map(str::to_string);
         let method = req.method.clone();
         if path == "/metrics" {
-            let body = metrics::render();
-            return Response::builder()
-                .status(StatusCode::OK)
-                .header(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")
-                .header(http::header::CONTENT_LENGTH, body.len())
-                .body(body)
-                .unwrap_or_default();
+            return Ok(answer(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                metrics::render(),
+            ));
         }
         if !(path == "/admin" || path.starts_with("/admin/")) {
-            return refusal(&Refusal::NoRoute);
+            return Err(Refusal::NoRoute);
         }
         let state = self.state.load_full();
-        let Some(expected) = state.config.admin.token.as_deref() else {
-            return refusal(&Refusal::NoRoute);
-        };
+        let expected = state
+            .config
+            .admin
+            .token
+            .as_deref()
+            .ok_or(Refusal::NoRoute)?;
         let given = req
             .headers
-            .get(http::header::AUTHORIZATION)
+            .get(header::AUTHORIZATION)
             .and_then(|v| crate::auth::bearer_token(Some(v.as_bytes())))
-            .unwrap_or("");
-        if given.is_empty() {
-            return refusal(&Refusal::MissingToken);
-        }
+            .ok_or(Refusal::MissingToken)?;
         if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
-            return refusal(&Refusal::InvalidToken("wrong admin token".into()));
+            return Err(Refusal::InvalidToken("wrong admin token".into()));
         }
-        let body = match read_body(session).await {
-            Ok(b) => b,
-            Err(answer) => return *answer,
-        };
+        let body = read_body(session).await?;
         let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(2).collect();
         let api = handlers::Api {
             state: &state,
@@ -158,7 +143,7 @@ impl AdminApp {
             (&Method::GET, ["quota", key]) => api.quota(key).await,
             (&Method::GET, ["stats", "top"]) => api.top(query.as_deref()).await,
             (&Method::GET, ["stats", "unique"]) => api.unique().await,
-            _ => refusal(&Refusal::NoRoute),
+            _ => Err(Refusal::NoRoute),
         }
     }
 }

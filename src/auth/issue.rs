@@ -131,7 +131,7 @@ pub fn run(args: crate::cli::IssueArgs) -> anyhow::Result<()> {
             anyhow!(
                 "invalid config {}:\n  {}",
                 path.display(),
-                e.problems.join("\n  ")
+                crate::config::join(&e.problems, "\n  ")
             )
         })?),
         None => None,
@@ -182,8 +182,12 @@ pub fn run(args: crate::cli::IssueArgs) -> anyhow::Result<()> {
         tier: args.tier,
         org: args.org,
         algorithm: jwt
-            .and_then(|j| j.algorithms.iter().find(|a| a.starts_with("HS")))
-            .and_then(|a| a.parse().ok())
+            .and_then(|j| {
+                j.algorithms
+                    .iter()
+                    .copied()
+                    .find(|a| a.family() == jsonwebtoken::AlgorithmFamily::Hmac)
+            })
             .unwrap_or(jsonwebtoken::Algorithm::HS256),
         claims: jwt.map(|j| j.claims.clone()).unwrap_or_default(),
         issuer: args.issuer.or_else(|| jwt.and_then(|j| j.issuer.clone())),

@@ -23,8 +23,7 @@ const REFETCH_EVERY: Duration = Duration::from_secs(10);
 const WAIT_FOR_KEYS: Duration = Duration::from_secs(2);
 const MAX_BODY: usize = 1024 * 1024;
 
-pub use crate::http_client::parse_url;
-use crate::http_client::HttpUrl;
+use crate::http_client::{HttpClient, HttpError, HttpUrl};
 
 /// A key of the set and the accepted algorithms it may verify: those of
 /// its own family, narrowed to its `alg` when the JWK names one.
@@ -35,8 +34,18 @@ pub struct JwksKey {
 
 pub type KeyMap = HashMap<String, JwksKey>;
 
+#[derive(Debug, thiserror::Error)]
+pub enum JwksError {
+    #[error(transparent)]
+    Http(#[from] HttpError),
+    #[error("answered {0}")]
+    Status(u16),
+    #[error("not a JWKS: {0}")]
+    NotJwks(String),
+}
+
 pub struct Jwks {
-    pub url: HttpUrl,
+    client: HttpClient,
     refresh: Duration,
     algorithms: Vec<Algorithm>,
     keys: ArcSwap<Option<Arc<KeyMap>>>,
@@ -50,9 +59,14 @@ pub struct Jwks {
 }
 
 impl Jwks {
-    pub fn new(url: HttpUrl, refresh: Duration, algorithms: Vec<Algorithm>) -> Self {
-        Jwks {
-            url,
+    /// Builds the client (CA store, connector) once; fetches nothing.
+    pub fn new(
+        url: HttpUrl,
+        refresh: Duration,
+        algorithms: Vec<Algorithm>,
+    ) -> Result<Self, HttpError> {
+        Ok(Jwks {
+            client: HttpClient::new(url)?,
             refresh,
             algorithms,
             keys: ArcSwap::from_pointee(None),
@@ -62,25 +76,20 @@ impl Jwks {
             last_success: Mutex::new(None),
             refetch_wanted: Mutex::new(false),
             last_refetch: Mutex::new(None),
-        }
+        })
     }
 
     /// Whether this key set is the one `settings` ask for, so a reload that
     /// changes other auth settings can keep it (and its keys).
     pub fn serves(&self, settings: &crate::config::JwtSettings) -> bool {
-        let same_url = match &settings.key {
-            crate::config::KeySource::JwksUrl(url) => {
-                crate::http_client::endpoint(url, settings.jwks_ca_file.as_deref(), "jwks_url")
-                    .is_ok_and(|u| u == self.url)
-            }
-            _ => false,
-        };
-        let algorithms: Vec<Algorithm> = settings
-            .algorithms
-            .iter()
-            .filter_map(|a| a.parse().ok())
-            .collect();
-        same_url && self.refresh == settings.jwks_refresh && self.algorithms == algorithms
+        matches!(&settings.key, crate::config::KeySource::JwksUrl(url) if *url == self.client.url)
+            && self.refresh == settings.jwks_refresh
+            && self.algorithms == settings.algorithms
+    }
+
+    /// Where the key set comes from (for logs).
+    pub fn url(&self) -> &HttpUrl {
+        &self.client.url
     }
 
     pub fn keys(&self) -> Option<Arc<KeyMap>> {
@@ -136,8 +145,9 @@ impl Jwks {
 
     /// Parses a key set; keys are pinned to the configured algorithms, and
     /// shared-secret ("oct") keys are refused: a JWKS only carries public keys.
-    pub fn parse(&self, body: &[u8]) -> Result<KeyMap, String> {
-        let set: JwkSet = serde_json::from_slice(body).map_err(|e| format!("not a JWKS: {e}"))?;
+    pub fn parse(&self, body: &[u8]) -> Result<KeyMap, JwksError> {
+        let set: JwkSet =
+            serde_json::from_slice(body).map_err(|e| JwksError::NotJwks(e.to_string()))?;
         let mut keys = HashMap::new();
         for jwk in &set.keys {
             let Some(kid) = jwk.common.key_id.clone() else {
@@ -175,19 +185,20 @@ impl Jwks {
         Ok(keys)
     }
 
-    async fn fetch(&self) -> Result<KeyMap, String> {
-        let (status, body) =
-            crate::http_client::call(&self.url, "GET", None, Duration::from_secs(5), MAX_BODY)
-                .await?;
+    async fn fetch(&self) -> Result<KeyMap, JwksError> {
+        let (status, body) = self
+            .client
+            .call("GET", None, Duration::from_secs(5), MAX_BODY)
+            .await?;
         if status != 200 {
-            return Err(format!("answered {status}"));
+            return Err(JwksError::Status(status));
         }
         self.parse(&body)
     }
 
     /// One fetch; on success the set is replaced, on failure the last good
     /// set stays. Waiters learn that the attempt is over either way.
-    pub async fn refresh_once(&self) -> Result<(), String> {
+    pub async fn refresh_once(&self) -> Result<(), JwksError> {
         if let Ok(mut l) = self.last_attempt.lock() {
             *l = Some(Instant::now());
         }
@@ -203,12 +214,7 @@ impl Jwks {
         let result = self.fetch().await;
         match &result {
             Ok(keys) => {
-                log::info!(
-                    "jwks: {} keys from {}{}",
-                    keys.len(),
-                    self.url.host,
-                    self.url.path
-                );
+                log::info!("jwks: {} keys from {}", keys.len(), self.client.url);
                 if let Ok(mut s) = self.last_success.lock() {
                     *s = Some(Instant::now());
                 }
@@ -216,9 +222,8 @@ impl Jwks {
             Err(e) => {
                 metrics::JWKS_FETCHES.with_label_values(&["failure"]).inc();
                 log::warn!(
-                    "jwks: fetch from {}{} failed, keeping the last good set: {e}",
-                    self.url.host,
-                    self.url.path
+                    "jwks: fetch from {} failed, keeping the last good set: {e}",
+                    self.client.url
                 );
             }
         }
@@ -267,10 +272,11 @@ mod tests {
     #[test]
     fn refuses_secret_keys_and_foreign_algorithms() {
         let jwks = Jwks::new(
-            parse_url("http://x/").unwrap(),
+            HttpUrl::parse("http://x/").unwrap(),
             Duration::from_secs(300),
             vec![Algorithm::RS256],
-        );
+        )
+        .unwrap();
         let body = br#"{"keys": [
             {"kty": "oct", "kid": "secret", "k": "c2VjcmV0"},
             {"kty": "EC", "kid": "ec", "alg": "ES256", "crv": "P-256",

@@ -12,14 +12,13 @@ pub mod jwks;
 pub mod permissions;
 pub mod store;
 
-use crate::config::{JwtSettings, KeySource};
+use crate::config::{ConfigProblem, JwtSettings, KeySource};
 use crate::error::Refusal;
 use cache::TokenCache;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use permissions::RouteMatcher;
 use serde_json::{Map, Value};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -76,6 +75,7 @@ impl From<Refusal> for VerifyError {
 
 pub struct Verifier {
     keys: Keys,
+    material: KeyMaterial,
     validation: Validation,
     /// One validation per accepted algorithm, for JWKS keys (each key
     /// verifies only the algorithms of its own family).
@@ -91,72 +91,97 @@ pub fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// The verifying key as read when the live state is built: file contents
+/// are read then, so a reload sees a rotated key file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyMaterial {
+    Secret(Vec<u8>),
+    Pem(Vec<u8>),
+    Jwks,
+}
+
+impl KeyMaterial {
+    pub fn load(source: &KeySource) -> Result<KeyMaterial, ConfigProblem> {
+        let read = |key: &str, path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| {
+                ConfigProblem::new(key, format!("cannot read {}: {e}", path.display()))
+            })
+        };
+        Ok(match source {
+            KeySource::Secret(s) => KeyMaterial::Secret(s.clone()),
+            KeySource::SecretFile(path) => {
+                let secret = read("auth.jwt.secret_file", path)?
+                    .trim_ascii_end()
+                    .to_vec();
+                if secret.is_empty() {
+                    return Err(ConfigProblem::new(
+                        "auth.jwt.secret_file",
+                        format!("{} is empty", path.display()),
+                    ));
+                }
+                KeyMaterial::Secret(secret)
+            }
+            KeySource::PublicKeyFile(path) => {
+                KeyMaterial::Pem(read("auth.jwt.public_key_file", path)?)
+            }
+            KeySource::JwksUrl(_) => KeyMaterial::Jwks,
+        })
+    }
+}
+
+/// A PEM public key for the family of `alg`.
+fn public_key(alg: Algorithm, pem: &[u8]) -> Result<DecodingKey, ConfigProblem> {
+    let parsed = match alg.family() {
+        jsonwebtoken::AlgorithmFamily::Rsa => DecodingKey::from_rsa_pem(pem),
+        jsonwebtoken::AlgorithmFamily::Ec => DecodingKey::from_ec_pem(pem),
+        jsonwebtoken::AlgorithmFamily::Ed => DecodingKey::from_ed_pem(pem),
+        _ => {
+            return Err(ConfigProblem::new(
+                "auth.jwt.public_key_file",
+                "HS* algorithms take a secret",
+            ))
+        }
+    };
+    parsed.map_err(|e| {
+        ConfigProblem::new(
+            "auth.jwt.public_key_file",
+            format!("not a {alg:?} public key in PEM form: {e}"),
+        )
+    })
+}
+
 fn invalid(why: impl Into<String>) -> Refusal {
     Refusal::InvalidToken(why.into().into())
 }
 
 impl Verifier {
+    /// `material`: the key as loaded ([`KeyMaterial::load`]).
     /// `forwarded_claims`: every claim some route forwards as a header.
     /// `jwks`: a key set to keep (from the config this one replaces) when
     /// it serves these settings; otherwise a new one is made.
     pub fn new(
         settings: &JwtSettings,
+        material: KeyMaterial,
         forwarded_claims: Vec<String>,
         jwks: Option<Arc<jwks::Jwks>>,
-    ) -> Result<Self, String> {
-        let algorithms: Vec<Algorithm> = settings
-            .algorithms
-            .iter()
-            .map(|a| {
-                Algorithm::from_str(a)
-                    .map_err(|_| format!("auth.jwt.algorithms: unknown algorithm {a:?}"))
-            })
-            .collect::<Result<_, _>>()?;
-        let first = *algorithms
-            .first()
-            .ok_or("auth.jwt.algorithms: list at least one algorithm")?;
-        let keys = match &settings.key {
-            KeySource::Secret(secret) => Keys::Static(DecodingKey::from_secret(secret)),
-            KeySource::PublicKeyPem(pem) => {
-                // One PEM key is one family: every algorithm must fit it.
-                if algorithms.iter().any(|a| a.family() != first.family()) {
-                    return Err(
-                        "auth.jwt.algorithms: a public_key_file is one key type; list algorithms of that type only (a JWKS can mix them)".into(),
-                    );
-                }
-                let parsed = match first {
-                    Algorithm::RS256
-                    | Algorithm::RS384
-                    | Algorithm::RS512
-                    | Algorithm::PS256
-                    | Algorithm::PS384
-                    | Algorithm::PS512 => DecodingKey::from_rsa_pem(pem),
-                    Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(pem),
-                    Algorithm::EdDSA => DecodingKey::from_ed_pem(pem),
-                    _ => {
-                        return Err("auth.jwt.public_key_file: HS* algorithms take a secret".into())
-                    }
-                };
-                Keys::Static(parsed.map_err(|e| {
-                    format!("auth.jwt.public_key_file: not a {first:?} public key in PEM form: {e}")
-                })?)
-            }
-            KeySource::JwksUrl(url) => match jwks {
+    ) -> Result<Self, ConfigProblem> {
+        let algorithms = settings.algorithms.clone();
+        let first = *algorithms.first().ok_or_else(|| {
+            ConfigProblem::new("auth.jwt.algorithms", "list at least one algorithm")
+        })?;
+        let keys = match (&material, &settings.key) {
+            (KeyMaterial::Secret(secret), _) => Keys::Static(DecodingKey::from_secret(secret)),
+            (KeyMaterial::Pem(pem), _) => Keys::Static(public_key(first, pem)?),
+            (KeyMaterial::Jwks, KeySource::JwksUrl(url)) => match jwks {
                 Some(kept) => Keys::Jwks(kept),
-                None => {
-                    let url = crate::http_client::endpoint(
-                        url,
-                        settings.jwks_ca_file.as_deref(),
-                        "jwks_url",
-                    )
-                    .map_err(|e| format!("auth.jwt.jwks_url: {e}"))?;
-                    Keys::Jwks(Arc::new(jwks::Jwks::new(
-                        url,
-                        settings.jwks_refresh,
-                        algorithms.clone(),
-                    )))
-                }
+                None => Keys::Jwks(Arc::new(
+                    jwks::Jwks::new(url.clone(), settings.jwks_refresh, algorithms.clone())
+                        .map_err(|e| ConfigProblem::new("auth.jwt.jwks_ca_file", e.to_string()))?,
+                )),
             },
+            (KeyMaterial::Jwks, _) => {
+                return Err(ConfigProblem::new("auth.jwt", "no key source"));
+            }
         };
         let mut validation = Validation::new(first);
         validation.algorithms = algorithms.clone();
@@ -189,6 +214,7 @@ impl Verifier {
             .collect();
         Ok(Verifier {
             keys,
+            material,
             validation,
             per_algorithm,
             settings: settings.clone(),
@@ -199,8 +225,23 @@ impl Verifier {
 
     /// Whether this verifier already does what `settings` ask, so a reload
     /// can keep it (with its key set and its cache of verified tokens).
-    pub fn same_settings(&self, settings: &JwtSettings, forwarded_claims: &[String]) -> bool {
-        self.settings == *settings && self.forwarded_claims == forwarded_claims
+    pub fn same_settings(
+        &self,
+        settings: &JwtSettings,
+        material: &KeyMaterial,
+        forwarded_claims: &[String],
+    ) -> bool {
+        self.settings == *settings
+            && self.material == *material
+            && self.forwarded_claims == forwarded_claims
+    }
+
+    /// The shared secret, when tokens are HMAC-signed (the admin API mints with it).
+    pub fn hmac_secret(&self) -> Option<&[u8]> {
+        match &self.material {
+            KeyMaterial::Secret(s) => Some(s),
+            _ => None,
+        }
     }
 
     /// The JWKS key set, when keys come from a JWKS endpoint.

@@ -10,12 +10,20 @@ fn key_file(name: &str) -> Vec<u8> {
     std::fs::read(format!("{KEYS}/{name}")).unwrap()
 }
 
+fn key_path(name: &str) -> std::path::PathBuf {
+    format!("{KEYS}/{name}").into()
+}
+
+/// A verifier whose key is loaded as the live state would load it.
+fn build(settings: &JwtSettings, forwarded: Vec<String>) -> Result<Verifier, ConfigProblem> {
+    Verifier::new(settings, KeyMaterial::load(&settings.key)?, forwarded, None)
+}
+
 fn settings(algorithms: &[&str], key: KeySource) -> JwtSettings {
     JwtSettings {
-        algorithms: algorithms.iter().map(|s| s.to_string()).collect(),
+        algorithms: algorithms.iter().map(|s| s.parse().unwrap()).collect(),
         key,
         jwks_refresh: Duration::from_secs(300),
-        jwks_ca_file: None,
         issuer: None,
         audience: None,
         leeway: Duration::from_secs(5),
@@ -32,10 +40,9 @@ fn settings(algorithms: &[&str], key: KeySource) -> JwtSettings {
 }
 
 fn hs() -> Verifier {
-    Verifier::new(
+    build(
         &settings(&["HS256"], KeySource::Secret(b"secret".to_vec())),
         vec!["api_key".into(), "team".into()],
-        None,
     )
     .unwrap()
 }
@@ -164,13 +171,12 @@ fn signatures_and_algorithms_are_enforced() {
 #[test]
 fn public_key_algorithms_are_pinned() {
     let rsa_priv = EncodingKey::from_rsa_pem(&key_file("rsa_private.pem")).unwrap();
-    let rs = Verifier::new(
+    let rs = build(
         &settings(
             &["RS256", "PS256"],
-            KeySource::PublicKeyPem(key_file("rsa_public.pem")),
+            KeySource::PublicKeyFile(key_path("rsa_public.pem")),
         ),
         vec![],
-        None,
     )
     .unwrap();
     assert_eq!(
@@ -193,13 +199,12 @@ fn public_key_algorithms_are_pinned() {
     );
     assert_eq!(code(rs.verify(&forged)), "invalid_token");
 
-    let ec = Verifier::new(
+    let ec = build(
         &settings(
             &["ES256"],
-            KeySource::PublicKeyPem(key_file("ec_public.pem")),
+            KeySource::PublicKeyFile(key_path("ec_public.pem")),
         ),
         vec![],
-        None,
     )
     .unwrap();
     let ec_priv = EncodingKey::from_ec_pem(&key_file("ec_private.pem")).unwrap();
@@ -208,13 +213,12 @@ fn public_key_algorithms_are_pinned() {
         "ok"
     );
 
-    let ed = Verifier::new(
+    let ed = build(
         &settings(
             &["EdDSA"],
-            KeySource::PublicKeyPem(key_file("ed_public.pem")),
+            KeySource::PublicKeyFile(key_path("ed_public.pem")),
         ),
         vec![],
-        None,
     )
     .unwrap();
     let ed_priv = EncodingKey::from_ed_pem(&key_file("ed_private.pem")).unwrap();
@@ -230,24 +234,38 @@ fn public_key_algorithms_are_pinned() {
 
 #[test]
 fn key_files_of_the_wrong_kind_are_config_errors() {
-    let e = Verifier::new(
+    let e = build(
         &settings(
             &["RS256"],
-            KeySource::PublicKeyPem(key_file("ec_public.pem")),
+            KeySource::PublicKeyFile(key_path("ec_public.pem")),
         ),
         vec![],
-        None,
     );
     assert!(e.is_err());
-    let e = Verifier::new(
-        &settings(&["ES256"], KeySource::PublicKeyPem(b"not a pem".to_vec())),
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "not a pem").unwrap();
+    let e = build(
+        &settings(&["ES256"], KeySource::PublicKeyFile(junk)),
         vec![],
-        None,
     );
     assert!(e
         .err()
         .unwrap()
+        .to_string()
         .starts_with("auth.jwt.public_key_file: not a"));
+    let e = build(
+        &settings(
+            &["ES256"],
+            KeySource::PublicKeyFile("/nonexistent.pem".into()),
+        ),
+        vec![],
+    );
+    assert!(e
+        .err()
+        .unwrap()
+        .to_string()
+        .starts_with("auth.jwt.public_key_file: cannot read /nonexistent.pem"));
 }
 
 #[test]
@@ -255,7 +273,7 @@ fn issuer_and_audience_when_configured() {
     let mut s = settings(&["HS256"], KeySource::Secret(b"secret".to_vec()));
     s.issuer = Some("https://issuer".into());
     s.audience = Some("tollgate".into());
-    let v = Verifier::new(&s, vec![], None).unwrap();
+    let v = build(&s, vec![]).unwrap();
     let mut c = claims();
     assert_eq!(code(v.verify(&hs_token(&c))), "invalid_token");
     c["iss"] = json!("https://issuer");

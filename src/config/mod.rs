@@ -1,31 +1,75 @@
 //! Configuration: the YAML file plus `TOLLGATE_*` overrides, validated into
 //! a [`Config`] in one pass that reports every problem with its key path.
 
+pub mod checked;
 mod duration;
 pub mod env;
 pub mod raw;
-mod runtime;
+mod types;
+mod validate;
 
 pub use duration::{format_duration, parse_duration};
-pub use runtime::*;
+pub use types::*;
+pub use validate::{check_peer, MAX_COST, MAX_REQUESTS, MAX_WINDOW};
 
 use std::path::Path;
 
-/// Every problem found in one config, each as `key.path: message`.
-#[derive(Debug)]
+/// One thing wrong with a config, and where: `routes[2].upstream`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ConfigProblem {
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigProblem {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigProblem {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    /// A problem of the file as a whole (unreadable, not YAML).
+    fn whole(message: impl Into<String>) -> Self {
+        ConfigProblem::new("", message)
+    }
+}
+
+/// Every problem found in one config.
+#[derive(Debug, thiserror::Error)]
 pub struct ConfigErrors {
-    pub problems: Vec<String>,
+    pub problems: Vec<ConfigProblem>,
+}
+
+impl ConfigErrors {
+    /// Each problem as `key.path: message` (or just the message).
+    pub fn lines(&self) -> Vec<String> {
+        self.problems.iter().map(line).collect()
+    }
+}
+
+/// Problems one per `sep`, each as [`line`] writes it.
+pub fn join(problems: &[ConfigProblem], sep: &str) -> String {
+    problems.iter().map(line).collect::<Vec<_>>().join(sep)
+}
+
+/// `key.path: message`, or the message alone for the file as a whole.
+pub fn line(p: &ConfigProblem) -> String {
+    if p.path.is_empty() {
+        p.message.clone()
+    } else {
+        p.to_string()
+    }
 }
 
 impl std::fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.problems.join("; "))
+        write!(f, "{}", self.lines().join("; "))
     }
 }
 
-impl std::error::Error for ConfigErrors {}
-
-fn one(problem: String) -> ConfigErrors {
+fn one(problem: ConfigProblem) -> ConfigErrors {
     ConfigErrors {
         problems: vec![problem],
     }
@@ -33,8 +77,12 @@ fn one(problem: String) -> ConfigErrors {
 
 /// Reads, overrides from the process environment, and validates.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| one(format!("{}: cannot read config: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        one(ConfigProblem::whole(format!(
+            "{}: cannot read config: {e}",
+            path.display()
+        )))
+    })?;
     from_str_with_env(&text, std::env::vars())
 }
 
@@ -43,23 +91,23 @@ where
     I: IntoIterator<Item = (String, String)>,
 {
     let mut tree: serde_yaml::Value =
-        serde_yaml::from_str(text).map_err(|e| one(yaml_error(&e)))?;
+        serde_yaml::from_str(text).map_err(|e| one(ConfigProblem::whole(yaml_error(&e))))?;
     if tree.is_null() {
         tree = serde_yaml::Value::Mapping(Default::default());
     }
     let env_problems = env::apply_overrides(&mut tree, vars);
     if !env_problems.is_empty() {
         return Err(ConfigErrors {
-            problems: env_problems,
+            problems: env_problems.into_iter().map(ConfigProblem::whole).collect(),
         });
     }
     let raw: raw::RawConfig = serde_path_to_error::deserialize(tree).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
         if path == "." {
-            one(inner)
+            one(ConfigProblem::whole(inner))
         } else {
-            one(format!("{path}: {inner}"))
+            one(ConfigProblem::new(path, inner))
         }
     })?;
     Config::try_from(raw).map_err(|problems| ConfigErrors { problems })
@@ -116,7 +164,7 @@ routes:
   - { name: bill, path_prefix: /bill/, upstream: billing, auth: none }
   - { name: api, path: /x/../y, upstream: backend, auth: none }
 "#;
-        let errs = from_str_with_env(text, no_env()).unwrap_err().problems;
+        let errs = from_str_with_env(text, no_env()).unwrap_err().lines();
         let joined = errs.join("\n");
         for expected in [
             "server.threads: must be at least 1",
@@ -136,7 +184,7 @@ routes:
     #[test]
     fn unknown_keys_are_errors_with_paths() {
         let text = GOOD.replace("auth: none", "auth: none, psth: /x");
-        let errs = from_str_with_env(&text, no_env()).unwrap_err().problems;
+        let errs = from_str_with_env(&text, no_env()).unwrap_err().lines();
         assert_eq!(errs.len(), 1);
         assert!(
             errs[0].starts_with("routes[0].psth: unknown field `psth`"),
@@ -158,14 +206,14 @@ routes:
     #[test]
     fn jwt_routes_need_keys_of_the_right_family() {
         let text = format!("{GOOD}auth: {{ jwt: {{ algorithms: [RS256], secret: abc }} }}\n");
-        let errs = from_str_with_env(&text, no_env()).unwrap_err().problems;
+        let errs = from_str_with_env(&text, no_env()).unwrap_err().lines();
         assert!(
             errs.iter()
                 .any(|e| e.contains("auth.jwt.algorithms: a shared secret only verifies")),
             "{errs:?}"
         );
         let text = GOOD.replace("auth: none", "auth: jwt");
-        let errs = from_str_with_env(&text, no_env()).unwrap_err().problems;
+        let errs = from_str_with_env(&text, no_env()).unwrap_err().lines();
         assert!(
             errs.iter()
                 .any(|e| e == "routes[0].auth: auth: jwt needs an auth.jwt section"),

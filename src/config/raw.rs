@@ -1,9 +1,13 @@
-//! The configuration file as written by the operator: plain serde types.
+//! The configuration file as written by the operator: serde types.
 //!
 //! Every struct denies unknown fields so a typo is an error, never a silently
-//! ignored setting. Durations stay strings here; `runtime.rs` parses them with
-//! the key path in hand so every problem can be reported at once.
+//! ignored setting. Durations and choices are typed here ([`Span`], enums),
+//! wrapped in [`Checked`] so that a wrong value is recorded with its place
+//! instead of stopping the parse: `validate.rs` then reports every problem
+//! with its key path at once.
 
+use super::checked::{span, Checked, Span};
+use super::types::{Algorithm, JwtAlgorithm, LogFormat, LogLevel, OnFailure, RouteAuth, SyncMode};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -35,7 +39,7 @@ pub struct RawServer {
     pub threads: usize,
     pub health_path: String,
     pub ready_path: String,
-    pub grace_period: String,
+    pub grace_period: Checked<Span>,
     pub upgrade_sock: String,
     pub pid_file: String,
     /// Idle upstream connections kept per worker thread.
@@ -49,7 +53,7 @@ pub struct RawServer {
     /// Largest request head (request line and headers) accepted; over it: 431.
     pub max_header_bytes: usize,
     /// Whole time allowed to receive a request head.
-    pub header_timeout: String,
+    pub header_timeout: Checked<Span>,
     /// CIDRs whose X-Forwarded-For / Forwarded is believed for the client address.
     pub trusted_proxies: Vec<String>,
 }
@@ -61,14 +65,14 @@ impl Default for RawServer {
             threads: 2,
             health_path: "/health".into(),
             ready_path: "/ready".into(),
-            grace_period: "5s".into(),
+            grace_period: span("5s"),
             upgrade_sock: "/tmp/tollgate_upgrade.sock".into(),
             pid_file: "/tmp/tollgate.pid".into(),
             upstream_pool_size: 128,
             work_stealing: false,
             error_log: None,
             max_header_bytes: 32 * 1024,
-            header_timeout: "10s".into(),
+            header_timeout: span("10s"),
             trusted_proxies: Vec::new(),
         }
     }
@@ -93,8 +97,8 @@ impl Default for RawAdmin {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawLog {
-    pub level: String,
-    pub format: String,
+    pub level: Checked<LogLevel>,
+    pub format: Checked<LogFormat>,
     pub color: bool,
     pub access_log: bool,
 }
@@ -102,8 +106,8 @@ pub struct RawLog {
 impl Default for RawLog {
     fn default() -> Self {
         RawLog {
-            level: "info".into(),
-            format: "console".into(),
+            level: Checked::default(),
+            format: Checked::default(),
             color: true,
             access_log: true,
         }
@@ -118,9 +122,9 @@ pub struct RawRedis {
     #[serde(default = "default_prefix")]
     pub key_prefix: String,
     #[serde(default = "default_redis_timeout")]
-    pub timeout: String,
-    #[serde(default = "default_on_failure")]
-    pub on_failure: String,
+    pub timeout: Checked<Span>,
+    #[serde(default)]
+    pub on_failure: Checked<OnFailure>,
     /// PEM file of the CAs that verify a `rediss://` server (default: the system's).
     #[serde(default)]
     pub ca_file: Option<String>,
@@ -129,11 +133,8 @@ pub struct RawRedis {
 fn default_prefix() -> String {
     "tollgate:".into()
 }
-fn default_redis_timeout() -> String {
-    "20ms".into()
-}
-fn default_on_failure() -> String {
-    "local".into()
+fn default_redis_timeout() -> Checked<Span> {
+    span("20ms")
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -145,7 +146,7 @@ pub struct RawAuth {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawJwt {
-    pub algorithms: Vec<String>,
+    pub algorithms: Vec<Checked<JwtAlgorithm>>,
     pub secret: Option<String>,
     pub secret_file: Option<String>,
     pub public_key_file: Option<String>,
@@ -153,10 +154,10 @@ pub struct RawJwt {
     /// PEM file of the CAs that verify an https:// `jwks_url` (default: the system's).
     pub jwks_ca_file: Option<String>,
     /// How often the JWKS is fetched again.
-    pub jwks_refresh: String,
+    pub jwks_refresh: Checked<Span>,
     pub issuer: Option<String>,
     pub audience: Option<String>,
-    pub leeway: String,
+    pub leeway: Checked<Span>,
     pub claims: RawClaims,
     pub require_stored: bool,
     /// Verified tokens kept so a repeated token costs a lookup, not a signature check.
@@ -166,16 +167,16 @@ pub struct RawJwt {
 impl Default for RawJwt {
     fn default() -> Self {
         RawJwt {
-            algorithms: vec!["HS256".into()],
+            algorithms: vec![Checked::Valid(JwtAlgorithm(jsonwebtoken::Algorithm::HS256))],
             secret: None,
             secret_file: None,
             public_key_file: None,
             jwks_url: None,
             jwks_ca_file: None,
-            jwks_refresh: "5m".into(),
+            jwks_refresh: span("5m"),
             issuer: None,
             audience: None,
-            leeway: "5s".into(),
+            leeway: span("5s"),
             claims: RawClaims::default(),
             require_stored: false,
             cache_size: 10_000,
@@ -195,12 +196,13 @@ pub struct RawClaims {
 
 impl Default for RawClaims {
     fn default() -> Self {
+        let names = super::types::ClaimNames::default();
         RawClaims {
-            key: "api_key".into(),
-            rate_limit: "rate_limit".into(),
-            routes: "allowed_routes".into(),
-            tier: "tier".into(),
-            org: "org_id".into(),
+            key: names.key,
+            rate_limit: names.rate_limit,
+            routes: names.routes,
+            tier: names.tier,
+            org: names.org,
         }
     }
 }
@@ -208,26 +210,26 @@ impl Default for RawClaims {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawLimits {
-    pub algorithm: String,
-    pub claim_window: String,
+    pub algorithm: Checked<Algorithm>,
+    pub claim_window: Checked<Span>,
     pub default: Vec<RawWindow>,
     pub tiers: BTreeMap<String, Vec<RawWindow>>,
     pub org: Vec<RawWindow>,
-    pub sync: String,
+    pub sync: Checked<SyncMode>,
 }
 
 impl Default for RawLimits {
     fn default() -> Self {
         RawLimits {
-            algorithm: "fixed_window".into(),
-            claim_window: "1s".into(),
+            algorithm: Checked::default(),
+            claim_window: span("1s"),
             default: vec![RawWindow {
                 requests: 100,
-                window: "1m".into(),
+                window: span("1m"),
             }],
             tiers: BTreeMap::new(),
             org: Vec::new(),
-            sync: "hybrid".into(),
+            sync: Checked::default(),
         }
     }
 }
@@ -236,7 +238,7 @@ impl Default for RawLimits {
 #[serde(deny_unknown_fields)]
 pub struct RawWindow {
     pub requests: u64,
-    pub window: String,
+    pub window: Checked<Span>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -244,34 +246,33 @@ pub struct RawWindow {
 pub struct RawUpstream {
     pub peers: Vec<String>,
     #[serde(default = "default_connect_timeout")]
-    pub connect_timeout: String,
+    pub connect_timeout: Checked<Span>,
     #[serde(default = "default_read_timeout")]
-    pub read_timeout: String,
+    pub read_timeout: Checked<Span>,
     #[serde(default = "default_idle_timeout")]
-    pub idle_timeout: String,
+    pub idle_timeout: Checked<Span>,
     /// Interval of the TCP health check; only run when there are several peers.
     #[serde(default = "default_health_interval")]
-    pub health_check_interval: String,
+    pub health_check_interval: Checked<Span>,
     /// How often peer names are resolved again.
     #[serde(default = "default_resolve_interval")]
-    pub resolve_interval: String,
+    pub resolve_interval: Checked<Span>,
 }
 
-fn default_resolve_interval() -> String {
-    "30s".into()
+fn default_connect_timeout() -> Checked<Span> {
+    span("1s")
 }
-
-fn default_connect_timeout() -> String {
-    "1s".into()
+fn default_read_timeout() -> Checked<Span> {
+    span("30s")
 }
-fn default_read_timeout() -> String {
-    "30s".into()
+fn default_idle_timeout() -> Checked<Span> {
+    span("60s")
 }
-fn default_idle_timeout() -> String {
-    "60s".into()
+fn default_health_interval() -> Checked<Span> {
+    span("5s")
 }
-fn default_health_interval() -> String {
-    "5s".into()
+fn default_resolve_interval() -> Checked<Span> {
+    span("30s")
 }
 
 #[derive(Debug, Deserialize)]
@@ -283,8 +284,8 @@ pub struct RawRoute {
     pub host: Option<String>,
     pub methods: Option<Vec<String>>,
     pub upstream: String,
-    #[serde(default = "default_auth")]
-    pub auth: String,
+    #[serde(default)]
+    pub auth: Checked<RouteAuth>,
     #[serde(default = "default_cost")]
     pub cost: u64,
     #[serde(default)]
@@ -295,9 +296,6 @@ pub struct RawRoute {
     pub upstream_auth: Option<RawUpstreamAuth>,
 }
 
-fn default_auth() -> String {
-    "jwt".into()
-}
 fn default_cost() -> u64 {
     1
 }
@@ -311,12 +309,12 @@ pub struct RawUpstreamAuth {
     #[serde(default)]
     pub scope: Option<String>,
     #[serde(default = "default_refresh")]
-    pub refresh: String,
+    pub refresh: Checked<Span>,
     /// PEM file of the CAs that verify an https:// `token_url` (default: the system's).
     #[serde(default)]
     pub ca_file: Option<String>,
 }
 
-fn default_refresh() -> String {
-    "5m".into()
+fn default_refresh() -> Checked<Span> {
+    span("5m")
 }

@@ -1,0 +1,361 @@
+//! The validated configuration's types: every value parsed, every name
+//! resolved to an index, nothing left as a string to re-check later. Choices
+//! are enums that deserialise straight from the file (`snake_case`).
+
+use crate::http_client::HttpUrl;
+use http::header::HeaderName;
+use http::Method;
+use log::LevelFilter;
+use serde::{Deserialize, Deserializer};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerSettings,
+    pub admin: AdminSettings,
+    pub log: LogSettings,
+    pub redis: Option<RedisSettings>,
+    pub auth: AuthSettings,
+    pub limits: LimitSettings,
+    pub upstreams: Vec<UpstreamSettings>,
+    pub routes: Vec<RouteSettings>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerSettings {
+    pub listen: Vec<String>,
+    pub threads: usize,
+    pub health_path: String,
+    pub ready_path: String,
+    pub grace_period: Duration,
+    pub upgrade_sock: String,
+    pub pid_file: String,
+    pub upstream_pool_size: usize,
+    pub work_stealing: bool,
+    pub error_log: Option<String>,
+    pub max_header_bytes: usize,
+    pub header_timeout: Duration,
+    pub trusted_proxies: Vec<Cidr>,
+}
+
+/// An address range (`10.0.0.0/8`, `::1/128`; a bare address is one host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(text: &str) -> Result<Cidr, String> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (text, None),
+        };
+        let addr: std::net::IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{text:?} is not an IP address or CIDR"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => match p.parse::<u8>() {
+                Ok(p) if p <= max => p,
+                _ => return Err(format!("{text:?}: prefix length must be 0 to {max}")),
+            },
+        };
+        Ok(Cidr { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr::{V4, V6};
+        let ip = match ip {
+            V6(v6) => v6.to_ipv4_mapped().map_or(V6(v6), V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (V4(net), V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (V6(net), V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    pub listen: String,
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Console,
+    Json,
+}
+
+/// `log.level`, any case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogLevel(pub LevelFilter);
+
+impl Default for LogLevel {
+    fn default() -> Self {
+        LogLevel(LevelFilter::Info)
+    }
+}
+
+impl<'de> Deserialize<'de> for LogLevel {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        let level = match text.to_ascii_lowercase().as_str() {
+            "error" => LevelFilter::Error,
+            "warn" => LevelFilter::Warn,
+            "info" => LevelFilter::Info,
+            "debug" => LevelFilter::Debug,
+            "trace" => LevelFilter::Trace,
+            "off" => LevelFilter::Off,
+            _ => {
+                return Err(serde::de::Error::custom(format!(
+                    "unknown level {text:?} (error, warn, info, debug, trace)"
+                )))
+            }
+        };
+        Ok(LogLevel(level))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    pub level: LevelFilter,
+    pub format: LogFormat,
+    pub color: bool,
+    pub access_log: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// Per-instance limits while Redis is away.
+    #[default]
+    Local,
+    /// Admit without limits.
+    Open,
+    /// Refuse with 503.
+    Closed,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisSettings {
+    pub urls: Vec<String>,
+    pub cluster: bool,
+    pub key_prefix: String,
+    pub timeout: Duration,
+    pub on_failure: OnFailure,
+    pub ca_file: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    pub jwt: Option<JwtSettings>,
+}
+
+/// Where the verifying key comes from. Files are named here and read when
+/// the live state is built (so a reload sees a rotated file).
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeySource {
+    Secret(Vec<u8>),
+    SecretFile(PathBuf),
+    PublicKeyFile(PathBuf),
+    /// With the CA file that verifies it, when one is configured.
+    JwksUrl(HttpUrl),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClaimNames {
+    pub key: String,
+    pub rate_limit: String,
+    pub routes: String,
+    pub tier: String,
+    pub org: String,
+}
+
+impl Default for ClaimNames {
+    fn default() -> Self {
+        ClaimNames {
+            key: "api_key".into(),
+            rate_limit: "rate_limit".into(),
+            routes: "allowed_routes".into(),
+            tier: "tier".into(),
+            org: "org_id".into(),
+        }
+    }
+}
+
+/// A JWT signing algorithm, as `auth.jwt.algorithms` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JwtAlgorithm(pub jsonwebtoken::Algorithm);
+
+pub const JWT_ALGORITHMS: [&str; 12] = [
+    "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256",
+    "ES384", "EdDSA",
+];
+
+impl<'de> Deserialize<'de> for JwtAlgorithm {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        if !JWT_ALGORITHMS.contains(&text.as_str()) {
+            return Err(serde::de::Error::custom(format!(
+                "unknown algorithm {text:?} (one of {})",
+                JWT_ALGORITHMS.join(", ")
+            )));
+        }
+        text.parse()
+            .map(JwtAlgorithm)
+            .map_err(|_| serde::de::Error::custom(format!("unknown algorithm {text:?}")))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct JwtSettings {
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
+    pub key: KeySource,
+    pub jwks_refresh: Duration,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub leeway: Duration,
+    pub claims: ClaimNames,
+    pub require_stored: bool,
+    pub cache_size: usize,
+}
+
+/// How a window counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    #[default]
+    FixedWindow,
+    SlidingWindow,
+    Gcra,
+}
+
+impl Algorithm {
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::FixedWindow => "fixed_window",
+            Algorithm::SlidingWindow => "sliding_window",
+            Algorithm::Gcra => "gcra",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncMode {
+    /// Leases: a local fast path reconciled with Redis.
+    #[default]
+    Hybrid,
+    /// One Redis script per request.
+    Exact,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Window {
+    pub requests: u64,
+    pub window: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct LimitSettings {
+    pub algorithm: Algorithm,
+    pub claim_window: Duration,
+    pub default: Vec<Window>,
+    pub tiers: BTreeMap<String, Vec<Window>>,
+    pub org: Vec<Window>,
+    pub sync: SyncMode,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamSettings {
+    pub name: String,
+    /// `host:port` as written: IP literals or names, resolved by the
+    /// running upstream (at start and every `resolve_interval`).
+    pub peers: Vec<String>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub health_check_interval: Duration,
+    pub resolve_interval: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    Exact(String),
+    Prefix(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamAuthSettings {
+    /// With the CA file that verifies it, when one is configured.
+    pub token_url: HttpUrl,
+    pub client_id: String,
+    pub client_secret: String,
+    pub scope: Option<String>,
+    pub refresh: Duration,
+}
+
+/// `routes[].auth`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteAuth {
+    #[default]
+    Jwt,
+    None,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteSettings {
+    pub name: String,
+    pub path: PathMatch,
+    /// Lower-case host without port or trailing dot.
+    pub host: Option<String>,
+    pub methods: Option<Vec<Method>>,
+    /// Index into `Config::upstreams`.
+    pub upstream: usize,
+    pub auth_jwt: bool,
+    pub cost: u64,
+    pub forward_claims: Vec<(String, HeaderName)>,
+    pub cost_from_response_header: Option<HeaderName>,
+    pub upstream_auth: Option<UpstreamAuthSettings>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_contain_their_addresses() {
+        let net = Cidr::parse("10.0.0.0/8").unwrap();
+        assert!(net.contains("10.200.1.2".parse().unwrap()));
+        assert!(net.contains("::ffff:10.1.1.1".parse().unwrap()));
+        assert!(!net.contains("11.0.0.1".parse().unwrap()));
+        let one = Cidr::parse("::1").unwrap();
+        assert!(one.contains("::1".parse().unwrap()));
+        assert!(!one.contains("::2".parse().unwrap()));
+        assert!(Cidr::parse("0.0.0.0/0")
+            .unwrap()
+            .contains("8.8.8.8".parse().unwrap()));
+        assert!(Cidr::parse("10.0.0.0/33").is_err());
+        assert!(Cidr::parse("ten").is_err());
+    }
+}

@@ -1,0 +1,670 @@
+//! `Config::try_from(RawConfig)`: one pass that checks everything a file can
+//! get wrong and collects every problem with its key path instead of
+//! stopping at the first. Pure: no file is read, no name resolved, nothing
+//! connected (that happens when the live state is built), so `check` and the
+//! tests can run it anywhere.
+
+use super::checked::{Checked, Span};
+use super::raw::*;
+use super::types::*;
+use super::ConfigProblem;
+use crate::http_client::HttpUrl;
+use http::header::HeaderName;
+use http::Method;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Largest limit of a window: counts stay exact in Redis' Lua numbers (doubles).
+pub const MAX_REQUESTS: u64 = 1 << 53;
+/// Longest window.
+pub const MAX_WINDOW: Duration = Duration::from_secs(366 * 24 * 3600);
+/// Largest cost of one request.
+pub const MAX_COST: u64 = 1_000_000_000;
+
+/// Accumulates problems with their key paths.
+#[derive(Default)]
+struct Problems(Vec<ConfigProblem>);
+
+impl Problems {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigProblem {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    /// The value, or a default with the problem recorded.
+    fn take<T: Clone + Default>(&mut self, path: &str, value: &Checked<T>) -> T {
+        match value {
+            Checked::Valid(v) => v.clone(),
+            Checked::Invalid(why) => {
+                self.add(path, why.clone());
+                T::default()
+            }
+        }
+    }
+
+    fn duration(&mut self, path: &str, value: &Checked<Span>) -> Duration {
+        self.take(path, value).0
+    }
+
+    /// A duration that must be positive (a zero timeout or window is never meant).
+    fn positive_duration(&mut self, path: &str, value: &Checked<Span>) -> Duration {
+        let d = self.duration(path, value);
+        if d.is_zero() && matches!(value, Checked::Valid(_)) {
+            self.add(path, "must be greater than zero");
+        }
+        d
+    }
+}
+
+fn check_listen(p: &mut Problems, path: &str, addr: &str) {
+    if addr.parse::<SocketAddr>().is_err() {
+        p.add(
+            path,
+            format!("invalid listen address {addr:?} (expected IP:PORT, e.g. 0.0.0.0:8080)"),
+        );
+    }
+}
+
+fn check_local_path(p: &mut Problems, path: &str, value: &str) {
+    if !value.starts_with('/') {
+        p.add(path, format!("must start with '/' (got {value:?})"));
+    }
+}
+
+fn server(p: &mut Problems, s: &RawServer) -> ServerSettings {
+    if s.listen.is_empty() {
+        p.add("server.listen", "list at least one address");
+    }
+    for (i, addr) in s.listen.iter().enumerate() {
+        check_listen(p, &format!("server.listen[{i}]"), addr);
+    }
+    if s.threads == 0 {
+        p.add("server.threads", "must be at least 1");
+    }
+    if !(1024..=1024 * 1024).contains(&s.max_header_bytes) {
+        p.add(
+            "server.max_header_bytes",
+            "must be from 1024 to 1048576 (1 KiB to 1 MiB)",
+        );
+    }
+    check_local_path(p, "server.health_path", &s.health_path);
+    check_local_path(p, "server.ready_path", &s.ready_path);
+    let trusted_proxies = s
+        .trusted_proxies
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| {
+            Cidr::parse(c)
+                .map_err(|e| p.add(format!("server.trusted_proxies[{i}]"), e))
+                .ok()
+        })
+        .collect();
+    ServerSettings {
+        listen: s.listen.clone(),
+        threads: s.threads,
+        health_path: s.health_path.clone(),
+        ready_path: s.ready_path.clone(),
+        grace_period: p.duration("server.grace_period", &s.grace_period),
+        upgrade_sock: s.upgrade_sock.clone(),
+        pid_file: s.pid_file.clone(),
+        upstream_pool_size: s.upstream_pool_size,
+        work_stealing: s.work_stealing,
+        error_log: s.error_log.clone(),
+        max_header_bytes: s.max_header_bytes,
+        header_timeout: p.positive_duration("server.header_timeout", &s.header_timeout),
+        trusted_proxies,
+    }
+}
+
+fn admin(p: &mut Problems, raw: &RawAdmin) -> AdminSettings {
+    check_listen(p, "admin.listen", &raw.listen);
+    if raw.token.as_deref() == Some("") {
+        p.add(
+            "admin.token",
+            "must not be empty (remove it to disable /admin/)",
+        );
+    }
+    AdminSettings {
+        listen: raw.listen.clone(),
+        token: raw.token.clone(),
+    }
+}
+
+fn log(p: &mut Problems, raw: &RawLog) -> LogSettings {
+    LogSettings {
+        level: p.take("log.level", &raw.level).0,
+        format: p.take("log.format", &raw.format),
+        color: raw.color,
+        access_log: raw.access_log,
+    }
+}
+
+fn redis(p: &mut Problems, raw: &RawRedis) -> RedisSettings {
+    let (urls, cluster) = match (&raw.url, &raw.cluster) {
+        (Some(url), None) => (vec![url.clone()], false),
+        (None, Some(nodes)) if !nodes.is_empty() => (nodes.clone(), true),
+        (None, Some(_)) => {
+            p.add("redis.cluster", "list at least one node");
+            (Vec::new(), true)
+        }
+        (None, None) => {
+            p.add("redis", "needs url or cluster");
+            (Vec::new(), false)
+        }
+        (Some(_), Some(_)) => {
+            p.add("redis", "give url or cluster, not both");
+            (Vec::new(), false)
+        }
+    };
+    for (i, url) in urls.iter().enumerate() {
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            let path = if cluster {
+                format!("redis.cluster[{i}]")
+            } else {
+                "redis.url".to_string()
+            };
+            p.add(path, format!("{url:?} is not a redis:// or rediss:// URL"));
+        }
+    }
+    if let Some(file) = &raw.ca_file {
+        if !urls.iter().all(|u| u.starts_with("rediss://")) {
+            p.add("redis.ca_file", "only used with rediss:// URLs");
+        }
+        if file.is_empty() {
+            p.add("redis.ca_file", "must not be empty");
+        }
+    }
+    RedisSettings {
+        urls,
+        cluster,
+        ca_file: raw.ca_file.clone(),
+        key_prefix: raw.key_prefix.clone(),
+        timeout: p.positive_duration("redis.timeout", &raw.timeout),
+        on_failure: p.take("redis.on_failure", &raw.on_failure),
+    }
+}
+
+/// The one key source `auth.jwt` names, checked for the algorithms it must serve.
+fn key_source(
+    p: &mut Problems,
+    raw: &RawJwt,
+    algorithms: &[jsonwebtoken::Algorithm],
+) -> Option<KeySource> {
+    let symmetric = algorithms
+        .iter()
+        .any(|a| a.family() == jsonwebtoken::AlgorithmFamily::Hmac);
+    let asymmetric = algorithms
+        .iter()
+        .any(|a| a.family() != jsonwebtoken::AlgorithmFamily::Hmac);
+    let given = [
+        raw.secret.is_some(),
+        raw.secret_file.is_some(),
+        raw.public_key_file.is_some(),
+        raw.jwks_url.is_some(),
+    ];
+    match given.iter().filter(|g| **g).count() {
+        0 => {
+            p.add(
+                "auth.jwt",
+                "needs one key source: secret, secret_file, public_key_file or jwks_url",
+            );
+            return None;
+        }
+        1 => {}
+        _ => {
+            p.add(
+                "auth.jwt",
+                "give only one of secret, secret_file, public_key_file, jwks_url",
+            );
+            return None;
+        }
+    }
+    let key = if let Some(secret) = &raw.secret {
+        if secret.is_empty() {
+            p.add("auth.jwt.secret", "must not be empty");
+        }
+        KeySource::Secret(secret.as_bytes().to_vec())
+    } else if let Some(file) = &raw.secret_file {
+        KeySource::SecretFile(PathBuf::from(file))
+    } else if let Some(file) = &raw.public_key_file {
+        KeySource::PublicKeyFile(PathBuf::from(file))
+    } else {
+        let url = raw.jwks_url.as_deref().unwrap_or_default();
+        match HttpUrl::parse(url) {
+            Err(e) => {
+                p.add("auth.jwt.jwks_url", e.to_string());
+                return None;
+            }
+            Ok(u) => match u.with_ca_file(raw.jwks_ca_file.as_deref(), "jwks_url") {
+                Ok(u) => KeySource::JwksUrl(u),
+                Err(e) => {
+                    p.add("auth.jwt.jwks_ca_file", e.to_string());
+                    return None;
+                }
+            },
+        }
+    };
+    if raw.jwks_ca_file.is_some() && raw.jwks_url.is_none() {
+        p.add("auth.jwt.jwks_ca_file", "only used with jwks_url");
+    }
+    match &key {
+        KeySource::Secret(_) | KeySource::SecretFile(_) if asymmetric => p.add(
+            "auth.jwt.algorithms",
+            "a shared secret only verifies HS256/HS384/HS512",
+        ),
+        KeySource::PublicKeyFile(_) | KeySource::JwksUrl(_) if symmetric => p.add(
+            "auth.jwt.algorithms",
+            "HS* algorithms need a shared secret, not a public key",
+        ),
+        KeySource::PublicKeyFile(_)
+            if algorithms.iter().any(|a| a.family() != algorithms[0].family()) =>
+        {
+            p.add(
+                "auth.jwt.algorithms",
+                "a public_key_file is one key type; list algorithms of that type only (a JWKS can mix them)",
+            )
+        }
+        _ => {}
+    }
+    Some(key)
+}
+
+fn jwt(p: &mut Problems, raw: &RawJwt) -> Option<JwtSettings> {
+    if raw.algorithms.is_empty() {
+        p.add("auth.jwt.algorithms", "list at least one algorithm");
+    }
+    let algorithms: Vec<jsonwebtoken::Algorithm> = raw
+        .algorithms
+        .iter()
+        .enumerate()
+        .filter_map(|(i, a)| match a {
+            Checked::Valid(a) => Some(a.0),
+            Checked::Invalid(why) => {
+                p.add(format!("auth.jwt.algorithms[{i}]"), why.clone());
+                None
+            }
+        })
+        .collect();
+    let symmetric = algorithms
+        .iter()
+        .any(|a| a.family() == jsonwebtoken::AlgorithmFamily::Hmac);
+    if symmetric
+        && algorithms
+            .iter()
+            .any(|a| a.family() != jsonwebtoken::AlgorithmFamily::Hmac)
+    {
+        // One key per algorithm family: mixing them is how HS/RS confusion starts.
+        p.add(
+            "auth.jwt.algorithms",
+            "mixes HMAC (HS*) with public-key algorithms; use one family",
+        );
+    }
+    let key = key_source(p, raw, &algorithms);
+    let claims = &raw.claims;
+    for (field, value) in [
+        ("key", &claims.key),
+        ("rate_limit", &claims.rate_limit),
+        ("routes", &claims.routes),
+        ("tier", &claims.tier),
+        ("org", &claims.org),
+    ] {
+        if value.is_empty() {
+            p.add(format!("auth.jwt.claims.{field}"), "must not be empty");
+        }
+    }
+    let leeway = p.duration("auth.jwt.leeway", &raw.leeway);
+    let jwks_refresh = p.positive_duration("auth.jwt.jwks_refresh", &raw.jwks_refresh);
+    Some(JwtSettings {
+        algorithms,
+        key: key?,
+        jwks_refresh,
+        issuer: raw.issuer.clone(),
+        audience: raw.audience.clone(),
+        leeway,
+        claims: ClaimNames {
+            key: claims.key.clone(),
+            rate_limit: claims.rate_limit.clone(),
+            routes: claims.routes.clone(),
+            tier: claims.tier.clone(),
+            org: claims.org.clone(),
+        },
+        require_stored: raw.require_stored,
+        cache_size: raw.cache_size,
+    })
+}
+
+fn windows(p: &mut Problems, path: &str, raw: &[RawWindow]) -> Vec<Window> {
+    raw.iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let at = format!("{path}[{i}]");
+            if w.requests == 0 {
+                p.add(format!("{at}.requests"), "must be at least 1");
+            }
+            if w.requests > MAX_REQUESTS {
+                p.add(
+                    format!("{at}.requests"),
+                    format!("must be at most {MAX_REQUESTS} (Redis counts in doubles)"),
+                );
+            }
+            let window = p.positive_duration(&format!("{at}.window"), &w.window);
+            if !window.is_zero() && !window.as_millis().is_multiple_of(1000) {
+                p.add(format!("{at}.window"), "must be a whole number of seconds");
+            }
+            if window > MAX_WINDOW {
+                p.add(format!("{at}.window"), "must be at most 366d");
+            }
+            Window {
+                requests: w.requests,
+                window,
+            }
+        })
+        .collect()
+}
+
+fn limits(p: &mut Problems, raw: &RawLimits) -> LimitSettings {
+    let tiers = raw
+        .tiers
+        .iter()
+        .map(|(name, w)| (name.clone(), windows(p, &format!("limits.tiers.{name}"), w)))
+        .collect();
+    LimitSettings {
+        algorithm: p.take("limits.algorithm", &raw.algorithm),
+        claim_window: p.positive_duration("limits.claim_window", &raw.claim_window),
+        default: windows(p, "limits.default", &raw.default),
+        tiers,
+        org: windows(p, "limits.org", &raw.org),
+        sync: p.take("limits.sync", &raw.sync),
+    }
+}
+
+/// `host:port` with a host that is an IP literal or a DNS name, and a port.
+/// Names are not resolved here: that is the running upstream's job.
+pub fn check_peer(peer: &str) -> Result<(), String> {
+    if peer.contains("://") {
+        return Err(format!(
+            "{peer:?}: give host:port without a scheme (plain HTTP upstreams)"
+        ));
+    }
+    if peer.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let Some((host, port)) = peer.rsplit_once(':') else {
+        return Err(format!("{peer:?}: give host:port"));
+    };
+    if port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(format!("{peer:?}: {port:?} is not a port (1-65535)"));
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    let name = host.strip_suffix('.').unwrap_or(host);
+    if host.len() > 253 || name.is_empty() || !name.split('.').all(label_ok) {
+        return Err(format!(
+            "{peer:?}: {host:?} is neither an IP address nor a host name"
+        ));
+    }
+    Ok(())
+}
+
+fn upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> UpstreamSettings {
+    let base = format!("upstreams.{name}");
+    if raw.peers.is_empty() {
+        p.add(
+            format!("{base}.peers"),
+            "list at least one peer (host:port)",
+        );
+    }
+    for (i, peer) in raw.peers.iter().enumerate() {
+        if let Err(e) = check_peer(peer) {
+            p.add(format!("{base}.peers[{i}]"), e);
+        }
+    }
+    let mut d =
+        |key: &str, value: &Checked<Span>| p.positive_duration(&format!("{base}.{key}"), value);
+    UpstreamSettings {
+        name: name.to_string(),
+        peers: raw.peers.clone(),
+        connect_timeout: d("connect_timeout", &raw.connect_timeout),
+        read_timeout: d("read_timeout", &raw.read_timeout),
+        idle_timeout: d("idle_timeout", &raw.idle_timeout),
+        health_check_interval: d("health_check_interval", &raw.health_check_interval),
+        resolve_interval: d("resolve_interval", &raw.resolve_interval),
+    }
+}
+
+/// The route's path rule, which must already be in normal form.
+fn route_path(p: &mut Problems, base: &str, raw: &RawRoute) -> Option<PathMatch> {
+    let (path, key, value) = match (&raw.path_prefix, &raw.path) {
+        (Some(prefix), None) => (PathMatch::Prefix(prefix.clone()), "path_prefix", prefix),
+        (None, Some(exact)) => (PathMatch::Exact(exact.clone()), "path", exact),
+        (None, None) => {
+            p.add(base, "needs path_prefix or path");
+            return None;
+        }
+        (Some(_), Some(_)) => {
+            p.add(base, "give path_prefix or path, not both");
+            return None;
+        }
+    };
+    match crate::path::normalize(value) {
+        Ok(n) if n == *value => {}
+        Ok(n) => p.add(
+            format!("{base}.{key}"),
+            format!("{value:?} is not in normal form; write {n:?}"),
+        ),
+        Err(e) => p.add(format!("{base}.{key}"), format!("{value:?}: {e}")),
+    }
+    Some(path)
+}
+
+fn route_methods(p: &mut Problems, base: &str, raw: &RawRoute) -> Option<Vec<Method>> {
+    raw.methods.as_ref().map(|list| {
+        list.iter()
+            .enumerate()
+            .filter_map(|(j, m)| {
+                Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                    .map_err(|_| {
+                        p.add(
+                            format!("{base}.methods[{j}]"),
+                            format!("invalid method {m:?}"),
+                        )
+                    })
+                    .ok()
+            })
+            .collect()
+    })
+}
+
+fn route_host(p: &mut Problems, base: &str, raw: &RawRoute) -> Option<String> {
+    raw.host.as_ref().map(|h| {
+        let bare = h.strip_suffix('.').unwrap_or(h).to_ascii_lowercase();
+        if bare.is_empty()
+            || bare.contains(['/', ' '])
+            || crate::proxy::request::normalize_host(&bare) != bare
+        {
+            p.add(
+                format!("{base}.host"),
+                format!("{h:?}: give a host name without port or scheme"),
+            );
+        }
+        bare
+    })
+}
+
+fn header_name(p: &mut Problems, path: String, name: &str) -> Option<HeaderName> {
+    HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| p.add(path, format!("invalid header name {name:?}")))
+        .ok()
+}
+
+fn upstream_auth(
+    p: &mut Problems,
+    base: &str,
+    raw: &RawUpstreamAuth,
+) -> Option<UpstreamAuthSettings> {
+    let url = match HttpUrl::parse(&raw.token_url) {
+        Ok(u) => u,
+        Err(e) => {
+            p.add(format!("{base}.upstream_auth.token_url"), e.to_string());
+            return None;
+        }
+    };
+    let token_url = match url.with_ca_file(raw.ca_file.as_deref(), "token_url") {
+        Ok(u) => u,
+        Err(e) => {
+            p.add(format!("{base}.upstream_auth.ca_file"), e.to_string());
+            return None;
+        }
+    };
+    Some(UpstreamAuthSettings {
+        token_url,
+        client_id: raw.client_id.clone(),
+        client_secret: raw.client_secret.clone(),
+        scope: raw.scope.clone(),
+        refresh: p.positive_duration(&format!("{base}.upstream_auth.refresh"), &raw.refresh),
+    })
+}
+
+fn route(
+    p: &mut Problems,
+    i: usize,
+    raw: &RawRoute,
+    upstreams: &[UpstreamSettings],
+    has_jwt: bool,
+) -> Option<RouteSettings> {
+    let base = format!("routes[{i}]");
+    if raw.name.is_empty() || raw.name.starts_with('_') {
+        p.add(
+            format!("{base}.name"),
+            "must be non-empty and not start with '_' (reserved for tollgate's own labels)",
+        );
+    }
+    let path = route_path(p, &base, raw);
+    let methods = route_methods(p, &base, raw);
+    let upstream = upstreams.iter().position(|u| u.name == raw.upstream);
+    if upstream.is_none() {
+        p.add(
+            format!("{base}.upstream"),
+            format!("unknown upstream {:?}", raw.upstream),
+        );
+    }
+    let auth_jwt = p.take(&format!("{base}.auth"), &raw.auth) == RouteAuth::Jwt;
+    if auth_jwt && !has_jwt {
+        p.add(
+            format!("{base}.auth"),
+            "auth: jwt needs an auth.jwt section",
+        );
+    }
+    if raw.cost == 0 || raw.cost > MAX_COST {
+        p.add(
+            format!("{base}.cost"),
+            format!("must be from 1 to {MAX_COST}"),
+        );
+    }
+    let forward_claims: Vec<(String, HeaderName)> = raw
+        .forward_claims
+        .iter()
+        .filter_map(|(claim, header)| {
+            header_name(p, format!("{base}.forward_claims.{claim}"), header)
+                .map(|h| (claim.clone(), h))
+        })
+        .collect();
+    if !forward_claims.is_empty() && !auth_jwt {
+        p.add(
+            format!("{base}.forward_claims"),
+            "needs auth: jwt (there are no claims without a token)",
+        );
+    }
+    let cost_from_response_header = raw
+        .cost_from_response_header
+        .as_ref()
+        .and_then(|h| header_name(p, format!("{base}.cost_from_response_header"), h));
+    let upstream_auth = raw
+        .upstream_auth
+        .as_ref()
+        .and_then(|ua| upstream_auth(p, &base, ua));
+    Some(RouteSettings {
+        name: raw.name.clone(),
+        host: route_host(p, &base, raw),
+        path: path?,
+        methods,
+        upstream: upstream?,
+        auth_jwt,
+        cost: raw.cost,
+        forward_claims,
+        cost_from_response_header,
+        upstream_auth,
+    })
+}
+
+fn routes(
+    p: &mut Problems,
+    raw: &[RawRoute],
+    upstreams: &[UpstreamSettings],
+    has_jwt: bool,
+) -> Vec<RouteSettings> {
+    if raw.is_empty() {
+        p.add("routes", "list at least one route");
+    }
+    let mut names = HashSet::new();
+    let mut out = Vec::new();
+    for (i, r) in raw.iter().enumerate() {
+        if !names.insert(r.name.clone()) {
+            p.add(
+                format!("routes[{i}].name"),
+                format!("duplicate route name {:?}", r.name),
+            );
+        }
+        out.extend(route(p, i, r, upstreams, has_jwt));
+    }
+    out
+}
+
+impl TryFrom<RawConfig> for Config {
+    type Error = Vec<ConfigProblem>;
+
+    fn try_from(raw: RawConfig) -> Result<Self, Self::Error> {
+        let mut p = Problems::default();
+        let server = server(&mut p, &raw.server);
+        let admin = admin(&mut p, &raw.admin);
+        let log = log(&mut p, &raw.log);
+        let redis = raw.redis.as_ref().map(|r| redis(&mut p, r));
+        let jwt = raw.auth.jwt.as_ref().and_then(|j| jwt(&mut p, j));
+        if jwt.as_ref().is_some_and(|j| j.require_stored) && redis.is_none() {
+            p.add(
+                "auth.jwt.require_stored",
+                "needs a redis section (stored tokens live in Redis)",
+            );
+        }
+        let limits = limits(&mut p, &raw.limits);
+        let upstreams: Vec<UpstreamSettings> = raw
+            .upstreams
+            .iter()
+            .map(|(name, u)| upstream(&mut p, name, u))
+            .collect();
+        let routes = routes(&mut p, &raw.routes, &upstreams, raw.auth.jwt.is_some());
+        if !p.0.is_empty() {
+            return Err(p.0);
+        }
+        Ok(Config {
+            server,
+            admin,
+            log,
+            redis,
+            auth: AuthSettings { jwt },
+            limits,
+            upstreams,
+            routes,
+        })
+    }
+}
