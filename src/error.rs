@@ -115,6 +115,20 @@ impl Refusal {
             .into_bytes()
     }
 
+    /// The gRPC status for a gRPC client (status codes of gRPC's HTTP mapping).
+    pub fn grpc_status(&self) -> u8 {
+        match self.status() {
+            400 | 431 => 3,  // INVALID_ARGUMENT
+            401 => 16,       // UNAUTHENTICATED
+            403 => 7,        // PERMISSION_DENIED
+            404 => 12,       // UNIMPLEMENTED
+            429 => 8,        // RESOURCE_EXHAUSTED
+            502 | 503 => 14, // UNAVAILABLE
+            504 => 4,        // DEADLINE_EXCEEDED
+            _ => 13,         // INTERNAL
+        }
+    }
+
     pub fn is_auth_failure(&self) -> bool {
         self.status() == 401
     }

@@ -19,8 +19,8 @@ macro_rules! must {
 pub static REQUESTS: Lazy<IntCounterVec> = Lazy::new(|| {
     must!(register_int_counter_vec!(
         "tollgate_requests_total",
-        "Requests answered, by route and status.",
-        &["route", "status"]
+        "Requests answered, by route, status and protocol (http1, h2, grpc, ws).",
+        &["route", "status", "protocol"]
     ))
 });
 

@@ -25,6 +25,17 @@ fn needs_upgrade(old: &Config, new: &Config) -> Vec<&'static str> {
     let (o, n) = (&old.server, &new.server);
     let checks = [
         (o.listen != n.listen, "server.listen"),
+        (
+            o.tls
+                .iter()
+                .map(|t| &t.listen)
+                .ne(n.tls.iter().map(|t| &t.listen)),
+            "server.tls[].listen",
+        ),
+        (
+            o.max_header_bytes != n.max_header_bytes,
+            "server.max_header_bytes (HTTP/2)",
+        ),
         (o.threads != n.threads, "server.threads"),
         (o.upgrade_sock != n.upgrade_sock, "server.upgrade_sock"),
         (o.pid_file != n.pid_file, "server.pid_file"),

@@ -14,19 +14,21 @@ use crate::proxy::Proxy;
 use crate::ratelimit::Limiter;
 use crate::redis_probe::RedisProbe;
 use crate::reload::Reloader;
-use crate::state::{Health, State};
+use crate::state::{Health, SharedState, State};
 use crate::upstream::Maintenance;
 use crate::{logging, metrics};
 use anyhow::{anyhow, bail, Context};
 use arc_swap::ArcSwap;
 use pingora::apps::http_app::HttpServer;
+use pingora::apps::HttpServerOptions;
+use pingora::protocols::http::v2::server::default_h2_options;
 use pingora::proxy::HttpProxy;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub struct ServeOptions<'a> {
@@ -57,22 +59,125 @@ fn server_conf(config: &Config, daemon: bool) -> ServerConf {
     }
 }
 
-/// Pingora aborts on a port it cannot bind; say which key and why instead.
-fn check_ports_free(config: &Config) -> anyhow::Result<()> {
-    let listeners = config
+/// Every address tollgate listens on, with its config key.
+fn listeners(config: &Config) -> Vec<(String, String)> {
+    let plain = config
         .server
         .listen
         .iter()
         .enumerate()
-        .map(|(i, a)| (format!("server.listen[{i}]"), a.as_str()))
-        .chain(std::iter::once((
-            "admin.listen".to_string(),
-            config.admin.listen.as_str(),
-        )));
-    for (key, addr) in listeners {
-        TcpListener::bind(addr).map_err(|e| anyhow!("{key}: cannot listen on {addr}: {e}"))?;
+        .map(|(i, a)| (format!("server.listen[{i}]"), a.clone()));
+    let tls = config
+        .server
+        .tls
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (format!("server.tls[{i}].listen"), t.listen.clone()));
+    plain.chain(tls).collect()
+}
+
+/// Pingora aborts on a port it cannot bind; say which key and why instead.
+fn check_ports_free(config: &Config) -> anyhow::Result<()> {
+    let admin = ("admin.listen".to_string(), config.admin.listen.clone());
+    for (key, addr) in listeners(config).into_iter().chain(std::iter::once(admin)) {
+        TcpListener::bind(&addr).map_err(|e| anyhow!("{key}: cannot listen on {addr}: {e}"))?;
     }
     Ok(())
+}
+
+/// The long-lived parts every config shares (see ARCHITECTURE.md).
+struct Shared {
+    state: SharedState,
+    health: Arc<Health>,
+    limiter: Arc<Limiter>,
+    tokens: Arc<TokenStore>,
+    analytics: Arc<Analytics>,
+    credentials: Arc<Credentials>,
+    drain: Arc<Drain>,
+}
+
+/// The proxy: the edge in front of Pingora's HTTP handling, on every
+/// plain and HTTPS listener (TLS is terminated by the edge itself).
+fn proxy_service(server: &Server, config: &Config, shared: &Shared) -> Service<Edge> {
+    let proxy = Proxy {
+        drain: shared.drain.clone(),
+        state: shared.state.clone(),
+        health: shared.health.clone(),
+        limiter: shared.limiter.clone(),
+        tokens: shared.tokens.clone(),
+        analytics: shared.analytics.clone(),
+        credentials: shared.credentials.clone(),
+    };
+    let mut http = HttpProxy::new(proxy, server.configuration.clone());
+    http.handle_init_modules();
+    // The edge decides which connections are HTTP/2 (ALPN, or the h2c
+    // preface when server.h2c is on); Pingora then needs h2c allowed.
+    let mut options = HttpServerOptions::default();
+    options.h2c = true;
+    http.server_options = Some(options);
+    let mut h2 = default_h2_options();
+    h2.max_header_list_size(u32::try_from(config.server.max_header_bytes).unwrap_or(u32::MAX));
+    http.h2_options = Some(h2);
+    let edge = Edge {
+        proxy: Arc::new(http),
+        state: shared.state.clone(),
+        drain: shared.drain.clone(),
+    };
+    let mut service = Service::new("tollgate proxy".to_string(), edge);
+    for (_, addr) in listeners(config) {
+        service.add_tcp(&addr);
+    }
+    service
+}
+
+fn add_background_services(server: &mut Server, shared: Shared, config_path: PathBuf) {
+    let state = &shared.state;
+    server.add_service(background_service(
+        "tollgate reload",
+        Reloader {
+            path: config_path,
+            state: state.clone(),
+        },
+    ));
+    server.add_service(background_service(
+        "tollgate upstream maintenance",
+        Maintenance {
+            state: state.clone(),
+        },
+    ));
+    server.add_service(background_service(
+        "tollgate analytics",
+        Flusher {
+            state: state.clone(),
+            analytics: shared.analytics,
+            limiter: shared.limiter,
+            drain: shared.drain,
+        },
+    ));
+    server.add_service(background_service(
+        "tollgate upstream credentials",
+        CredentialsRefresher::new(state.clone(), shared.credentials),
+    ));
+    server.add_service(background_service(
+        "tollgate jwks",
+        JwksRefresher {
+            state: state.clone(),
+        },
+    ));
+    server.add_service(background_service(
+        "tollgate revocations",
+        Revocations {
+            state: state.clone(),
+            store: shared.tokens,
+        },
+    ));
+    server.add_service(background_service(
+        "tollgate redis probe",
+        RedisProbe {
+            state: state.clone(),
+            health: shared.health,
+        },
+    ));
 }
 
 pub fn serve(opts: ServeOptions<'_>) -> anyhow::Result<()> {
@@ -89,114 +194,50 @@ pub fn serve(opts: ServeOptions<'_>) -> anyhow::Result<()> {
         check_ports_free(&config)?;
     }
     ignore_sighup_until_reloader_runs();
-    let conf = server_conf(&config, opts.daemon);
-    let grace_period = config.server.grace_period;
-    let listen = config.server.listen.clone();
-    let admin_listen = config.admin.listen.clone();
-    let state = State::build(config, None).map_err(|p| anyhow!(config::join(&p, "\n")))?;
-    for warning in state.warnings() {
-        log::warn!("{warning}");
-    }
-    let state = Arc::new(ArcSwap::from_pointee(state));
-    let health = Arc::new(Health::default());
-
+    let config_path = opts
+        .config_path
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", opts.config_path.display()))?;
     let opt = Opt {
         upgrade: opts.upgrade,
         daemon: opts.daemon,
         ..Opt::default()
     };
-    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    let mut server = Server::new_with_opt_and_conf(opt, server_conf(&config, opts.daemon));
     server.bootstrap();
 
-    let tokens = Arc::new(TokenStore::default());
-    let analytics = Arc::new(Analytics::default());
-    let credentials = Arc::new(Credentials::default());
-    let limiter = Arc::new(Limiter::default());
-    let drain = Drain::new(grace_period);
-    let proxy = Proxy {
-        drain: drain.clone(),
-        state: state.clone(),
-        health: health.clone(),
-        limiter: limiter.clone(),
-        tokens: tokens.clone(),
-        analytics: analytics.clone(),
-        credentials: credentials.clone(),
-    };
-    let mut http = HttpProxy::new(proxy, server.configuration.clone());
-    http.handle_init_modules();
-    let edge = Edge {
-        proxy: Arc::new(http),
-        state: state.clone(),
-        drain: drain.clone(),
-    };
-    let mut proxy_service = Service::new("tollgate proxy".to_string(), edge);
-    for addr in &listen {
-        proxy_service.add_tcp(addr);
+    let drain = Drain::new(config.server.grace_period);
+    let state = State::build(config.clone(), None).map_err(|p| anyhow!(config::join(&p, "\n")))?;
+    for warning in state.warnings() {
+        log::warn!("{warning}");
     }
-    server.add_service(proxy_service);
-
+    let shared = Shared {
+        state: Arc::new(ArcSwap::from_pointee(state)),
+        health: Arc::new(Health::default()),
+        limiter: Arc::new(Limiter::default()),
+        tokens: Arc::new(TokenStore::default()),
+        analytics: Arc::new(Analytics::default()),
+        credentials: Arc::new(Credentials::default()),
+        drain: drain.clone(),
+    };
+    server.add_service(proxy_service(&server, &config, &shared));
     let mut admin = Service::new(
         "tollgate admin".to_string(),
         HttpServer::new_app(AdminApp {
-            state: state.clone(),
-            limiter: limiter.clone(),
+            state: shared.state.clone(),
+            limiter: shared.limiter.clone(),
         }),
     );
     admin.threads = Some(1);
-    admin.add_tcp(&admin_listen);
+    admin.add_tcp(&config.admin.listen);
     server.add_service(admin);
-
-    let path = opts
-        .config_path
-        .canonicalize()
-        .with_context(|| format!("cannot resolve {}", opts.config_path.display()))?;
-    server.add_service(background_service(
-        "tollgate reload",
-        Reloader {
-            path,
-            state: state.clone(),
-        },
-    ));
-    server.add_service(background_service(
-        "tollgate upstream maintenance",
-        Maintenance {
-            state: state.clone(),
-        },
-    ));
-    server.add_service(background_service(
-        "tollgate analytics",
-        Flusher {
-            state: state.clone(),
-            analytics,
-            limiter: limiter.clone(),
-            drain: drain.clone(),
-        },
-    ));
-    server.add_service(background_service(
-        "tollgate upstream credentials",
-        CredentialsRefresher::new(state.clone(), credentials),
-    ));
-    server.add_service(background_service(
-        "tollgate jwks",
-        JwksRefresher {
-            state: state.clone(),
-        },
-    ));
-    server.add_service(background_service(
-        "tollgate revocations",
-        Revocations {
-            state: state.clone(),
-            store: tokens,
-        },
-    ));
-    server.add_service(background_service(
-        "tollgate redis probe",
-        RedisProbe { state, health },
-    ));
+    add_background_services(&mut server, shared, config_path);
+    let addrs: Vec<String> = listeners(&config).into_iter().map(|(_, a)| a).collect();
     log::info!(
-        "tollgate {} serving on {} (admin on {admin_listen})",
+        "tollgate {} serving on {} (admin on {})",
         env!("CARGO_PKG_VERSION"),
-        listen.join(", ")
+        addrs.join(", "),
+        config.admin.listen
     );
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals { drain }),

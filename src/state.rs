@@ -11,6 +11,7 @@
 
 use crate::auth::{KeyMaterial, Verifier};
 use crate::config::{Config, ConfigProblem};
+use crate::edge::tls::TlsListener;
 use crate::redis_client::Redis;
 use crate::routes::RouteTable;
 use crate::upstream::{self, Upstream};
@@ -25,6 +26,8 @@ pub struct State {
     pub verifier: Option<Arc<Verifier>>,
     /// Connected lazily, inside the proxy's runtime, on first use.
     pub redis: Option<Arc<Redis>>,
+    /// One per `server.tls` listener, built from the files at each (re)load.
+    pub tls: Vec<Arc<TlsListener>>,
 }
 
 /// Every claim some route forwards as a header.
@@ -63,10 +66,28 @@ impl State {
     /// upstream names (blocking); connects nothing and fetches nothing.
     pub fn build(config: Config, previous: Option<&State>) -> Result<Self, Vec<ConfigProblem>> {
         let mut problems = Vec::new();
-        let upstreams = upstream::build_all(
+        let upstreams = match upstream::build_all(
             &config.upstreams,
             previous.map_or(&[][..], |p| p.upstreams.as_slice()),
-        );
+        ) {
+            Ok(u) => u,
+            Err(e) => {
+                problems.push(e);
+                Vec::new()
+            }
+        };
+        let tls = config
+            .server
+            .tls
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| {
+                TlsListener::build(i, l)
+                    .map(Arc::new)
+                    .map_err(|e| problems.push(e))
+                    .ok()
+            })
+            .collect();
         let verifier = match &config.auth.jwt {
             Some(jwt) => match verifier(jwt, &config, previous) {
                 Ok(v) => Some(v),
@@ -96,6 +117,7 @@ impl State {
             upstreams,
             verifier,
             redis,
+            tls,
             config: Arc::new(config),
         })
     }
@@ -121,6 +143,14 @@ impl State {
                 format!("the new key set could not be fetched ({e})"),
             )
         })
+    }
+
+    /// The HTTPS listener a connection accepted on `local` came in on.
+    pub fn tls_listener(&self, local: std::net::SocketAddr) -> Option<&TlsListener> {
+        self.tls
+            .iter()
+            .map(|t| t.as_ref())
+            .find(|t| t.serves(local))
     }
 
     /// Things an operator should know that do not stop the config from

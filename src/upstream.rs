@@ -5,14 +5,17 @@
 //! addresses and their health carry over; connections are pooled by
 //! Pingora per peer address, so pools stay warm either way.
 
-use crate::config::UpstreamSettings;
+use crate::config::{ConfigProblem, UpstreamProtocol, UpstreamSettings};
 use crate::metrics;
 use crate::state::SharedState;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::prelude::HttpPeer;
+use pingora::protocols::tls::CaType;
+use pingora::protocols::ALPN;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
+use pingora::utils::tls::WrappedX509;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,26 +25,44 @@ use std::time::{Duration, Instant};
 /// not an outage.
 const FAILURES_TO_EJECT: u32 = 2;
 
-/// One resolved address and its health.
+/// Concurrent requests one HTTP/2 connection to a peer carries.
+const H2_STREAMS: usize = 100;
+
+/// One resolved address, the name it came from (the TLS server name unless
+/// `sni` is set) and its health.
 #[derive(Debug)]
 struct Peer {
     addr: SocketAddr,
+    host: Arc<str>,
     healthy: AtomicBool,
     failures: AtomicU32,
 }
 
 impl Peer {
-    fn new(addr: SocketAddr) -> Arc<Peer> {
+    fn new(addr: SocketAddr, host: Arc<str>) -> Arc<Peer> {
         Arc::new(Peer {
             addr,
+            host,
             healthy: AtomicBool::new(true),
             failures: AtomicU32::new(0),
         })
     }
 }
 
+/// The host part of `host:port` (brackets of an IPv6 literal removed).
+fn host_of(peer: &str) -> Arc<str> {
+    let host = peer.rsplit_once(':').map_or(peer, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']').into()
+}
+
 pub struct Upstream {
     pub settings: UpstreamSettings,
+    /// The CAs of `ca_file`, loaded once.
+    ca: Option<Arc<CaType>>,
+    /// Keeps pooled connections apart from another upstream's to the same
+    /// address that verifies them differently (Pingora's pool key does not
+    /// include the CAs).
+    group_key: u64,
     peers: ArcSwap<Vec<Arc<Peer>>>,
     next: AtomicUsize,
     /// Configured names that did not resolve at the last attempt, with why.
@@ -80,24 +101,45 @@ impl Upstream {
     /// Resolves the peers once (blocking). A name that does not resolve is
     /// not an error: it stays out of rotation until it does, and
     /// [`Upstream::unresolved`] says why.
-    pub fn new(settings: UpstreamSettings) -> Self {
-        let mut addrs = Vec::new();
+    pub fn new(settings: UpstreamSettings) -> Result<Self, ConfigProblem> {
+        let ca = match &settings.ca_file {
+            Some(path) => Some(load_ca(path).map_err(|e| {
+                ConfigProblem::new(format!("upstreams.{}.ca_file", settings.name), e)
+            })?),
+            None => None,
+        };
+        let mut peers = Vec::new();
         let mut unresolved = Vec::new();
         for peer in &settings.peers {
             match resolve_blocking(peer) {
-                Ok(found) => addrs.extend(found),
+                Ok(found) => {
+                    let host = host_of(peer);
+                    peers.extend(found.into_iter().map(|a| Peer::new(a, host.clone())));
+                }
                 Err(e) => unresolved.push(e),
             }
         }
-        addrs.dedup();
-        Upstream {
-            peers: ArcSwap::from_pointee(addrs.into_iter().map(Peer::new).collect()),
+        let group_key = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (
+                settings.tls,
+                &settings.ca_file,
+                settings.protocol == UpstreamProtocol::H2,
+            )
+                .hash(&mut h);
+            h.finish()
+        };
+        Ok(Upstream {
+            ca,
+            group_key,
+            peers: ArcSwap::from_pointee(unique(peers)),
             next: AtomicUsize::new(0),
             unresolved: Mutex::new(unresolved),
             resolved_at: Mutex::new(Instant::now()),
             checked_at: Mutex::new(None),
             settings,
-        }
+        })
     }
 
     /// Why some configured peers are out of rotation (names that did not resolve).
@@ -108,6 +150,11 @@ impl Upstream {
             .unwrap_or_default()
     }
 
+    /// How many addresses are resolved, in rotation or not.
+    pub fn peer_count(&self) -> usize {
+        self.peers.load().len()
+    }
+
     /// Resolved addresses, in rotation or not.
     pub fn addresses(&self) -> Vec<SocketAddr> {
         self.peers.load().iter().map(|p| p.addr).collect()
@@ -116,11 +163,11 @@ impl Upstream {
     /// Picks the next healthy peer not in `exclude`; if every peer is failing
     /// its health check, still tries one (a real attempt answers better than
     /// a guess), and only returns `None` when every peer was already tried.
-    pub fn select(&self, exclude: &[SocketAddr]) -> Option<SocketAddr> {
+    pub fn select(&self, exclude: &[SocketAddr]) -> Option<HttpPeer> {
         let peers = self.peers.load();
         // One peer: nothing to balance and no health check runs.
         if let [only] = peers.as_slice() {
-            return (!exclude.contains(&only.addr)).then_some(only.addr);
+            return (!exclude.contains(&only.addr)).then(|| self.peer(only));
         }
         let n = peers.len();
         if n == 0 {
@@ -134,20 +181,36 @@ impl Upstream {
                 continue;
             }
             if p.healthy.load(Ordering::Relaxed) {
-                return Some(p.addr);
+                return Some(self.peer(p));
             }
-            fallback.get_or_insert(p.addr);
+            fallback.get_or_insert(p);
         }
-        fallback
+        fallback.map(|p| self.peer(p))
     }
 
-    pub fn peer(&self, addr: SocketAddr) -> HttpPeer {
-        let mut peer = HttpPeer::new(addr, false, String::new());
+    fn peer(&self, p: &Peer) -> HttpPeer {
+        let s = &self.settings;
+        // With TLS, the name is always sent and verified (an empty one
+        // would turn verification off).
+        let sni = match (s.tls, &s.sni) {
+            (false, _) => String::new(),
+            (true, Some(name)) => name.clone(),
+            (true, None) => p.host.to_string(),
+        };
+        let mut peer = HttpPeer::new(p.addr, s.tls, sni);
         let o = &mut peer.options;
-        o.connection_timeout = Some(self.settings.connect_timeout);
-        o.read_timeout = Some(self.settings.read_timeout);
-        o.write_timeout = Some(self.settings.read_timeout);
-        o.idle_timeout = Some(self.settings.idle_timeout);
+        o.connection_timeout = Some(s.connect_timeout);
+        o.read_timeout = Some(s.read_timeout);
+        o.write_timeout = Some(s.read_timeout);
+        o.idle_timeout = Some(s.idle_timeout);
+        o.ca = self.ca.clone();
+        if s.protocol == UpstreamProtocol::H2 {
+            // Over TLS by ALPN, in plain text with prior knowledge (h2c);
+            // one connection carries many requests.
+            o.alpn = ALPN::H2;
+            o.max_h2_streams = H2_STREAMS;
+        }
+        peer.group_key = self.group_key;
         peer
     }
 
@@ -157,29 +220,37 @@ impl Upstream {
 
     /// Resolves every name again; addresses that stay keep their health.
     pub async fn re_resolve(&self) {
-        let mut addrs = Vec::new();
+        let mut found = Vec::new();
         let mut unresolved = Vec::new();
         for peer in &self.settings.peers {
             match resolve(peer).await {
-                Ok(found) => addrs.extend(found),
+                Ok(addrs) => {
+                    let host = host_of(peer);
+                    found.extend(addrs.into_iter().map(|a| (a, host.clone())));
+                }
                 Err(e) => unresolved.push(e),
             }
         }
-        addrs.dedup();
         let old = self.peers.load_full();
-        let changed =
-            addrs.len() != old.len() || addrs.iter().zip(old.iter()).any(|(a, p)| *a != p.addr);
-        if changed {
-            let peers = addrs
-                .iter()
-                .map(|a| {
+        let peers: Vec<Arc<Peer>> = unique(
+            found
+                .into_iter()
+                .map(|(a, host)| {
                     old.iter()
-                        .find(|p| p.addr == *a)
+                        .find(|p| p.addr == a)
                         .cloned()
-                        .unwrap_or_else(|| Peer::new(*a))
+                        .unwrap_or_else(|| Peer::new(a, host))
                 })
-                .collect();
-            log::info!("upstream {}: peers now {:?}", self.settings.name, addrs);
+                .collect(),
+        );
+        let changed =
+            peers.len() != old.len() || peers.iter().zip(old.iter()).any(|(a, b)| a.addr != b.addr);
+        if changed {
+            log::info!(
+                "upstream {}: peers now {:?}",
+                self.settings.name,
+                peers.iter().map(|p| p.addr).collect::<Vec<_>>()
+            );
             self.peers.store(Arc::new(peers));
         }
         if let Ok(mut u) = self.unresolved.lock() {
@@ -283,17 +354,43 @@ impl BackgroundService for Maintenance {
 
 /// The upstreams of a new config: kept from `previous` when their settings
 /// did not change (resolved addresses and health carry over), else new.
-pub fn build_all(settings: &[UpstreamSettings], previous: &[Arc<Upstream>]) -> Vec<Arc<Upstream>> {
+pub fn build_all(
+    settings: &[UpstreamSettings],
+    previous: &[Arc<Upstream>],
+) -> Result<Vec<Arc<Upstream>>, ConfigProblem> {
     settings
         .iter()
-        .map(|s| {
-            previous
-                .iter()
-                .find(|u| u.settings == *s)
-                .cloned()
-                .unwrap_or_else(|| Arc::new(Upstream::new(s.clone())))
+        .map(|s| match previous.iter().find(|u| u.settings == *s) {
+            Some(kept) => Ok(kept.clone()),
+            None => Upstream::new(s.clone()).map(Arc::new),
         })
         .collect()
+}
+
+/// Each address once, first occurrence first.
+fn unique(peers: Vec<Arc<Peer>>) -> Vec<Arc<Peer>> {
+    let mut out: Vec<Arc<Peer>> = Vec::with_capacity(peers.len());
+    for p in peers {
+        if !out.iter().any(|o| o.addr == p.addr) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// The certificates of a PEM file, as Pingora's connector takes them.
+fn load_ca(path: &std::path::Path) -> Result<Arc<CaType>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let certs: Vec<WrappedX509> = rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .into_iter()
+        .map(|der| WrappedX509::new(der.to_vec(), pingora::utils::tls::parse_x509))
+        .collect();
+    if certs.is_empty() {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    Ok(Arc::from(certs.into_boxed_slice()))
 }
 
 #[cfg(test)]
@@ -309,7 +406,17 @@ mod tests {
             idle_timeout: Duration::from_secs(1),
             health_check_interval: Duration::from_secs(5),
             resolve_interval: Duration::from_secs(30),
+            protocol: UpstreamProtocol::Http1,
+            tls: false,
+            sni: None,
+            ca_file: None,
         }
+    }
+
+    fn addr(peer: &HttpPeer) -> SocketAddr {
+        *pingora::upstreams::peer::Peer::address(peer)
+            .as_inet()
+            .expect("an inet peer")
     }
 
     #[test]
@@ -318,7 +425,8 @@ mod tests {
             "localhost:8081",
             "no-such-host.invalid:80",
             "127.0.0.2:9",
-        ]));
+        ]))
+        .unwrap();
         let addrs = u.addresses();
         assert!(
             addrs
@@ -337,21 +445,32 @@ mod tests {
 
     #[test]
     fn round_robin_skips_tried_peers() {
-        let u = Upstream::new(settings(&["127.0.0.1:1", "127.0.0.1:2"]));
-        let a = u.select(&[]).unwrap();
-        let b = u.select(&[a]).unwrap();
+        let u = Upstream::new(settings(&["127.0.0.1:1", "127.0.0.1:2"])).unwrap();
+        let a = addr(&u.select(&[]).unwrap());
+        let b = addr(&u.select(&[a]).unwrap());
         assert_ne!(a, b);
-        assert_eq!(u.select(&[a, b]), None);
-        let none = Upstream::new(settings(&["no-such-host.invalid:80"]));
-        assert_eq!(none.select(&[]), None);
+        assert!(u.select(&[a, b]).is_none());
+        let none = Upstream::new(settings(&["no-such-host.invalid:80"])).unwrap();
+        assert!(none.select(&[]).is_none());
     }
 
     #[test]
     fn unchanged_upstreams_are_kept() {
-        let old = vec![Arc::new(Upstream::new(settings(&["127.0.0.1:1"])))];
-        let kept = build_all(&[settings(&["127.0.0.1:1"])], &old);
+        let old = vec![Arc::new(Upstream::new(settings(&["127.0.0.1:1"])).unwrap())];
+        let kept = build_all(&[settings(&["127.0.0.1:1"])], &old).unwrap();
         assert!(Arc::ptr_eq(&kept[0], &old[0]));
-        let fresh = build_all(&[settings(&["127.0.0.1:2"])], &old);
+        let fresh = build_all(&[settings(&["127.0.0.1:2"])], &old).unwrap();
         assert!(!Arc::ptr_eq(&fresh[0], &old[0]));
+    }
+
+    #[test]
+    fn tls_peers_always_carry_a_name_to_verify() {
+        let mut s = settings(&["localhost:8443"]);
+        s.tls = true;
+        let u = Upstream::new(s.clone()).unwrap();
+        assert_eq!(u.select(&[]).unwrap().sni, "localhost");
+        s.sni = Some("api.internal".into());
+        let u = Upstream::new(s).unwrap();
+        assert_eq!(u.select(&[]).unwrap().sni, "api.internal");
     }
 }

@@ -7,7 +7,10 @@
 //! with its key path at once.
 
 use super::checked::{span, Checked, Span};
-use super::types::{Algorithm, JwtAlgorithm, LogFormat, LogLevel, OnFailure, RouteAuth, SyncMode};
+use super::types::{
+    Algorithm, JwtAlgorithm, LogFormat, LogLevel, OnFailure, RouteAuth, SyncMode, TlsVersion,
+    UpstreamProtocol,
+};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -56,6 +59,26 @@ pub struct RawServer {
     pub header_timeout: Checked<Span>,
     /// CIDRs whose X-Forwarded-For / Forwarded is believed for the client address.
     pub trusted_proxies: Vec<String>,
+    /// HTTP/2 with prior knowledge on the plain listeners.
+    pub h2c: bool,
+    /// HTTPS listeners.
+    pub tls: Vec<RawTlsListener>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTlsListener {
+    pub listen: String,
+    pub certificates: Vec<RawCertificate>,
+    #[serde(default)]
+    pub min_version: Checked<TlsVersion>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertificate {
+    pub cert_file: String,
+    pub key_file: String,
 }
 
 impl Default for RawServer {
@@ -74,6 +97,8 @@ impl Default for RawServer {
             max_header_bytes: 32 * 1024,
             header_timeout: span("10s"),
             trusted_proxies: Vec::new(),
+            h2c: false,
+            tls: Vec::new(),
         }
     }
 }
@@ -257,6 +282,17 @@ pub struct RawUpstream {
     /// How often peer names are resolved again.
     #[serde(default = "default_resolve_interval")]
     pub resolve_interval: Checked<Span>,
+    #[serde(default)]
+    pub protocol: Checked<UpstreamProtocol>,
+    /// TLS to the peers, verified.
+    #[serde(default)]
+    pub tls: bool,
+    /// Host name sent and verified (default: the peer's host).
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// PEM CAs that verify the peers (default: the system store).
+    #[serde(default)]
+    pub ca_file: Option<String>,
 }
 
 fn default_connect_timeout() -> Checked<Span> {
@@ -294,6 +330,9 @@ pub struct RawRoute {
     pub cost_from_response_header: Option<String>,
     #[serde(default)]
     pub upstream_auth: Option<RawUpstreamAuth>,
+    /// `Upgrade: websocket` is tunnelled after auth and limits.
+    #[serde(default)]
+    pub websocket: bool,
 }
 
 fn default_cost() -> u64 {

@@ -38,6 +38,59 @@ pub struct ServerSettings {
     pub max_header_bytes: usize,
     pub header_timeout: Duration,
     pub trusted_proxies: Vec<Cidr>,
+    pub h2c: bool,
+    pub tls: Vec<TlsListenerSettings>,
+}
+
+/// An HTTPS listener: its certificates (chosen by SNI; the first is the
+/// default) and the lowest TLS version it accepts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsListenerSettings {
+    pub listen: String,
+    pub certificates: Vec<CertificateFiles>,
+    pub min_version: TlsVersion,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CertificateFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// `min_version`: `"1.2"` or `"1.3"` (a bare `1.2` in YAML is a number; both are taken).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsVersion {
+    #[default]
+    Tls12,
+    Tls13,
+}
+
+impl<'de> Deserialize<'de> for TlsVersion {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = serde_yaml::Value::deserialize(deserializer)?;
+        let text = match &value {
+            serde_yaml::Value::String(s) => s.clone(),
+            serde_yaml::Value::Number(n) => n.to_string(),
+            _ => String::new(),
+        };
+        match text.as_str() {
+            "1.2" => Ok(TlsVersion::Tls12),
+            "1.3" => Ok(TlsVersion::Tls13),
+            _ => Err(serde::de::Error::custom(format!(
+                "unknown TLS version {text:?} (\"1.2\" or \"1.3\")"
+            ))),
+        }
+    }
+}
+
+/// How tollgate speaks to an upstream's peers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    /// HTTP/2: over TLS (ALPN) or with prior knowledge (h2c); needed by gRPC.
+    H2,
 }
 
 /// An address range (`10.0.0.0/8`, `::1/128`; a bare address is one host).
@@ -296,6 +349,10 @@ pub struct UpstreamSettings {
     pub idle_timeout: Duration,
     pub health_check_interval: Duration,
     pub resolve_interval: Duration,
+    pub protocol: UpstreamProtocol,
+    pub tls: bool,
+    pub sni: Option<String>,
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -337,6 +394,7 @@ pub struct RouteSettings {
     pub forward_claims: Vec<(String, HeaderName)>,
     pub cost_from_response_header: Option<HeaderName>,
     pub upstream_auth: Option<UpstreamAuthSettings>,
+    pub websocket: bool,
 }
 
 #[cfg(test)]

@@ -103,7 +103,10 @@ fn server(p: &mut Problems, s: &RawServer) -> ServerSettings {
                 .ok()
         })
         .collect();
+    let tls = tls_listeners(p, &s.tls, &s.listen);
     ServerSettings {
+        h2c: s.h2c,
+        tls,
         listen: s.listen.clone(),
         threads: s.threads,
         health_path: s.health_path.clone(),
@@ -118,6 +121,46 @@ fn server(p: &mut Problems, s: &RawServer) -> ServerSettings {
         header_timeout: p.positive_duration("server.header_timeout", &s.header_timeout),
         trusted_proxies,
     }
+}
+
+fn tls_listeners(
+    p: &mut Problems,
+    raw: &[RawTlsListener],
+    plain: &[String],
+) -> Vec<TlsListenerSettings> {
+    raw.iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let base = format!("server.tls[{i}]");
+            check_listen(p, &format!("{base}.listen"), &l.listen);
+            let same =
+                |a: &str| a.parse::<SocketAddr>().ok() == l.listen.parse::<SocketAddr>().ok();
+            if plain.iter().any(|a| same(a)) || raw[..i].iter().any(|o| same(&o.listen)) {
+                p.add(
+                    format!("{base}.listen"),
+                    format!("{:?} is already a listener", l.listen),
+                );
+            }
+            if l.certificates.is_empty() {
+                p.add(
+                    format!("{base}.certificates"),
+                    "list at least one certificate",
+                );
+            }
+            TlsListenerSettings {
+                listen: l.listen.clone(),
+                certificates: l
+                    .certificates
+                    .iter()
+                    .map(|c| CertificateFiles {
+                        cert_file: PathBuf::from(&c.cert_file),
+                        key_file: PathBuf::from(&c.key_file),
+                    })
+                    .collect(),
+                min_version: p.take(&format!("{base}.min_version"), &l.min_version),
+            }
+        })
+        .collect()
 }
 
 fn admin(p: &mut Problems, raw: &RawAdmin) -> AdminSettings {
@@ -387,7 +430,7 @@ fn limits(p: &mut Problems, raw: &RawLimits) -> LimitSettings {
 pub fn check_peer(peer: &str) -> Result<(), String> {
     if peer.contains("://") {
         return Err(format!(
-            "{peer:?}: give host:port without a scheme (plain HTTP upstreams)"
+            "{peer:?}: give host:port without a scheme (set tls: true for HTTPS peers)"
         ));
     }
     if peer.parse::<SocketAddr>().is_ok() {
@@ -429,9 +472,20 @@ fn upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> UpstreamSettings
             p.add(format!("{base}.peers[{i}]"), e);
         }
     }
+    if !raw.tls && (raw.sni.is_some() || raw.ca_file.is_some()) {
+        p.add(format!("{base}.tls"), "sni and ca_file need tls: true");
+    }
+    if raw.sni.as_deref() == Some("") {
+        p.add(format!("{base}.sni"), "must not be empty");
+    }
+    let protocol = p.take(&format!("{base}.protocol"), &raw.protocol);
     let mut d =
         |key: &str, value: &Checked<Span>| p.positive_duration(&format!("{base}.{key}"), value);
     UpstreamSettings {
+        protocol,
+        tls: raw.tls,
+        sni: raw.sni.clone(),
+        ca_file: raw.ca_file.as_ref().map(PathBuf::from),
         name: name.to_string(),
         peers: raw.peers.clone(),
         connect_timeout: d("connect_timeout", &raw.connect_timeout),
@@ -604,6 +658,7 @@ fn route(
         forward_claims,
         cost_from_response_header,
         upstream_auth,
+        websocket: raw.websocket,
     })
 }
 

@@ -12,14 +12,11 @@
 //! wait) through untouched.
 
 use crate::metrics;
-use async_trait::async_trait;
-use pingora::protocols::{
-    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
-    UniqueIDType, ALPN,
-};
+use pingora::protocols::Stream;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -79,6 +76,9 @@ pub struct HeadGuard {
     phase: Phase,
     /// The deadline's timer, made only when a read has to wait.
     timer: Option<Pin<Box<Sleep>>>,
+    /// Set between requests (through a shared reference: the stream is
+    /// boxed by then); the next read starts a new head.
+    rearm: AtomicBool,
 }
 
 impl std::fmt::Debug for HeadGuard {
@@ -115,29 +115,16 @@ impl HeadGuard {
                 end: HeadEnd::default(),
             },
             timer: None,
+            rearm: AtomicBool::new(false),
         }
     }
 
-    /// Before the next request on a kept-alive connection: its head is
-    /// counted from its first byte.
-    pub fn arm(&mut self) {
-        self.phase = Phase::Idle;
-        self.timer = None;
-    }
-
-    /// Re-arms the guard inside a stream that came back from a finished
-    /// request (the stream is always a `HeadGuard`: `Edge` made it so).
-    pub fn rearm(stream: Stream) -> Stream {
-        if !stream.as_any().is::<HeadGuard>() {
-            return stream;
-        }
-        match stream.into_any().downcast::<HeadGuard>() {
-            Ok(mut guard) => {
-                guard.arm();
-                guard
-            }
-            // Unreachable after the `is` check; the stream is gone either way.
-            Err(_) => Box::new(Closed),
+    /// Before the next request on a kept-alive connection (the stream that
+    /// came back from a finished request is the `HeadGuard` `Edge` made):
+    /// the next head is counted from its first byte.
+    pub fn rearm(stream: &Stream) {
+        if let Some(guard) = stream.as_any().downcast_ref::<HeadGuard>() {
+            guard.rearm.store(true, Ordering::Relaxed);
         }
     }
 
@@ -172,7 +159,7 @@ impl HeadGuard {
                 // Nothing of this head reaches the parser.
                 buf.set_filled(before);
                 metrics::REQUESTS
-                    .with_label_values(&["_invalid", "431"])
+                    .with_label_values(&["_invalid", "431", "http1"])
                     .inc();
                 self.phase = Phase::Refusing {
                     answer: answer_431(self.limits.max_bytes),
@@ -209,6 +196,10 @@ impl AsyncRead for HeadGuard {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.rearm.swap(false, Ordering::Relaxed) {
+            this.phase = Phase::Idle;
+            this.timer = None;
+        }
         match this.phase {
             Phase::Body => return Pin::new(&mut this.inner).poll_read(cx, buf),
             Phase::Refusing { .. } => return this.poll_refuse(cx),
@@ -276,132 +267,7 @@ impl AsyncWrite for HeadGuard {
     }
 }
 
-#[async_trait]
-impl Shutdown for HeadGuard {
-    async fn shutdown(&mut self) {
-        self.inner.shutdown().await
-    }
-}
-
-impl UniqueID for HeadGuard {
-    fn id(&self) -> UniqueIDType {
-        self.inner.id()
-    }
-}
-
-impl Ssl for HeadGuard {
-    fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
-        self.inner.get_ssl()
-    }
-
-    fn get_ssl_digest(&self) -> Option<Arc<pingora::protocols::tls::SslDigest>> {
-        self.inner.get_ssl_digest()
-    }
-
-    fn selected_alpn_proto(&self) -> Option<ALPN> {
-        self.inner.selected_alpn_proto()
-    }
-}
-
-impl GetTimingDigest for HeadGuard {
-    fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
-        self.inner.get_timing_digest()
-    }
-
-    fn get_read_pending_time(&self) -> Duration {
-        self.inner.get_read_pending_time()
-    }
-
-    fn get_write_pending_time(&self) -> Duration {
-        self.inner.get_write_pending_time()
-    }
-}
-
-impl GetProxyDigest for HeadGuard {
-    fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
-        self.inner.get_proxy_digest()
-    }
-}
-
-impl GetSocketDigest for HeadGuard {
-    fn get_socket_digest(&self) -> Option<Arc<pingora::protocols::SocketDigest>> {
-        self.inner.get_socket_digest()
-    }
-
-    fn set_socket_digest(&mut self, digest: pingora::protocols::SocketDigest) {
-        self.inner.set_socket_digest(digest)
-    }
-}
-
-#[async_trait]
-impl Peek for HeadGuard {
-    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
-        self.inner.try_peek(buf).await
-    }
-}
-
-/// A stream that is already closed (stands in for one that could not be
-/// recovered; never expected in practice).
-#[derive(Debug)]
-struct Closed;
-
-impl AsyncRead for Closed {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-        _buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for Closed {
-    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, _: &[u8]) -> Poll<io::Result<usize>> {
-        Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-}
-
-#[async_trait]
-impl Shutdown for Closed {
-    async fn shutdown(&mut self) {}
-}
-
-impl UniqueID for Closed {
-    fn id(&self) -> UniqueIDType {
-        0
-    }
-}
-
-impl Ssl for Closed {}
-
-impl GetTimingDigest for Closed {
-    fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
-        Vec::new()
-    }
-}
-
-impl GetProxyDigest for Closed {
-    fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
-        None
-    }
-}
-
-impl GetSocketDigest for Closed {
-    fn get_socket_digest(&self) -> Option<Arc<pingora::protocols::SocketDigest>> {
-        None
-    }
-}
-
-#[async_trait]
-impl Peek for Closed {}
+super::io::delegate_io_traits!(HeadGuard);
 
 #[cfg(test)]
 mod tests {

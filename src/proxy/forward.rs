@@ -93,14 +93,18 @@ pub fn upstream_request(
     tls: bool,
 ) -> Result<()> {
     // Most paths are already normal: then the client's URI goes as it is.
-    let unchanged = req.uri.path_and_query().map(|pq| pq.as_str()) == Some(ctx.target.as_str())
-        && req.uri.scheme().is_none()
-        && req.uri.authority().is_none();
-    if !unchanged {
-        let uri = ctx
-            .target
-            .parse::<http::Uri>()
-            .map_err(|e| Error::because(ErrorType::InternalError, "normalised path", e))?;
+    // Otherwise the normalised path replaces it, keeping an HTTP/2 request's
+    // scheme and authority.
+    if req.uri.path_and_query().map(|pq| pq.as_str()) != Some(ctx.target.as_str()) {
+        let internal =
+            |e: http::Error| Error::because(ErrorType::InternalError, "normalised path", e);
+        let mut parts = req.uri.clone().into_parts();
+        parts.path_and_query = Some(
+            ctx.target
+                .parse()
+                .map_err(|e: http::uri::InvalidUri| internal(e.into()))?,
+        );
+        let uri = http::Uri::from_parts(parts).map_err(|e| internal(e.into()))?;
         req.set_uri(uri);
     }
     let Some((state, route)) = ctx.route() else {

@@ -66,6 +66,8 @@ pub struct Ctx {
     pub error: Option<&'static str>,
     /// The `Authorization` value that was verified (`auth: jwt` routes).
     pub verified_authorization: Option<http::HeaderValue>,
+    /// A WebSocket upgrade the route allows (tunnelled, counted as one request).
+    pub websocket: bool,
     /// Headers added to tollgate's own answers (rate-limit headers, ...).
     pub extra_headers: Vec<(&'static str, String)>,
 }
@@ -338,6 +340,7 @@ impl ProxyHttp for Proxy {
             status: 0,
             error: None,
             verified_authorization: None,
+            websocket: false,
             extra_headers: Vec::new(),
         }
     }
@@ -359,9 +362,21 @@ impl ProxyHttp for Proxy {
             Err(r) => return self.refuse(session, ctx, r).await,
         };
         ctx.route = Some(route);
-        if request::wants_upgrade(session.req_header()) {
-            let r = Refusal::BadRequest("this route does not allow protocol upgrades".into());
-            return self.refuse(session, ctx, r).await;
+        match request::upgrade(session.req_header()) {
+            request::Upgrade::None => {}
+            request::Upgrade::WebSocket if state.config.routes[route].websocket => {
+                ctx.websocket = true;
+            }
+            request::Upgrade::WebSocket => {
+                let r = Refusal::BadRequest("this route does not allow WebSocket".into());
+                return self.refuse(session, ctx, r).await;
+            }
+            request::Upgrade::Other => {
+                let r = Refusal::BadRequest(
+                    "protocol upgrades other than WebSocket are not allowed".into(),
+                );
+                return self.refuse(session, ctx, r).await;
+            }
         }
         match self.authenticate(session, ctx, &state, route).await {
             Ok(identity) => ctx.identity = identity,
@@ -390,15 +405,16 @@ impl ProxyHttp for Proxy {
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let (Some(state), Some(route)) = (&ctx.state, ctx.route) else {
+        let Some(upstream) = ctx.upstream() else {
             return Error::e_explain(ErrorType::InternalError, "no route chosen");
         };
-        let upstream = &state.upstreams[state.config.routes[route].upstream];
-        let Some(addr) = upstream.select(&ctx.tried) else {
-            return Error::e_explain(ErrorType::ConnectNoRoute, "every peer failed");
+        let Some(peer) = upstream.select(&ctx.tried) else {
+            return Error::e_explain(ErrorType::ConnectNoRoute, "no peer to try");
         };
-        ctx.tried.push(addr);
-        Ok(Box::new(upstream.peer(addr)))
+        if let Some(addr) = pingora::upstreams::peer::Peer::address(&peer).as_inet() {
+            ctx.tried.push(*addr);
+        }
+        Ok(Box::new(peer))
     }
 
     fn fail_to_connect(
@@ -410,13 +426,7 @@ impl ProxyHttp for Proxy {
     ) -> Box<Error> {
         count_upstream_error(ctx, &e);
         // One more attempt, on another peer, when there is one.
-        let peers = match (&ctx.state, ctx.route) {
-            (Some(s), Some(r)) => s.upstreams[s.config.routes[r].upstream]
-                .settings
-                .peers
-                .len(),
-            _ => 0,
-        };
+        let peers = ctx.upstream().map_or(0, |u| u.peer_count());
         if ctx.tried.len() < 2 && peers > ctx.tried.len() {
             e.set_retry(true);
         } else {
@@ -523,8 +533,17 @@ impl ProxyHttp for Proxy {
         let route = ctx.route_name();
         let elapsed = ctx.start.elapsed();
         let mut buf = itoa::Buffer::new();
+        let protocol = if ctx.websocket {
+            "ws"
+        } else if respond::is_grpc(session) {
+            "grpc"
+        } else if session.as_downstream().is_http2() {
+            "h2"
+        } else {
+            "http1"
+        };
         metrics::REQUESTS
-            .with_label_values(&[route, buf.format(status)])
+            .with_label_values(&[route, buf.format(status), protocol])
             .inc();
         metrics::REQUEST_DURATION
             .with_label_values(&[route])

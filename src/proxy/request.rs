@@ -59,10 +59,21 @@ pub fn normalize_host(host: &str) -> &str {
     bare.strip_suffix('.').unwrap_or(bare)
 }
 
-/// Whether the request asks to switch protocols (`Upgrade`, e.g. WebSocket
-/// or h2c): such a request is tunnelled only on routes that allow it.
-pub fn wants_upgrade(req: &RequestHeader) -> bool {
-    req.headers.contains_key(http::header::UPGRADE)
+/// What a request asks to switch to (`Upgrade`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upgrade {
+    None,
+    WebSocket,
+    /// Anything else (h2c, unknown protocols): never tunnelled.
+    Other,
+}
+
+pub fn upgrade(req: &RequestHeader) -> Upgrade {
+    match req.headers.get(http::header::UPGRADE) {
+        None => Upgrade::None,
+        Some(v) if v.as_bytes().eq_ignore_ascii_case(b"websocket") => Upgrade::WebSocket,
+        Some(_) => Upgrade::Other,
+    }
 }
 
 #[cfg(test)]

@@ -38,8 +38,65 @@ async fn send(
         .await
 }
 
-/// Writes `{"error","message"}` with the status and headers the SPEC fixes.
+/// Whether the client speaks gRPC (`content-type: application/grpc...`).
+pub fn is_grpc(session: &Session) -> bool {
+    session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// `grpc-message` is percent-encoded (the gRPC HTTP/2 protocol): bytes
+/// outside printable ASCII, and `%` itself.
+fn grpc_message(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A refusal to a gRPC client: HTTP 200 and `content-type: application/grpc`,
+/// no message, then trailers with the status in `grpc-status` and the
+/// sentence in `grpc-message`.
+async fn refuse_grpc(session: &mut Session, ctx: &mut Ctx, refusal: &Refusal) -> Result<()> {
+    let mut h = ResponseHeader::build(200, Some(4))?;
+    h.insert_header(http::header::CONTENT_TYPE, "application/grpc")?;
+    h.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+    ctx.status = refusal.status();
+    for (name, value) in ctx.extra_headers.drain(..) {
+        h.insert_header(name, value)?;
+    }
+    if !session.as_downstream_mut().is_body_empty() {
+        session.set_keepalive(None);
+    }
+    let mut trailers = http::HeaderMap::with_capacity(2);
+    trailers.insert(
+        "grpc-status",
+        http::HeaderValue::from(u16::from(refusal.grpc_status())),
+    );
+    if let Ok(message) = http::HeaderValue::from_str(&grpc_message(&refusal.message())) {
+        trailers.insert("grpc-message", message);
+    }
+    session.write_response_header(Box::new(h), false).await?;
+    session
+        .as_downstream_mut()
+        .write_response_trailers(trailers)
+        .await
+}
+
+/// Writes `{"error","message"}` with the status and headers the SPEC fixes
+/// (or, to a gRPC client, the matching gRPC status).
 pub async fn refuse(session: &mut Session, ctx: &mut Ctx, refusal: &Refusal) -> Result<()> {
+    ctx.error = Some(refusal.code());
+    if is_grpc(session) {
+        return refuse_grpc(session, ctx, refusal).await;
+    }
     let body = refusal.body();
     let mut h = header(refusal.status(), "application/json", body.len(), ctx)?;
     if let Some(challenge) = refusal.challenge() {
@@ -51,7 +108,6 @@ pub async fn refuse(session: &mut Session, ctx: &mut Ctx, refusal: &Refusal) -> 
     {
         h.insert_header(http::header::RETRY_AFTER, retry_after_secs.to_string())?;
     }
-    ctx.error = Some(refusal.code());
     send(session, ctx, h, body).await
 }
 
@@ -59,4 +115,16 @@ pub async fn refuse(session: &mut Session, ctx: &mut Ctx, refusal: &Refusal) -> 
 pub async fn text(session: &mut Session, ctx: &mut Ctx, status: u16, body: &str) -> Result<()> {
     let h = header(status, "text/plain; charset=utf-8", body.len(), ctx)?;
     send(session, ctx, h, body.as_bytes().to_vec()).await
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn grpc_messages_are_percent_encoded() {
+        assert_eq!(
+            super::grpc_message("limit of 5 requests per 5s exceeded"),
+            "limit of 5 requests per 5s exceeded"
+        );
+        assert_eq!(super::grpc_message("100% é\n"), "100%25 %C3%A9%0A");
+    }
 }

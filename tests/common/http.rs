@@ -3,15 +3,42 @@
 
 use super::*;
 
-/// Reads a metric sample's value, e.g. `tollgate_requests_total{route="a",status="200"}`.
+/// `name{a="x",b="y"}` -> (name, [(a, x), (b, y)]).
+fn parse_series(series: &str) -> (&str, Vec<(&str, &str)>) {
+    let Some((name, rest)) = series.split_once('{') else {
+        return (series, Vec::new());
+    };
+    let labels = rest
+        .trim_end_matches('}')
+        .split("\",")
+        .filter(|kv| !kv.is_empty())
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once("=\"")?;
+            Some((k, v.trim_end_matches('"')))
+        })
+        .collect();
+    (name, labels)
+}
+
+/// A metric's value summed over every series that has the given labels,
+/// e.g. `tollgate_requests_total{route="a",status="200"}` (whatever other
+/// labels, such as `protocol`, the series carry); `None` when none exists.
 pub fn metric_value(text: &str, series: &str) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        l.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
+    let (name, wanted) = parse_series(series);
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((head, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (n, labels) = parse_series(head);
+        if n != name || !wanted.iter().all(|w| labels.contains(w)) {
+            continue;
+        }
+        if let Ok(v) = value.trim().parse::<f64>() {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
 }
 
 #[derive(Debug, Clone)]

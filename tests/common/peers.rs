@@ -240,3 +240,60 @@ impl Certs {
         self.dir.join(name).display().to_string()
     }
 }
+
+const TLS_CLIENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/tls_client.py");
+
+/// An HTTPS/1.1 connection made by Python's ssl module (OpenSSL), held open
+/// so a test can send more requests on it later (tests/support/tls_client.py).
+pub struct TlsClient {
+    child: std::process::Child,
+    out: BufReader<std::process::ChildStdout>,
+    /// What the handshake gave: `{"version", "alpn", "serial", "names"}`,
+    /// or `{"error": ...}` when it failed.
+    pub handshake: serde_json::Value,
+}
+
+impl TlsClient {
+    /// `extra`: e.g. `["--sni", "api.example.com", "--max", "1.2"]`.
+    pub fn connect(port: u16, ca: &str, extra: &[&str]) -> TlsClient {
+        let mut child = python(TLS_CLIENT)
+            .args(["127.0.0.1", &port.to_string(), "--ca", ca])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("tls_client.py: cannot run python3 ({e}). {MISSING}"));
+        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+        let handshake = read_json_line(&mut out);
+        TlsClient {
+            child,
+            out,
+            handshake,
+        }
+    }
+
+    /// `GET path` on this connection: `{"status": n, "body": ...}` or `{"error": ...}`.
+    pub fn get(&mut self, path: &str) -> serde_json::Value {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        stdin
+            .write_all(format!("{path}\n").as_bytes())
+            .and_then(|_| stdin.flush())
+            .expect("write to tls_client.py");
+        read_json_line(&mut self.out)
+    }
+}
+
+impl Drop for TlsClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn read_json_line(out: &mut BufReader<std::process::ChildStdout>) -> serde_json::Value {
+    let mut line = String::new();
+    out.read_line(&mut line).expect("tls_client.py output");
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("tls_client.py said {line:?}: {e}"))
+}
