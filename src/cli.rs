@@ -1,4 +1,4 @@
-//! The command line (see SPEC "Binary and command line").
+//! The command line (README, "Command line").
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;

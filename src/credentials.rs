@@ -10,7 +10,7 @@
 use crate::config::UpstreamAuthSettings;
 use crate::http_client::{HttpClient, HttpError};
 use crate::metrics;
-use crate::redis_client::{Query, Redis};
+use crate::redis_client::{OwnConnection, Query, Redis};
 use crate::state::SharedState;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
@@ -289,30 +289,21 @@ impl CredentialsRefresher {
 #[async_trait]
 impl BackgroundService for CredentialsRefresher {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        // This service's own Redis connection, made again when the settings change.
-        let mut backend: Option<Redis> = None;
-        loop {
+        let own = tokio::sync::Mutex::new(OwnConnection::default());
+        crate::background::every(&mut shutdown, Duration::from_millis(250), || async {
             let state = self.state.load_full();
-            match &state.redis {
-                Some(r) if backend.as_ref().is_none_or(|b| b.settings != r.settings) => {
-                    backend = Some(r.detached());
-                }
-                Some(_) => {}
-                None => backend = None,
-            }
+            let mut own = own.lock().await;
+            let redis = own.follow(state.redis.as_ref());
             for route in &state.config.routes {
                 let Some(auth) = &route.upstream_auth else {
                     continue;
                 };
                 if needs_refresh(self.credentials.refresh_at(&route.name, auth)) {
-                    self.refresh(&route.name, auth, backend.as_ref()).await;
+                    self.refresh(&route.name, auth, redis).await;
                 }
             }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                _ = shutdown.changed() => return,
-            }
-        }
+        })
+        .await
     }
 }
 

@@ -1,6 +1,6 @@
 //! Every answer tollgate makes itself instead of the upstream, with its
 //! status, its stable error code and a sentence for humans. One renderer
-//! (`proxy::respond`) turns these into the JSON body the SPEC fixes.
+//! (`proxy::respond`) turns these into the JSON body the README documents.
 
 use std::borrow::Cow;
 

@@ -307,22 +307,50 @@ impl Redis {
     }
 }
 
+/// A background service's own connection to the current config's Redis
+/// (see [`Redis::detached`]), made again when the Redis settings change.
+#[derive(Default)]
+pub struct OwnConnection(Option<Redis>);
+
+impl OwnConnection {
+    /// The connection for `current` (the running config's client), if any.
+    pub fn follow(&mut self, current: Option<&Arc<Redis>>) -> Option<&Redis> {
+        match current {
+            None => self.0 = None,
+            Some(r) if self.0.as_ref().is_none_or(|own| own.settings != r.settings) => {
+                self.0 = Some(r.detached());
+            }
+            Some(_) => {}
+        }
+        self.0.as_ref()
+    }
+}
+
+/// Why a command from the CLI did not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockingError {
+    #[error("cannot start a runtime: {0}")]
+    Runtime(#[from] std::io::Error),
+    #[error(transparent)]
+    Config(#[from] ConfigProblem),
+    #[error(transparent)]
+    Redis(#[from] Unavailable),
+}
+
 /// One command from a program that has no runtime of its own (the CLI):
 /// a short-lived single-thread runtime runs it.
 pub fn blocking_query<T: FromRedisValue + Send + 'static>(
     settings: RedisSettings,
     op: &'static str,
     cmd: redis::Cmd,
-) -> Result<T, String> {
+) -> Result<T, BlockingError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+        .build()?;
     runtime.block_on(async move {
-        let redis = Arc::new(Redis::new(settings).map_err(|e| e.to_string())?);
-        redis
+        let redis = Redis::new(settings)?;
+        Ok(redis
             .query(op, Query::Cmd(&cmd), Duration::from_secs(5))
-            .await
-            .map_err(|e| e.to_string())
+            .await?)
     })
 }

@@ -2,7 +2,7 @@
 //! layer (so `rediss://` and Cluster are probed exactly as they are used),
 //! on a connection of the probe's own. `/ready` answers 503 while it fails.
 
-use crate::redis_client::Redis;
+use crate::redis_client::OwnConnection;
 use crate::state::{Health, SharedState};
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
@@ -19,34 +19,26 @@ pub struct RedisProbe {
 #[async_trait]
 impl BackgroundService for RedisProbe {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut was_ok = None;
-        let mut probe: Option<Redis> = None;
-        loop {
+        let was_ok = std::sync::Mutex::new(None);
+        let own = tokio::sync::Mutex::new(OwnConnection::default());
+        crate::background::every(&mut shutdown, Duration::from_secs(1), || async {
             let state = self.state.load_full();
-            match &state.redis {
-                Some(redis) => {
-                    if probe.as_ref().is_none_or(|p| p.settings != redis.settings) {
-                        probe = Some(redis.detached());
-                    }
+            let mut own = own.lock().await;
+            let Some(redis) = own.follow(state.redis.as_ref()) else {
+                return;
+            };
+            let result = redis.ping().await;
+            let ok = result.is_ok();
+            self.health.redis_reachable.store(ok, Ordering::Relaxed);
+            let Ok(mut was) = was_ok.lock() else { return };
+            if *was != Some(ok) {
+                match result {
+                    Ok(()) => log::info!("redis reachable"),
+                    Err(e) => log::warn!("redis unreachable: {e}"),
                 }
-                None => probe = None,
+                *was = Some(ok);
             }
-            if let Some(redis) = &probe {
-                let result = redis.ping().await;
-                let ok = result.is_ok();
-                self.health.redis_reachable.store(ok, Ordering::Relaxed);
-                if was_ok != Some(ok) {
-                    match result {
-                        Ok(()) => log::info!("redis reachable"),
-                        Err(e) => log::warn!("redis unreachable: {e}"),
-                    }
-                    was_ok = Some(ok);
-                }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = shutdown.changed() => return,
-            }
-        }
+        })
+        .await
     }
 }

@@ -58,23 +58,33 @@ fn needs_upgrade(old: &Config, new: &Config) -> Vec<&'static str> {
         .collect()
 }
 
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{}", config::join(.0, "; "))]
+    Invalid(Vec<config::ConfigProblem>),
+    #[error("{0}")]
+    NotReady(config::ConfigProblem),
+    #[error("reload task failed: {0}")]
+    Task(String),
+}
+
 impl Reloader {
-    pub async fn reload(&self) -> Result<(), String> {
+    pub async fn reload(&self) -> Result<(), ReloadError> {
         let path = self.path.clone();
         let old = self.state.load_full();
         let previous = old.clone();
         // Reading files and resolving names block: keep them off this runtime's thread.
         let built = tokio::task::spawn_blocking(move || {
-            let config = config::load(&path).map_err(|e| config::join(&e.problems, "; "))?;
+            let config = config::load(&path).map_err(|e| ReloadError::Invalid(e.problems))?;
             let pending = needs_upgrade(&previous.config, &config);
-            let state =
-                State::build(config, Some(&previous)).map_err(|p| config::join(&p, "; "))?;
-            Ok::<_, String>((state, pending))
+            let state = State::build(config, Some(&previous)).map_err(ReloadError::Invalid)?;
+            Ok::<_, ReloadError>((state, pending))
         })
         .await
-        .map_err(|e| format!("reload task failed: {e}"))?;
+        .map_err(|e| ReloadError::Task(e.to_string()))?;
         let (state, pending) = built?;
-        state.prepare(&old).await.map_err(|p| p.to_string())?;
+        state.prepare(&old).await.map_err(ReloadError::NotReady)?;
         for warning in state.warnings() {
             log::warn!("{warning}");
         }

@@ -339,16 +339,13 @@ pub struct Maintenance {
 #[async_trait]
 impl BackgroundService for Maintenance {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        loop {
+        crate::background::every(&mut shutdown, Duration::from_millis(500), || async {
             let snapshot = self.state.load_full();
             for upstream in &snapshot.upstreams {
                 upstream.maintain().await;
             }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                _ = shutdown.changed() => return,
-            }
-        }
+        })
+        .await
     }
 }
 

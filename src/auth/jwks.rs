@@ -241,27 +241,17 @@ pub struct JwksRefresher {
 #[async_trait]
 impl BackgroundService for JwksRefresher {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        loop {
+        // Every second, or at once when a request asks for a key it lacks.
+        crate::background::every_or_woken(&mut shutdown, Duration::from_secs(1), || async {
             let state = self.state.load_full();
-            let jwks = state.verifier.as_ref().and_then(|v| v.jwks());
-            if let Some(jwks) = &jwks {
-                if jwks.due() {
-                    // A failure is logged and counted there; the last good set stays.
-                    let _ = jwks.refresh_once().await;
-                }
+            let jwks = state.verifier.as_ref().and_then(|v| v.jwks())?;
+            if jwks.due() {
+                // A failure is logged and counted there; the last good set stays.
+                let _ = jwks.refresh_once().await;
             }
-            let woken = async {
-                match &jwks {
-                    Some(j) => j.wake.notified().await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = woken => {}
-                _ = shutdown.changed() => return,
-            }
-        }
+            Some(async move { jwks.wake.notified().await })
+        })
+        .await
     }
 }
 

@@ -370,7 +370,7 @@ impl Verifier {
                             names.routes
                         ))
                     })?;
-                RouteMatcher::compile(&entries).map_err(invalid)?
+                RouteMatcher::compile(&entries).map_err(|e| invalid(e.to_string()))?
             }
             Some(_) => {
                 return Err(invalid(format!(

@@ -9,6 +9,15 @@
 
 use crate::path;
 
+/// Why an `allowed_routes` entry is not a pattern.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PatternError {
+    #[error("allowed route {entry:?}: {why}")]
+    NotAPath { entry: String, why: String },
+    #[error("allowed route {0:?}: '*' is only allowed as a final '/*'")]
+    Star(String),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Pattern {
     Exact(String),
@@ -32,7 +41,7 @@ impl RouteMatcher {
 
     /// Compiles `allowed_routes`; a pattern that is not a valid path makes the
     /// whole token invalid rather than silently narrowing or widening it.
-    pub fn compile<S: AsRef<str>>(entries: &[S]) -> Result<Self, String> {
+    pub fn compile<S: AsRef<str>>(entries: &[S]) -> Result<Self, PatternError> {
         let mut patterns = Vec::with_capacity(entries.len());
         for entry in entries {
             let entry = entry.as_ref();
@@ -41,17 +50,20 @@ impl RouteMatcher {
                 continue;
             }
             if let Some(base) = entry.strip_suffix("/*") {
-                let normal = path::normalize(&format!("{base}/"))
-                    .map_err(|e| format!("allowed route {entry:?}: {e}"))?;
+                let not_a_path = |e: path::PathError| PatternError::NotAPath {
+                    entry: entry.to_string(),
+                    why: e.to_string(),
+                };
+                let normal = path::normalize(&format!("{base}/")).map_err(not_a_path)?;
                 patterns.push(Pattern::Prefix(normal));
             } else {
                 if entry.contains('*') {
-                    return Err(format!(
-                        "allowed route {entry:?}: '*' is only allowed as a final '/*'"
-                    ));
+                    return Err(PatternError::Star(entry.to_string()));
                 }
-                let normal =
-                    path::normalize(entry).map_err(|e| format!("allowed route {entry:?}: {e}"))?;
+                let normal = path::normalize(entry).map_err(|e| PatternError::NotAPath {
+                    entry: entry.to_string(),
+                    why: e.to_string(),
+                })?;
                 patterns.push(Pattern::Exact(normal));
             }
         }

@@ -62,7 +62,7 @@ impl<'de> Deserialize<'de> for Span {
 pub fn span(text: &str) -> Checked<Span> {
     match parse_duration(text) {
         Ok(d) => Checked::Valid(Span(d)),
-        Err(e) => Checked::Invalid(e),
+        Err(e) => Checked::Invalid(e.to_string()),
     }
 }
 

@@ -3,23 +3,35 @@
 
 use std::time::Duration;
 
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("empty duration (expected e.g. 250ms, 5s, 1m, 24h)")]
+    Empty,
+    #[error("invalid duration {0:?} (expected e.g. 250ms, 5s, 1m, 24h)")]
+    Invalid(String),
+    #[error("invalid duration {0:?}: a unit is required (ms, s, m, h or d)")]
+    NoUnit(String),
+    #[error("invalid duration {text:?}: unknown unit {unit:?} (ms, s, m, h or d)")]
+    UnknownUnit { text: String, unit: String },
+    #[error("invalid duration {0:?}: too large")]
+    TooLarge(String),
+}
+
+pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
     let s = text.trim();
     if s.is_empty() {
-        return Err("empty duration (expected e.g. 250ms, 5s, 1m, 24h)".into());
+        return Err(DurationError::Empty);
     }
     let mut total: u128 = 0;
     let mut rest = s;
     while !rest.is_empty() {
         let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
         if digits == 0 {
-            return Err(format!(
-                "invalid duration {text:?} (expected e.g. 250ms, 5s, 1m, 24h)"
-            ));
+            return Err(DurationError::Invalid(text.into()));
         }
         let number: u128 = rest[..digits]
             .parse()
-            .map_err(|_| format!("invalid duration {text:?}: number too large"))?;
+            .map_err(|_| DurationError::TooLarge(text.into()))?;
         rest = &rest[digits..];
         let unit_len = rest.bytes().take_while(|b| b.is_ascii_alphabetic()).count();
         let unit_ms: u128 = match &rest[..unit_len] {
@@ -28,24 +40,21 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "m" => 60_000,
             "h" => 3_600_000,
             "d" => 86_400_000,
-            "" => {
-                return Err(format!(
-                    "invalid duration {text:?}: a unit is required (ms, s, m, h or d)"
-                ))
-            }
+            "" => return Err(DurationError::NoUnit(text.into())),
             other => {
-                return Err(format!(
-                    "invalid duration {text:?}: unknown unit {other:?} (ms, s, m, h or d)"
-                ))
+                return Err(DurationError::UnknownUnit {
+                    text: text.into(),
+                    unit: other.into(),
+                })
             }
         };
         rest = &rest[unit_len..];
         total = number
             .checked_mul(unit_ms)
             .and_then(|v| total.checked_add(v))
-            .ok_or_else(|| format!("invalid duration {text:?}: too large"))?;
+            .ok_or_else(|| DurationError::TooLarge(text.into()))?;
     }
-    let ms = u64::try_from(total).map_err(|_| format!("invalid duration {text:?}: too large"))?;
+    let ms = u64::try_from(total).map_err(|_| DurationError::TooLarge(text.into()))?;
     Ok(Duration::from_millis(ms))
 }
 

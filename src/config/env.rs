@@ -52,7 +52,19 @@ fn parse_value(raw: &str) -> Value {
     }
 }
 
-fn set_path(node: &mut Value, path: &[String], value: Value) -> Result<(), String> {
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum PathError {
+    #[error("cannot set {0}")]
+    CannotSet(String),
+    #[error("{0:?} is not a list index")]
+    NotAnIndex(String),
+    #[error("list index {index} is out of range ({len} items)")]
+    OutOfRange { index: usize, len: usize },
+    #[error("{0:?} is inside a value that is not a section")]
+    NotASection(String),
+}
+
+fn set_path(node: &mut Value, path: &[String], value: Value) -> Result<(), PathError> {
     let Some((head, rest)) = path.split_first() else {
         *node = value;
         return Ok(());
@@ -68,22 +80,20 @@ fn set_path(node: &mut Value, path: &[String], value: Value) -> Result<(), Strin
             }
             match map.get_mut(&key) {
                 Some(child) => set_path(child, rest, value),
-                None => Err(format!("cannot set {head}")),
+                None => Err(PathError::CannotSet(head.clone())),
             }
         }
         Value::Sequence(items) => {
             let index: usize = head
                 .parse()
-                .map_err(|_| format!("{head:?} is not a list index"))?;
+                .map_err(|_| PathError::NotAnIndex(head.clone()))?;
+            let len = items.len();
             match items.get_mut(index) {
                 Some(child) => set_path(child, rest, value),
-                None => Err(format!(
-                    "list index {index} is out of range ({} items)",
-                    items.len()
-                )),
+                None => Err(PathError::OutOfRange { index, len }),
             }
         }
-        _ => Err(format!("{head:?} is inside a value that is not a section")),
+        _ => Err(PathError::NotASection(head.clone())),
     }
 }
 

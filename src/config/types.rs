@@ -100,21 +100,34 @@ pub struct Cidr {
     pub prefix: u8,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CidrError {
+    #[error("{0:?} is not an IP address or CIDR")]
+    NotAnAddress(String),
+    #[error("{text:?}: prefix length must be 0 to {max}")]
+    Prefix { text: String, max: u8 },
+}
+
 impl Cidr {
-    pub fn parse(text: &str) -> Result<Cidr, String> {
+    pub fn parse(text: &str) -> Result<Cidr, CidrError> {
         let (addr, prefix) = match text.split_once('/') {
             Some((a, p)) => (a, Some(p)),
             None => (text, None),
         };
         let addr: std::net::IpAddr = addr
             .parse()
-            .map_err(|_| format!("{text:?} is not an IP address or CIDR"))?;
+            .map_err(|_| CidrError::NotAnAddress(text.into()))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             None => max,
             Some(p) => match p.parse::<u8>() {
                 Ok(p) if p <= max => p,
-                _ => return Err(format!("{text:?}: prefix length must be 0 to {max}")),
+                _ => {
+                    return Err(CidrError::Prefix {
+                        text: text.into(),
+                        max,
+                    })
+                }
             },
         };
         Ok(Cidr { addr, prefix })

@@ -99,7 +99,7 @@ fn server(p: &mut Problems, s: &RawServer) -> ServerSettings {
         .enumerate()
         .filter_map(|(i, c)| {
             Cidr::parse(c)
-                .map_err(|e| p.add(format!("server.trusted_proxies[{i}]"), e))
+                .map_err(|e| p.add(format!("server.trusted_proxies[{i}]"), e.to_string()))
                 .ok()
         })
         .collect();
@@ -425,22 +425,36 @@ fn limits(p: &mut Problems, raw: &RawLimits) -> LimitSettings {
     }
 }
 
+/// Why a peer is not `host:port`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerError {
+    #[error("{0:?}: give host:port without a scheme (set tls: true for HTTPS peers)")]
+    Scheme(String),
+    #[error("{0:?}: give host:port")]
+    NoPort(String),
+    #[error("{peer:?}: {port:?} is not a port (1-65535)")]
+    BadPort { peer: String, port: String },
+    #[error("{peer:?}: {host:?} is neither an IP address nor a host name")]
+    BadHost { peer: String, host: String },
+}
+
 /// `host:port` with a host that is an IP literal or a DNS name, and a port.
 /// Names are not resolved here: that is the running upstream's job.
-pub fn check_peer(peer: &str) -> Result<(), String> {
+pub fn check_peer(peer: &str) -> Result<(), PeerError> {
     if peer.contains("://") {
-        return Err(format!(
-            "{peer:?}: give host:port without a scheme (set tls: true for HTTPS peers)"
-        ));
+        return Err(PeerError::Scheme(peer.into()));
     }
     if peer.parse::<SocketAddr>().is_ok() {
         return Ok(());
     }
     let Some((host, port)) = peer.rsplit_once(':') else {
-        return Err(format!("{peer:?}: give host:port"));
+        return Err(PeerError::NoPort(peer.into()));
     };
     if port.parse::<u16>().map_or(true, |p| p == 0) {
-        return Err(format!("{peer:?}: {port:?} is not a port (1-65535)"));
+        return Err(PeerError::BadPort {
+            peer: peer.into(),
+            port: port.into(),
+        });
     }
     let label_ok = |l: &str| {
         !l.is_empty()
@@ -452,9 +466,10 @@ pub fn check_peer(peer: &str) -> Result<(), String> {
     };
     let name = host.strip_suffix('.').unwrap_or(host);
     if host.len() > 253 || name.is_empty() || !name.split('.').all(label_ok) {
-        return Err(format!(
-            "{peer:?}: {host:?} is neither an IP address nor a host name"
-        ));
+        return Err(PeerError::BadHost {
+            peer: peer.into(),
+            host: host.into(),
+        });
     }
     Ok(())
 }
@@ -469,7 +484,7 @@ fn upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> UpstreamSettings
     }
     for (i, peer) in raw.peers.iter().enumerate() {
         if let Err(e) = check_peer(peer) {
-            p.add(format!("{base}.peers[{i}]"), e);
+            p.add(format!("{base}.peers[{i}]"), e.to_string());
         }
     }
     if !raw.tls && (raw.sni.is_some() || raw.ca_file.is_some()) {

@@ -5,17 +5,23 @@
 //! moment its shutdown starts, so a request already on the wire would be
 //! lost. tollgate therefore drains around it:
 //!
-//! 1. `SIGTERM` or `SIGQUIT` arrive at [`Signals`], which switches tollgate to
-//!    draining (every answer from now on carries `Connection: close`) and
-//!    hands Pingora the signal at once: for `SIGQUIT` Pingora passes the
-//!    listening sockets to the new process, which accepts from then on, and
-//!    keeps accepting itself for its hand-over pause; then it stops accepting
-//!    (for `SIGTERM`, at once). Connections it holds stay open.
+//! 1. `SIGTERM` or `SIGQUIT` arrive at [`Signals`], which hands Pingora the
+//!    signal at once. For `SIGQUIT`, Pingora passes the listening sockets to
+//!    the new process, which accepts from then on; tollgate switches to
+//!    draining right away (every answer carries `Connection: close`, so
+//!    clients move over), while Pingora keeps accepting for its hand-over
+//!    pause. For `SIGTERM`, Pingora stops accepting at once; draining starts
+//!    only once the listeners are closed, so a client told to reconnect is
+//!    refused (nothing sent) instead of being queued on a socket nobody
+//!    accepts from any more.
 //! 2. When the listeners have stopped, Pingora calls the edge's `cleanup`,
-//!    which waits — up to `server.grace_period`, or until every connection
+//!    which drains — up to `server.grace_period`, or until every connection
 //!    has gone — while requests on open connections are still answered.
 //! 3. Only then are the remaining idle connections closed, and Pingora's own
 //!    grace period (one second longer) lets the last answers finish.
+//!
+//! The request path sees the drain through [`Drain::watch`], which the edge
+//! hands to Pingora's HTTP handling in place of Pingora's shutdown signal.
 
 use async_trait::async_trait;
 use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
@@ -27,6 +33,9 @@ use tokio::sync::{watch, Notify};
 
 pub struct Drain {
     draining: AtomicBool,
+    /// Turns true when draining starts (Pingora's HTTP handling then closes
+    /// each connection after its answer).
+    closing: watch::Sender<bool>,
     open: AtomicUsize,
     all_closed: Notify,
     grace: Duration,
@@ -38,6 +47,7 @@ impl Drain {
     pub fn new(grace: Duration) -> Arc<Drain> {
         Arc::new(Drain {
             draining: AtomicBool::new(false),
+            closing: watch::channel(false).0,
             open: AtomicUsize::new(0),
             all_closed: Notify::new(),
             grace,
@@ -47,11 +57,17 @@ impl Drain {
 
     pub fn start(&self) {
         if !self.draining.swap(true, Ordering::Relaxed) {
+            self.closing.send_replace(true);
             log::info!(
                 "draining: answers carry Connection: close; idle connections are closed after {:?}",
                 self.grace
             );
         }
+    }
+
+    /// The drain as a shutdown signal for Pingora's HTTP handling.
+    pub fn watch(&self) -> watch::Receiver<bool> {
+        self.closing.subscribe()
     }
 
     /// Whether answers must close their connection.
@@ -134,8 +150,8 @@ impl ShutdownSignalWatch for Signals {
                 ShutdownSignal::GracefulUpgrade
             }
             _ = term.recv() => {
+                // Draining starts once the listeners are closed (the edge's cleanup).
                 log::info!("SIGTERM: no new connections; draining open ones");
-                self.drain.start();
                 ShutdownSignal::GracefulTerminate
             }
             _ = int.recv() => ShutdownSignal::FastShutdown,

@@ -77,6 +77,7 @@ impl Edge {
     /// HTTP/1: one session per request on the same connection, the head
     /// guard re-armed before each.
     async fn serve_http1(&self, stream: Stream, limits: HeadLimits, shutdown: &ShutdownWatch) {
+        // `shutdown` is the drain's watch (see `process_new`).
         let guarded: Stream = Box::new(HeadGuard::new(stream, limits));
         let mut session = ServerSession::new_http1(guarded);
         session.set_keepalive((!*shutdown.borrow()).then_some(KEEPALIVE_SECS));
@@ -100,6 +101,11 @@ impl ServerApp for Edge {
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let _open = self.drain.connection();
+        // Pingora's HTTP handling closes connections once its shutdown signal
+        // is set; it gets the drain's instead, which is set only when clients
+        // can safely be told to reconnect (see `drain`).
+        let _ = shutdown;
+        let shutdown = &self.drain.watch();
         let state = self.state.load_full();
         let server = &state.config.server;
         let limits = HeadLimits {

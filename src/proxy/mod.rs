@@ -1,6 +1,6 @@
 //! The request path: the `ProxyHttp` implementation and its per-request CTX.
 //!
-//! `request_filter` reads like the SPEC's request path: probes, path, route,
+//! `request_filter` reads like the README's request path: probes, path, route,
 //! then forwarding. Each step either passes or returns a [`Refusal`] that
 //! `respond::refuse` renders.
 
@@ -248,7 +248,7 @@ impl Proxy {
         }
     }
 
-    /// Step 5: the caller's windows, then its org's.
+    /// Rate limits: the caller's windows, then its org's.
     async fn limit(&self, ctx: &mut Ctx, state: &State, route: usize) -> Result<(), Refusal> {
         let Some(identity) = &ctx.identity else {
             return Ok(());

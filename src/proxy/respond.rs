@@ -90,7 +90,7 @@ async fn refuse_grpc(session: &mut Session, ctx: &mut Ctx, refusal: &Refusal) ->
         .await
 }
 
-/// Writes `{"error","message"}` with the status and headers the SPEC fixes
+/// Writes `{"error","message"}` with the status and headers of the README
 /// (or, to a gRPC client, the matching gRPC status).
 pub async fn refuse(session: &mut Session, ctx: &mut Ctx, refusal: &Refusal) -> Result<()> {
     ctx.error = Some(refusal.code());

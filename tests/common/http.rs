@@ -64,7 +64,7 @@ impl Response {
             .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
     }
 
-    /// Asserts the SPEC's refusal shape and returns the error code.
+    /// Asserts the documented refusal shape (JSON error and message, request id).
     pub fn assert_refusal(&self, status: u16, code: &str) {
         assert_eq!(self.status, status, "body: {}", self.text());
         assert_eq!(self.header("content-type"), Some("application/json"));
