@@ -4,6 +4,8 @@
 # process only (user space), over a fixed number of requests after a warm-up:
 #   bare Pingora (no logic), tollgate passthrough, tollgate full path (hybrid).
 #   bench/callgrind.sh [REQUESTS]     default 20000; prints a markdown table
+#   TOLLGATE_BIN=... BARE_BIN=... bench/callgrind.sh   measure given builds
+#   (e.g. an older commit's, for a before/after comparison) instead of building
 # Profiles are kept as bench/results/callgrind/NAME.callgrind for
 # callgrind_annotate --inclusive=yes.
 set -euo pipefail
@@ -12,7 +14,11 @@ requests=${1:-20000}
 for tool in valgrind callgrind_control nginx redis-server oha python3; do
   command -v "$tool" >/dev/null || { echo "callgrind.sh: $tool is required (bench/run.sh installs nginx and oha)" >&2; exit 1; }
 done
-cargo build --release --quiet --bin tollgate --example bare_pingora
+tollgate_bin=${TOLLGATE_BIN:-target/release/tollgate}
+bare_bin=${BARE_BIN:-target/release/examples/bare_pingora}
+if [ -z "${TOLLGATE_BIN:-}" ] || [ -z "${BARE_BIN:-}" ]; then
+  cargo build --release --quiet --bin tollgate --example bare_pingora
+fi
 out=bench/results/callgrind
 mkdir -p "$out"
 rm -f "$out"/*.out* "$out"/*.callgrind
@@ -76,14 +82,14 @@ measure() {
 }
 
 valgrind --tool=callgrind --callgrind-out-file="$out/bare.out" \
-  target/release/examples/bare_pingora "127.0.0.1:$port" "127.0.0.1:$up" >"$work/bare.log" 2>&1 & pids+=($!)
+  "$bare_bin" "127.0.0.1:$port" "127.0.0.1:$up" >"$work/bare.log" 2>&1 & pids+=($!)
 wait_http "http://127.0.0.1:$port/x"
 measure bare "http://127.0.0.1:$port/x"
 kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true; unset 'pids[-1]'
 rm -f "$out"/bare.out
 
 valgrind --tool=callgrind --callgrind-out-file="$out/tollgate.out" \
-  target/release/tollgate serve -c "$work/tollgate.yaml" >"$work/tollgate.log" 2>&1 & pids+=($!)
+  "$tollgate_bin" serve -c "$work/tollgate.yaml" >"$work/tollgate.log" 2>&1 & pids+=($!)
 wait_http "http://127.0.0.1:$port/pass/x"
 measure passthrough "http://127.0.0.1:$port/pass/x"
 measure full "http://127.0.0.1:$port/api/x" -H "Authorization: Bearer $token"

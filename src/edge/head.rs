@@ -39,15 +39,22 @@ pub struct HeadEnd {
 
 impl HeadEnd {
     /// The index just past the end of the head in `bytes`, if it is there.
+    /// Jumps from line feed to line feed: a header line is rejected at its
+    /// first byte, so the cost is per line, not per byte.
     pub fn scan(&mut self, bytes: &[u8]) -> Option<usize> {
-        for (i, &b) in bytes.iter().enumerate() {
-            match b {
-                b'\n' if self.line_empty => return Some(i + 1),
-                b'\n' => self.line_empty = true,
-                b'\r' => {}
-                _ => self.line_empty = false,
+        let only_cr = |line: &[u8]| line.iter().all(|&b| b == b'\r');
+        let mut start = 0;
+        // Whether the line `start` begins can still be the empty one.
+        let mut may_be_empty = self.line_empty;
+        while let Some(at) = memchr::memchr(b'\n', &bytes[start..]) {
+            let feed = start + at;
+            if may_be_empty && only_cr(&bytes[start..feed]) {
+                return Some(feed + 1);
             }
+            start = feed + 1;
+            may_be_empty = true;
         }
+        self.line_empty = may_be_empty && only_cr(&bytes[start..]);
         None
     }
 }
