@@ -9,6 +9,7 @@ and key, and measures, interleaved and repeated (medians of --rounds):
 
   https  HTTP/1.1 over TLS, keep-alive: wrk -t1 -c32 --latency
          -> requests/s, p50/p99, proxy CPU µs/request
+  http   the same without TLS, a baseline: what TLS adds per request
   h2     HTTP/2 over TLS (ALPN h2): h2load -t1 -c32 -m10 -D
   h2c    HTTP/2 prior knowledge without TLS, the same h2load (labelled)
          -> requests/s, mean request time, proxy CPU µs/request
@@ -228,10 +229,10 @@ def https_status(port, path, headers=None, cafile=None):
         conn.close()
 
 
-def http_status(port, path):
+def http_status(port, path, headers=None):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
-        conn.request("GET", path)
+        conn.request("GET", path, headers=headers or {})
         resp = conn.getresponse()
         resp.read()
         return resp.status
@@ -287,7 +288,8 @@ def main():
             raise SystemExit(f"tests/support/certs.py failed:\n{made.stderr}")
         ca, cert, key = f"{certs}/ca.pem", f"{certs}/localhost.pem", f"{certs}/localhost.key"
 
-        up_port, ngx_tls, ngx_h2c, redis_port = free_port(), free_port(), free_port(), free_port()
+        up_port, redis_port = free_port(), free_port()
+        ngx_tls, ngx_h2c, ngx_plain = free_port(), free_port(), free_port()
         tg_plain, tg_tls, tg_admin = free_port(), free_port(), free_port()
 
         def nginx(name, http_block):
@@ -316,6 +318,7 @@ http {{
   server {{
     listen 127.0.0.1:{ngx_tls} ssl http2 backlog=4096;
     listen 127.0.0.1:{ngx_h2c} http2 backlog=4096;
+    listen 127.0.0.1:{ngx_plain} backlog=4096;
     ssl_certificate {cert};
     ssl_certificate_key {key};
     ssl_protocols TLSv1.2 TLSv1.3;
@@ -355,7 +358,7 @@ limits: {{ sync: hybrid, claim_window: 1m, default: [{{ requests: 1000000000, wi
 upstreams: {{ backend: {{ peers: ["127.0.0.1:{up_port}"] }} }}
 routes: [{{ name: api, path_prefix: /api/, upstream: backend }}]
 """)
-        for p in (up_port, ngx_tls, ngx_h2c, redis_port):
+        for p in (up_port, ngx_tls, ngx_h2c, ngx_plain, redis_port):
             wait_port(p)
         # SIGINT: Pingora's fast shutdown (SIGTERM would drain for the grace period).
         tg = spawn([binary, "serve", "-c", tg_conf], "tollgate", stop=signal.SIGINT)
@@ -375,6 +378,8 @@ routes: [{{ name: api, path_prefix: /api/, upstream: backend }}]
                 raise SystemExit(f"sanity check failed: {what}: got {got!r}, expected {want!r}")
 
         expect("nginx upstream, GET /", http_status(up_port, "/"), 200)
+        expect("nginx proxy over plain HTTP/1.1", http_status(ngx_plain, "/x"), 200)
+        expect("tollgate over plain HTTP/1.1 with a token", http_status(tg_plain, "/api/x", bearer), 200)
         ngx_s, ngx_ver, ngx_cipher = https_status(ngx_tls, "/x", bearer, ca)
         expect("nginx proxy over https (CA-verified)", ngx_s, 200)
         tg_s, tg_ver, tg_cipher = https_status(tg_tls, "/api/x", bearer, ca)
@@ -433,6 +438,10 @@ routes: [{{ name: api, path_prefix: /api/, upstream: backend }}]
         scenarios = [
             ("https_tollgate", "tollgate HTTPS, full path", "wrk", tg_https, tg_pids),
             ("https_nginx", "nginx HTTPS proxy_pass", "wrk", ngx_https, ngx_pids),
+            ("http_tollgate", "baseline: tollgate HTTP/1.1 without TLS, full path", "wrk",
+             f"http://127.0.0.1:{tg_plain}/api/x", tg_pids),
+            ("http_nginx", "baseline: nginx HTTP/1.1 without TLS proxy_pass", "wrk", f"http://127.0.0.1:{ngx_plain}/x",
+             ngx_pids),
             ("h2_tollgate", "tollgate h2 (TLS, ALPN), full path", "h2load", h2_targets["h2_tollgate"][1], tg_pids),
             ("h2_nginx", "nginx http2 (TLS, ALPN) proxy_pass", "h2load", h2_targets["h2_nginx"][1], ngx_pids),
             ("h2c_tollgate", "tollgate h2c (prior knowledge), full path", "h2load", h2_targets["h2c_tollgate"][1],
@@ -516,6 +525,8 @@ routes: [{{ name: api, path_prefix: /api/, upstream: backend }}]
         say(f"python3 bench/edge.py {shlex.join(argv)}".rstrip())
         say(f"wrk -t1 -c{c} -d{d}s --latency -H 'Authorization: Bearer {T}' https://{N}:$TOLLGATE_TLS/api/x")
         say(f"wrk -t1 -c{c} -d{d}s --latency -H 'Authorization: Bearer {T}' https://{N}:$NGINX_TLS/x")
+        say(f"wrk -t1 -c{c} -d{d}s --latency -H 'Authorization: Bearer {T}' http://{N}:$TOLLGATE_PLAIN/api/x   # baseline")
+        say(f"wrk -t1 -c{c} -d{d}s --latency -H 'Authorization: Bearer {T}' http://{N}:$NGINX_PLAIN/x   # baseline")
         say(f"h2load -t1 -c{c} -m{m} -D{d} -H 'Authorization: Bearer {T}' https://{N}:$TOLLGATE_TLS/api/x")
         say(f"h2load -t1 -c{c} -m{m} -D{d} -H 'Authorization: Bearer {T}' https://{N}:$NGINX_TLS/x")
         say(f"h2load -t1 -c{c} -m{m} -D{d} -H 'Authorization: Bearer {T}' http://{N}:$TOLLGATE_PLAIN/api/x   # h2c")
@@ -533,10 +544,13 @@ routes: [{{ name: api, path_prefix: /api/, upstream: backend }}]
         say("## HTTPS, HTTP/1.1 keep-alive (wrk)\n")
         say("| proxy | requests/s | p50 ms | p99 ms | proxy CPU µs/request | client CPU µs/request |")
         say("| --- | ---: | ---: | ---: | ---: | ---: |")
-        for key in ("https_tollgate", "https_nginx"):
+        for key in ("https_tollgate", "https_nginx", "http_tollgate", "http_nginx"):
             label = next(s[1] for s in scenarios if s[0] == key)
             say(f"| {label} | {med(key, 'rps'):.0f} | {med(key, 'p50'):.3f} | {med(key, 'p99'):.3f} | "
                 f"{med(key, 'cpu_us'):.1f} | {med(key, 'client_us'):.1f} |")
+        say(f"\nTLS adds {med('https_tollgate', 'cpu_us') - med('http_tollgate', 'cpu_us'):.1f} µs of CPU per "
+            f"request to tollgate and {med('https_nginx', 'cpu_us') - med('http_nginx', 'cpu_us'):.1f} µs to nginx "
+            f"(HTTPS minus the plain HTTP/1.1 baseline, medians).")
         say(f"\n## HTTP/2 (h2load -c{c} -m{m})\n")
         say("| proxy | requests/s | mean request ms | proxy CPU µs/request | client CPU µs/request |")
         say("| --- | ---: | ---: | ---: | ---: |")
@@ -556,6 +570,7 @@ routes: [{{ name: api, path_prefix: /api/, upstream: backend }}]
         say("| comparison | throughput (medians) | per round | by CPU (nginx µs / tollgate µs) | per round |")
         say("| --- | ---: | ---: | ---: | ---: |")
         say(ratio_row("HTTPS full path / nginx HTTPS proxy_pass", "https_tollgate", "https_nginx"))
+        say(ratio_row("baseline: HTTP/1.1 without TLS, full path / nginx", "http_tollgate", "http_nginx"))
         say(ratio_row("h2 (TLS) full path / nginx http2", "h2_tollgate", "h2_nginx"))
         say(ratio_row("h2c full path / nginx h2c", "h2c_tollgate", "h2c_nginx"))
         say(ratio_row("handshakes / nginx handshakes", "hs_tollgate", "hs_nginx"))
