@@ -464,23 +464,29 @@ routes: [{{ name: api, path_prefix: /api/, upstream: backend }}]
         for rnd in range(args.rounds):
             order = scenarios if rnd % 2 == 0 else list(reversed(scenarios))
             for key, label, kind, url, pids in order:
-                before, client_before = cpu_ticks(pids), client_cpu()
+                before, client_before, t0 = cpu_ticks(pids), client_cpu(), time.monotonic()
                 res = measure(kind, url, d)
-                ticks = cpu_ticks(pids) - before
+                wall = time.monotonic() - t0
+                proxy_s, client_s = (cpu_ticks(pids) - before) / CLK_TCK, client_cpu() - client_before
                 n = max(res["requests"], 1)
-                res["cpu_us"] = ticks * 1e6 / CLK_TCK / n
-                res["client_us"] = (client_cpu() - client_before) * 1e6 / n
+                res["cpu_us"], res["client_us"] = proxy_s * 1e6 / n, client_s * 1e6 / n
+                # Cores busy over the run: which side limited the rate.
+                res["proxy_cores"], res["client_cores"] = proxy_s / wall, client_s / wall
                 if res["bad"] or not res["requests"]:
                     raise SystemExit(f"{label}: {res['bad']} failed or non-2xx requests, {res['requests']} good")
                 results[key].append(res)
                 lat = (f", p50 {res['p50']:.3f} ms, p99 {res['p99']:.3f} ms" if res["p50"] is not None else
                        f", mean {res['mean_ms']:.3f} ms" if res["mean_ms"] is not None else "")
                 print(f"round {rnd + 1} {label}: {res['rps']:.0f}/s{lat}, proxy {res['cpu_us']:.1f} µs CPU, "
-                      f"client {res['client_us']:.1f} µs CPU per request", file=sys.stderr)
+                      f"client {res['client_us']:.1f} µs CPU per request; cores busy: proxy "
+                      f"{res['proxy_cores']:.2f}, client {res['client_cores']:.2f}", file=sys.stderr)
 
         # -- report --
         def med(key, field):
             return statistics.median(x[field] for x in results[key])
+
+        def cores(key):
+            return f"{med(key, 'proxy_cores'):.2f} / {med(key, 'client_cores'):.2f}"
 
         def ratio_row(label, a, b):
             # Per round: the two runs of one round, close in time, so less
@@ -537,33 +543,36 @@ routes: [{{ name: api, path_prefix: /api/, upstream: backend }}]
         say(f"h2load -t1 -c{b} -m1 -n{b} --h1 -H 'Authorization: Bearer {T}' https://{N}:$NGINX_TLS/x")
         say("```\n")
         say("Proxy CPU: utime+stime of tollgate's process / nginx's worker (`/proc/<pid>/stat`) over the run, "
-            "divided by the requests. Client CPU: the load generator's (getrusage), to show which side "
-            "limits the rate: with one core for the proxy and one for the client and the upstream, a "
-            "requests/s ratio near 1 with a client CPU near a full core means the client was the limit; "
-            "the CPU columns are then the comparison.\n")
+            "divided by the requests. Client CPU: the load generator's (getrusage). Cores busy: CPU seconds "
+            "per second of the run, to show which side limited the rate on this 2-core machine (the proxy, "
+            "the client and the upstream share it): when the client is near a full core and the proxy is "
+            "not, requests/s compares the client, and the CPU columns are the comparison.\n")
         say("## HTTPS, HTTP/1.1 keep-alive (wrk)\n")
-        say("| proxy | requests/s | p50 ms | p99 ms | proxy CPU µs/request | client CPU µs/request |")
-        say("| --- | ---: | ---: | ---: | ---: | ---: |")
+        say("| proxy | requests/s | p50 ms | p99 ms | proxy CPU µs/request | client CPU µs/request | "
+            "cores busy, proxy / client |")
+        say("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         for key in ("https_tollgate", "https_nginx", "http_tollgate", "http_nginx"):
             label = next(s[1] for s in scenarios if s[0] == key)
             say(f"| {label} | {med(key, 'rps'):.0f} | {med(key, 'p50'):.3f} | {med(key, 'p99'):.3f} | "
-                f"{med(key, 'cpu_us'):.1f} | {med(key, 'client_us'):.1f} |")
+                f"{med(key, 'cpu_us'):.1f} | {med(key, 'client_us'):.1f} | {cores(key)} |")
         say(f"\nTLS adds {med('https_tollgate', 'cpu_us') - med('http_tollgate', 'cpu_us'):.1f} µs of CPU per "
             f"request to tollgate and {med('https_nginx', 'cpu_us') - med('http_nginx', 'cpu_us'):.1f} µs to nginx "
             f"(HTTPS minus the plain HTTP/1.1 baseline, medians).")
         say(f"\n## HTTP/2 (h2load -c{c} -m{m})\n")
-        say("| proxy | requests/s | mean request ms | proxy CPU µs/request | client CPU µs/request |")
-        say("| --- | ---: | ---: | ---: | ---: |")
+        say("| proxy | requests/s | mean request ms | proxy CPU µs/request | client CPU µs/request | "
+            "cores busy, proxy / client |")
+        say("| --- | ---: | ---: | ---: | ---: | ---: |")
         for key in ("h2_tollgate", "h2_nginx", "h2c_tollgate", "h2c_nginx"):
             label = next(s[1] for s in scenarios if s[0] == key)
             say(f"| {label} | {med(key, 'rps'):.0f} | {med(key, 'mean_ms'):.3f} | {med(key, 'cpu_us'):.1f} | "
-                f"{med(key, 'client_us'):.1f} |")
+                f"{med(key, 'client_us'):.1f} | {cores(key)} |")
         say(f"\n## TLS handshakes: a new connection per request (h2load --h1, batches of {b} fresh clients)\n")
-        say("| proxy | handshakes/s | proxy CPU µs/handshake | client CPU µs/handshake |")
-        say("| --- | ---: | ---: | ---: |")
+        say("| proxy | handshakes/s | proxy CPU µs/handshake | client CPU µs/handshake | cores busy, proxy / client |")
+        say("| --- | ---: | ---: | ---: | ---: |")
         for key in ("hs_tollgate", "hs_nginx"):
             label = next(s[1] for s in scenarios if s[0] == key)
-            say(f"| {label} | {med(key, 'rps'):.0f} | {med(key, 'cpu_us'):.1f} | {med(key, 'client_us'):.1f} |")
+            say(f"| {label} | {med(key, 'rps'):.0f} | {med(key, 'cpu_us'):.1f} | {med(key, 'client_us'):.1f} | "
+                f"{cores(key)} |")
         say("\nEach handshake row's CPU covers the TCP connection, a full TLS 1.3 handshake (no resumption: "
             "checked in nginx's log), one proxied request (tollgate: JWT and limits too) and the close.\n")
         say("## tollgate / nginx\n")
