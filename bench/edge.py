@@ -391,6 +391,7 @@ routes: [{{ name: api, path_prefix: /api/, upstream: backend }}]
                    "another-secret-0123456789abcdef!", algorithm="HS256")}, ca)[0], 401)
         expect("TLS version and cipher with OpenSSL's client defaults (wrk's): tollgate vs nginx",
                (tg_ver, tg_cipher), (ngx_ver, ngx_cipher))
+        expect("TLS version negotiated", tg_ver, "TLSv1.3")
         h2_targets = {
             "h2_tollgate": ("tollgate, h2 over TLS", f"https://127.0.0.1:{tg_tls}/api/x"),
             "h2_nginx": ("nginx, h2 over TLS", f"https://127.0.0.1:{ngx_tls}/x"),
