@@ -240,6 +240,18 @@ def http_status(port, path, headers=None):
         conn.close()
 
 
+def upstream_accepts(status_port):
+    """Connections the upstream nginx has accepted (stub_status), not
+    counting the one this question itself opens."""
+    conn = http.client.HTTPConnection("127.0.0.1", status_port, timeout=5)
+    try:
+        conn.request("GET", "/")
+        lines = conn.getresponse().read().decode().splitlines()
+    finally:
+        conn.close()
+    return int(lines[2].split()[0]) - 1
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bin", default=os.path.join(ROOT, "target/release/tollgate"))
@@ -288,7 +300,7 @@ def main():
             raise SystemExit(f"tests/support/certs.py failed:\n{made.stderr}")
         ca, cert, key = f"{certs}/ca.pem", f"{certs}/localhost.pem", f"{certs}/localhost.key"
 
-        up_port, redis_port = free_port(), free_port()
+        up_port, up_status, redis_port = free_port(), free_port(), free_port()
         ngx_tls, ngx_h2c, ngx_plain = free_port(), free_port(), free_port()
         tg_plain, tg_tls, tg_admin = free_port(), free_port(), free_port()
 
@@ -312,9 +324,15 @@ http {{
         # keepalive_requests everywhere: nginx's default (1000) would close a
         # keep-alive connection, and for the proxy redo a TLS handshake or an
         # upstream connection, every 1000 requests; tollgate has no such cap.
-        nginx("upstream", f"""  server {{ listen 127.0.0.1:{up_port} backlog=4096; location / {{ return 200 'ok'; }} }}""")
+        # Idle upstream connections kept: 1024 on both sides. Both default to
+        # 128 (nginx `keepalive`, tollgate `server.upstream_pool_size`), and
+        # h2 with 32 x 10 streams has 320 requests in flight: each proxy then
+        # opens and closes upstream connections all the time. The upstream's
+        # stub_status counts the connections opened during every run.
+        nginx("upstream", f"""  server {{ listen 127.0.0.1:{up_port} backlog=4096; location / {{ return 200 'ok'; }} }}
+  server {{ listen 127.0.0.1:{up_status}; location / {{ stub_status; }} }}""")
         ngx, ngx_conf = nginx("proxy", f"""  log_format handshake '$connection $ssl_session_reused $ssl_protocol $ssl_cipher';
-  upstream backend {{ server 127.0.0.1:{up_port}; keepalive 128; keepalive_requests 1000000; }}
+  upstream backend {{ server 127.0.0.1:{up_port}; keepalive 1024; keepalive_requests 1000000; }}
   server {{
     listen 127.0.0.1:{ngx_tls} ssl http2 backlog=4096;
     listen 127.0.0.1:{ngx_h2c} http2 backlog=4096;
@@ -343,6 +361,7 @@ http {{
             f.write(f"""server:
   listen: ["127.0.0.1:{tg_plain}"]
   threads: 1
+  upstream_pool_size: 1024
   h2c: true
   tls:
     - listen: "127.0.0.1:{tg_tls}"
@@ -358,7 +377,7 @@ limits: {{ sync: hybrid, claim_window: 1m, default: [{{ requests: 1000000000, wi
 upstreams: {{ backend: {{ peers: ["127.0.0.1:{up_port}"] }} }}
 routes: [{{ name: api, path_prefix: /api/, upstream: backend }}]
 """)
-        for p in (up_port, ngx_tls, ngx_h2c, ngx_plain, redis_port):
+        for p in (up_port, up_status, ngx_tls, ngx_h2c, ngx_plain, redis_port):
             wait_port(p)
         # SIGINT: Pingora's fast shutdown (SIGTERM would drain for the grace period).
         tg = spawn([binary, "serve", "-c", tg_conf], "tollgate", stop=signal.SIGINT)
@@ -465,9 +484,11 @@ routes: [{{ name: api, path_prefix: /api/, upstream: backend }}]
         for rnd in range(args.rounds):
             order = scenarios if rnd % 2 == 0 else list(reversed(scenarios))
             for key, label, kind, url, pids in order:
+                accepts = upstream_accepts(up_status)
                 before, client_before, t0 = cpu_ticks(pids), client_cpu(), time.monotonic()
                 res = measure(kind, url, d)
                 wall = time.monotonic() - t0
+                res["upstream_conns"] = upstream_accepts(up_status) - accepts - 1
                 proxy_s, client_s = (cpu_ticks(pids) - before) / CLK_TCK, client_cpu() - client_before
                 n = max(res["requests"], 1)
                 res["cpu_us"], res["client_us"] = proxy_s * 1e6 / n, client_s * 1e6 / n
@@ -480,7 +501,8 @@ routes: [{{ name: api, path_prefix: /api/, upstream: backend }}]
                        f", mean {res['mean_ms']:.3f} ms" if res["mean_ms"] is not None else "")
                 print(f"round {rnd + 1} {label}: {res['rps']:.0f}/s{lat}, proxy {res['cpu_us']:.1f} µs CPU, "
                       f"client {res['client_us']:.1f} µs CPU per request; cores busy: proxy "
-                      f"{res['proxy_cores']:.2f}, client {res['client_cores']:.2f}", file=sys.stderr)
+                      f"{res['proxy_cores']:.2f}, client {res['client_cores']:.2f}; {res['upstream_conns']} upstream "
+                      f"connections opened", file=sys.stderr)
 
         # -- report --
         def med(key, field):
@@ -522,7 +544,9 @@ routes: [{{ name: api, path_prefix: /api/, upstream: backend }}]
             f"per-round ranges are the ratio within each round. One worker each: tollgate `threads: 1` "
             f"(rustls {rustls_v}, ring), nginx {ngx_version.group(1) if ngx_version else '?'} "
             f"`worker_processes 1` ({ngx_ssl.group(1) if ngx_ssl else '?'}). Both in front of the same "
-            f"nginx `return 200` upstream over keep-alive, same certificate and key (EC P-256, private CA). "
+            f"nginx `return 200` upstream over keep-alive (1024 idle connections kept on both: nginx "
+            f"`keepalive 1024`, tollgate `upstream_pool_size: 1024`; both default to 128, too few for h2's "
+            f"320 requests in flight), same certificate and key (EC P-256, private CA). "
             f"Negotiated: {tg_ver} {tg_cipher} with OpenSSL's client defaults (wrk), "
             f"{' / '.join(map(str, hs_tls))} with h2load, the same on both proxies. "
             f"{wrk_v}, {h2load_v}.\n")
@@ -550,30 +574,32 @@ routes: [{{ name: api, path_prefix: /api/, upstream: backend }}]
             "not, requests/s compares the client, and the CPU columns are the comparison.\n")
         say("## HTTPS, HTTP/1.1 keep-alive (wrk)\n")
         say("| proxy | requests/s | p50 ms | p99 ms | proxy CPU µs/request | client CPU µs/request | "
-            "cores busy, proxy / client |")
-        say("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+            "cores busy, proxy / client | upstream connections opened |")
+        say("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for key in ("https_tollgate", "https_nginx", "http_tollgate", "http_nginx"):
             label = next(s[1] for s in scenarios if s[0] == key)
             say(f"| {label} | {med(key, 'rps'):.0f} | {med(key, 'p50'):.3f} | {med(key, 'p99'):.3f} | "
-                f"{med(key, 'cpu_us'):.1f} | {med(key, 'client_us'):.1f} | {cores(key)} |")
+                f"{med(key, 'cpu_us'):.1f} | {med(key, 'client_us'):.1f} | {cores(key)} | "
+                f"{med(key, 'upstream_conns'):.0f} |")
         say(f"\nTLS adds {med('https_tollgate', 'cpu_us') - med('http_tollgate', 'cpu_us'):.1f} µs of CPU per "
             f"request to tollgate and {med('https_nginx', 'cpu_us') - med('http_nginx', 'cpu_us'):.1f} µs to nginx "
             f"(HTTPS minus the plain HTTP/1.1 baseline, medians).")
         say(f"\n## HTTP/2 (h2load -c{c} -m{m})\n")
         say("| proxy | requests/s | mean request ms | proxy CPU µs/request | client CPU µs/request | "
-            "cores busy, proxy / client |")
-        say("| --- | ---: | ---: | ---: | ---: | ---: |")
+            "cores busy, proxy / client | upstream connections opened |")
+        say("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         for key in ("h2_tollgate", "h2_nginx", "h2c_tollgate", "h2c_nginx"):
             label = next(s[1] for s in scenarios if s[0] == key)
             say(f"| {label} | {med(key, 'rps'):.0f} | {med(key, 'mean_ms'):.3f} | {med(key, 'cpu_us'):.1f} | "
-                f"{med(key, 'client_us'):.1f} | {cores(key)} |")
+                f"{med(key, 'client_us'):.1f} | {cores(key)} | {med(key, 'upstream_conns'):.0f} |")
         say(f"\n## TLS handshakes: a new connection per request (h2load --h1, batches of {b} fresh clients)\n")
-        say("| proxy | handshakes/s | proxy CPU µs/handshake | client CPU µs/handshake | cores busy, proxy / client |")
-        say("| --- | ---: | ---: | ---: | ---: |")
+        say("| proxy | handshakes/s | proxy CPU µs/handshake | client CPU µs/handshake | cores busy, proxy / client | "
+            "upstream connections opened |")
+        say("| --- | ---: | ---: | ---: | ---: | ---: |")
         for key in ("hs_tollgate", "hs_nginx"):
             label = next(s[1] for s in scenarios if s[0] == key)
             say(f"| {label} | {med(key, 'rps'):.0f} | {med(key, 'cpu_us'):.1f} | {med(key, 'client_us'):.1f} | "
-                f"{cores(key)} |")
+                f"{cores(key)} | {med(key, 'upstream_conns'):.0f} |")
         say("\nEach handshake row's CPU covers the TCP connection, a full TLS 1.3 handshake (no resumption: "
             "checked in nginx's log), one proxied request (tollgate: JWT and limits too) and the close.\n")
         say("## tollgate / nginx\n")
@@ -587,6 +613,18 @@ routes: [{{ name: api, path_prefix: /api/, upstream: backend }}]
         say("\nAbove 1 favours tollgate. Throughput: requests (or handshakes) per second. By CPU: the inverse "
             "ratio of proxy CPU per request, what one proxy core would give. nginx only proxies; tollgate "
             "also verifies the JWT, checks the route permission and counts the request in its hybrid limits.")
+        say("\n## Every run\n")
+        say("| round | scenario | requests/s | proxy CPU µs/request | client CPU µs/request | cores busy, proxy / client "
+            "| upstream connections opened |")
+        say("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+        for rnd in range(args.rounds):
+            order = scenarios if rnd % 2 == 0 else list(reversed(scenarios))
+            for key, label, *_ in order:
+                x = results[key][rnd]
+                say(f"| {rnd + 1} | {label} | {x['rps']:.0f} | {x['cpu_us']:.1f} | {x['client_us']:.1f} | "
+                    f"{x['proxy_cores']:.2f} / {x['client_cores']:.2f} | {x['upstream_conns']} |")
+        say("\nA proxy well below one core busy while the client is too means the machine was busy with "
+            "something else during that run (the machine is shared): compare within a round.")
         report = "\n".join(lines) + "\n"
         print(report, end="")
         if out_path:
