@@ -592,6 +592,9 @@ routes: [{{ name: api, path_prefix: /api/, upstream: backend }}]
             label = next(s[1] for s in scenarios if s[0] == key)
             say(f"| {label} | {med(key, 'rps'):.0f} | {med(key, 'mean_ms'):.3f} | {med(key, 'cpu_us'):.1f} | "
                 f"{med(key, 'client_us'):.1f} | {cores(key)} | {med(key, 'upstream_conns'):.0f} |")
+        say("\nUpstream connections opened in h2 runs are those each proxy drops when the previous h2load run "
+            f"stops with {c} x {m} requests in flight: they are opened again in the first moments of the next run, "
+            "none after.")
         say(f"\n## TLS handshakes: a new connection per request (h2load --h1, batches of {b} fresh clients)\n")
         say("| proxy | handshakes/s | proxy CPU µs/handshake | client CPU µs/handshake | cores busy, proxy / client | "
             "upstream connections opened |")
