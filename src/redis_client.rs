@@ -170,27 +170,19 @@ impl Redis {
             return Err(Unavailable::BackingOff);
         }
         let limit = self.settings.timeout.max(Duration::from_millis(250));
-        let outcome = tokio::time::timeout(limit, self.conn.get_or_try_init(|| self.connect()));
-        let err = match outcome.await {
-            Ok(Ok(c)) => return Ok(c.clone()),
-            Ok(Err(e)) => Unavailable::Failed {
-                op,
-                cause: e.to_string(),
-            },
-            Err(_) => Unavailable::TimedOut { op },
-        };
-        self.failed(&err);
-        Err(err)
+        let conn = self
+            .bounded(op, limit, self.conn.get_or_try_init(|| self.connect()))
+            .await?;
+        Ok(conn.clone())
     }
 
-    /// Waits for a call at most `timeout`; a failure starts the back-off.
+    /// Waits for `call` at most `timeout`; a failure starts the back-off.
     async fn bounded<T>(
         &self,
         op: &'static str,
         timeout: Duration,
         call: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, Unavailable> {
-        metrics::REDIS_CALLS.with_label_values(&[op]).inc();
         let err = match tokio::time::timeout(timeout, call).await {
             Ok(Ok(v)) => return Ok(v),
             Ok(Err(e)) => Unavailable::Failed {
@@ -211,6 +203,7 @@ impl Redis {
         timeout: Duration,
     ) -> Result<T, Unavailable> {
         let conn = self.connection(op).await?;
+        metrics::REDIS_CALLS.with_label_values(&[op]).inc();
         let call = async {
             match (conn, cmd) {
                 (Conn::Single(mut c), Query::Cmd(q)) => q.query_async(&mut c).await,
@@ -230,6 +223,7 @@ impl Redis {
         timeout: Duration,
     ) -> Result<T, Unavailable> {
         let conn = self.connection(op).await?;
+        metrics::REDIS_CALLS.with_label_values(&[op]).inc();
         let call = async {
             match conn {
                 Conn::Single(mut c) => invocation.invoke_async::<T>(&mut c).await,
