@@ -35,6 +35,27 @@ pub fn trusted(peer: IpAddr, proxies: &[Cidr]) -> bool {
     proxies.iter().any(|c| c.contains(peer))
 }
 
+/// The client's address as limits key it: the peer's, or — when the peer is
+/// a trusted proxy — the last address of `X-Forwarded-For` that is not a
+/// trusted proxy itself (the one the nearest trusted hop saw).
+pub fn client_address(peer: IpAddr, req: &RequestHeader, proxies: &[Cidr]) -> IpAddr {
+    if !trusted(peer, proxies) {
+        return peer;
+    }
+    let hops: Vec<IpAddr> = req
+        .headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|a| a.trim().parse().ok())
+        .collect();
+    hops.into_iter()
+        .rev()
+        .find(|a| !trusted(*a, proxies))
+        .unwrap_or(peer)
+}
+
 /// `X-Forwarded-For`: appended to when the peer is a trusted proxy, else
 /// replaced by the peer's address (a client cannot name someone else).
 fn forwarded_for(req: &mut RequestHeader, peer: Option<IpAddr>, proxies: &[Cidr]) -> Result<()> {
@@ -194,6 +215,26 @@ mod tests {
         forwarded_for(&mut r, Some("10.1.2.3".parse().unwrap()), &proxies).unwrap();
         assert_eq!(r.headers["x-forwarded-for"], "1.2.3.4, 10.1.2.3");
         assert_eq!(r.headers["forwarded"], "for=1.2.3.4");
+    }
+
+    #[test]
+    fn the_client_address_comes_from_trusted_hops_only() {
+        let proxies = [Cidr::parse("10.0.0.0/8").unwrap()];
+        let r = head(&[("x-forwarded-for", "6.6.6.6, 192.0.2.9, 10.0.0.2")]);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            client_address(ip("10.0.0.1"), &r, &proxies),
+            ip("192.0.2.9")
+        );
+        assert_eq!(
+            client_address(ip("198.51.100.1"), &r, &proxies),
+            ip("198.51.100.1")
+        );
+        let none = head(&[]);
+        assert_eq!(
+            client_address(ip("10.0.0.1"), &none, &proxies),
+            ip("10.0.0.1")
+        );
     }
 
     #[test]

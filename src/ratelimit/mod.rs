@@ -5,6 +5,7 @@ pub mod algo;
 pub mod hybrid;
 pub mod local;
 pub mod remote;
+pub mod rules;
 
 use crate::auth::Identity;
 use crate::config::{format_duration, LimitSettings, OnFailure, Window};
