@@ -21,6 +21,9 @@ pub enum Refusal {
         message: String,
         retry_after_secs: u64,
     },
+    ConcurrencyLimited {
+        limit: u64,
+    },
     UpstreamUnavailable,
     LimiterUnavailable,
     UpstreamTimeout,
@@ -50,7 +53,7 @@ impl Refusal {
             | Refusal::KeyBlocked => 401,
             Refusal::RouteForbidden => 403,
             Refusal::NoRoute => 404,
-            Refusal::RateLimited { .. } => 429,
+            Refusal::RateLimited { .. } | Refusal::ConcurrencyLimited { .. } => 429,
             Refusal::UpstreamUnavailable => 502,
             Refusal::LimiterUnavailable | Refusal::AuthUnavailable => 503,
             Refusal::UpstreamTimeout => 504,
@@ -72,6 +75,7 @@ impl Refusal {
             Refusal::RouteForbidden => "route_forbidden",
             Refusal::NoRoute => "no_route",
             Refusal::RateLimited { .. } => "rate_limited",
+            Refusal::ConcurrencyLimited { .. } => "concurrency_limited",
             Refusal::UpstreamUnavailable => "upstream_unavailable",
             Refusal::LimiterUnavailable => "limiter_unavailable",
             Refusal::UpstreamTimeout => "upstream_timeout",
@@ -97,6 +101,9 @@ impl Refusal {
             Refusal::RouteForbidden => "the token does not allow this route".into(),
             Refusal::NoRoute => "no route matches this request".into(),
             Refusal::RateLimited { message, .. } => Cow::Borrowed(message.as_str()),
+            Refusal::ConcurrencyLimited { limit } => {
+                Cow::Owned(format!("limit of {limit} requests in flight exceeded"))
+            }
             Refusal::UpstreamUnavailable => "the upstream is unavailable".into(),
             Refusal::LimiterUnavailable => "the rate limiter is unavailable".into(),
             Refusal::UpstreamTimeout => "the upstream did not answer in time".into(),

@@ -8,8 +8,8 @@
 
 use super::checked::{span, Checked, Span};
 use super::types::{
-    Algorithm, JwtAlgorithm, LogFormat, LogLevel, OnFailure, RouteAuth, SyncMode, TlsVersion,
-    UpstreamProtocol,
+    Algorithm, HeaderMode, JwtAlgorithm, LogFormat, LogLevel, OnFailure, RouteAuth, SyncMode,
+    TlsVersion, UpstreamProtocol,
 };
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -241,6 +241,28 @@ pub struct RawLimits {
     pub tiers: BTreeMap<String, Vec<RawWindow>>,
     pub org: Vec<RawWindow>,
     pub sync: Checked<SyncMode>,
+    pub rules: Vec<RawRule>,
+    pub concurrency: RawConcurrency,
+    pub headers: Checked<HeaderMode>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    pub name: String,
+    pub key: String,
+    #[serde(default)]
+    pub routes: Option<Vec<String>>,
+    pub windows: Vec<RawWindow>,
+    #[serde(default)]
+    pub shadow: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConcurrency {
+    pub default: Option<u64>,
+    pub tiers: BTreeMap<String, u64>,
 }
 
 impl Default for RawLimits {
@@ -255,6 +277,9 @@ impl Default for RawLimits {
             tiers: BTreeMap::new(),
             org: Vec::new(),
             sync: Checked::default(),
+            rules: Vec::new(),
+            concurrency: RawConcurrency::default(),
+            headers: Checked::default(),
         }
     }
 }

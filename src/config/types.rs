@@ -349,6 +349,41 @@ pub struct LimitSettings {
     pub tiers: BTreeMap<String, Vec<Window>>,
     pub org: Vec<Window>,
     pub sync: SyncMode,
+    pub rules: Vec<RuleSettings>,
+    pub concurrency: ConcurrencySettings,
+    pub headers: HeaderMode,
+}
+
+/// `limits.rules[]`: windows for a key computed from the request.
+#[derive(Debug, Clone)]
+pub struct RuleSettings {
+    pub name: String,
+    pub key: crate::ratelimit::rules::KeyExpr,
+    /// Indices into `Config::routes`; `None`: every route.
+    pub routes: Option<Vec<usize>>,
+    pub windows: Vec<Window>,
+    /// Counted and reported, never refused.
+    pub shadow: bool,
+}
+
+/// `limits.concurrency`: requests in flight per api_key.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ConcurrencySettings {
+    pub default: Option<u64>,
+    pub tiers: BTreeMap<String, u64>,
+}
+
+/// `limits.headers`: which rate-limit response fields to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeaderMode {
+    /// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers-11).
+    #[default]
+    Draft,
+    /// `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset`.
+    Legacy,
+    Both,
+    None,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -422,6 +422,85 @@ fn limits(p: &mut Problems, raw: &RawLimits) -> LimitSettings {
         tiers,
         org: windows(p, "limits.org", &raw.org),
         sync: p.take("limits.sync", &raw.sync),
+        // With their routes, once the routes are known (`rules`).
+        rules: Vec::new(),
+        concurrency: concurrency(p, &raw.concurrency),
+        headers: p.take("limits.headers", &raw.headers),
+    }
+}
+
+/// `limits.rules`, each with its routes resolved to route indices.
+fn rules(p: &mut Problems, raw: &[RawRule], routes: &[RouteSettings]) -> Vec<RuleSettings> {
+    let mut names = HashSet::new();
+    raw.iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            let base = format!("limits.rules[{i}]");
+            let name_ok = !r.name.is_empty()
+                && r.name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !name_ok {
+                p.add(
+                    format!("{base}.name"),
+                    "must be non-empty: letters, digits, '-' and '_' (it names a policy and a metric)",
+                );
+            }
+            if !names.insert(r.name.clone()) {
+                p.add(format!("{base}.name"), format!("duplicate rule name {:?}", r.name));
+            }
+            if r.windows.is_empty() {
+                p.add(format!("{base}.windows"), "list at least one window");
+            }
+            let windows = windows(p, &format!("{base}.windows"), &r.windows);
+            let routes = r.routes.as_ref().map(|names| {
+                names
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(j, name)| {
+                        let found = routes.iter().position(|route| route.name == *name);
+                        if found.is_none() {
+                            p.add(
+                                format!("{base}.routes[{j}]"),
+                                format!("unknown route {name:?}"),
+                            );
+                        }
+                        found
+                    })
+                    .collect()
+            });
+            let key = crate::ratelimit::rules::KeyExpr::parse(&r.key)
+                .map_err(|e| p.add(format!("{base}.key"), e.to_string()))
+                .ok()?;
+            Some(RuleSettings {
+                name: r.name.clone(),
+                key,
+                routes,
+                windows,
+                shadow: r.shadow,
+            })
+        })
+        .collect()
+}
+
+fn concurrency(p: &mut Problems, raw: &RawConcurrency) -> ConcurrencySettings {
+    if raw.default == Some(0) {
+        p.add(
+            "limits.concurrency.default",
+            "must be at least 1 (remove it for no limit)",
+        );
+    }
+    for (tier, n) in &raw.tiers {
+        if *n == 0 {
+            p.add(
+                format!("limits.concurrency.tiers.{tier}"),
+                "must be at least 1",
+            );
+        }
+    }
+    ConcurrencySettings {
+        default: raw.default,
+        tiers: raw.tiers.clone(),
     }
 }
 
@@ -716,13 +795,14 @@ impl TryFrom<RawConfig> for Config {
                 "needs a redis section (stored tokens live in Redis)",
             );
         }
-        let limits = limits(&mut p, &raw.limits);
+        let mut limits = limits(&mut p, &raw.limits);
         let upstreams: Vec<UpstreamSettings> = raw
             .upstreams
             .iter()
             .map(|(name, u)| upstream(&mut p, name, u))
             .collect();
         let routes = routes(&mut p, &raw.routes, &upstreams, raw.auth.jwt.is_some());
+        limits.rules = rules(&mut p, &raw.limits.rules, &routes);
         if !p.0.is_empty() {
             return Err(p.0);
         }

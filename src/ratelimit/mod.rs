@@ -2,6 +2,7 @@
 //! request across all of them (the token's own windows, then its org's).
 
 pub mod algo;
+pub mod concurrency;
 pub mod hybrid;
 pub mod local;
 pub mod remote;
@@ -412,6 +413,9 @@ mod tests {
             tiers,
             org: vec![w(3, 60)],
             sync: SyncMode::Hybrid,
+            rules: Vec::new(),
+            concurrency: Default::default(),
+            headers: Default::default(),
         }
     }
 
