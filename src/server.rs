@@ -11,6 +11,7 @@ use crate::echo::EchoApp;
 use crate::edge::drain::{Drain, Signals};
 use crate::edge::Edge;
 use crate::proxy::Proxy;
+use crate::ratelimit::concurrency::{Concurrency, Renewer};
 use crate::ratelimit::Limiter;
 use crate::redis_probe::RedisProbe;
 use crate::reload::Reloader;
@@ -90,6 +91,7 @@ struct Shared {
     state: SharedState,
     health: Arc<Health>,
     limiter: Arc<Limiter>,
+    concurrency: Arc<Concurrency>,
     tokens: Arc<TokenStore>,
     analytics: Arc<Analytics>,
     credentials: Arc<Credentials>,
@@ -104,6 +106,7 @@ fn proxy_service(server: &Server, config: &Config, shared: &Shared) -> Service<E
         state: shared.state.clone(),
         health: shared.health.clone(),
         limiter: shared.limiter.clone(),
+        concurrency: shared.concurrency.clone(),
         tokens: shared.tokens.clone(),
         analytics: shared.analytics.clone(),
         credentials: shared.credentials.clone(),
@@ -143,6 +146,14 @@ fn add_background_services(server: &mut Server, shared: Shared, config_path: Pat
         "tollgate upstream maintenance",
         Maintenance {
             state: state.clone(),
+        },
+    ));
+    server.add_service(background_service(
+        "tollgate concurrency",
+        Renewer {
+            state: state.clone(),
+            concurrency: shared.concurrency,
+            drain: shared.drain.clone(),
         },
     ));
     server.add_service(background_service(
@@ -215,6 +226,7 @@ pub fn serve(opts: ServeOptions<'_>) -> anyhow::Result<()> {
         state: Arc::new(ArcSwap::from_pointee(state)),
         health: Arc::new(Health::default()),
         limiter: Arc::new(Limiter::default()),
+        concurrency: Arc::new(Concurrency::default()),
         tokens: Arc::new(TokenStore::default()),
         analytics: Arc::new(Analytics::default()),
         credentials: Arc::new(Credentials::default()),

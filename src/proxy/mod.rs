@@ -18,6 +18,7 @@ use crate::error::Refusal;
 use crate::logging::{self, AccessRecord};
 use crate::metrics;
 use crate::path;
+use crate::ratelimit::concurrency::{self, Concurrency, Slot};
 use crate::ratelimit::Limiter;
 use crate::state::{Health, SharedState, State};
 use crate::upstream::Upstream;
@@ -37,6 +38,7 @@ pub struct Proxy {
     pub drain: Arc<Drain>,
     pub health: Arc<Health>,
     pub limiter: Arc<Limiter>,
+    pub concurrency: Arc<Concurrency>,
     pub tokens: Arc<TokenStore>,
     pub analytics: Arc<Analytics>,
     pub credentials: Arc<Credentials>,
@@ -68,6 +70,9 @@ pub struct Ctx {
     pub verified_authorization: Option<http::HeaderValue>,
     /// A WebSocket upgrade the route allows (tunnelled, counted as one request).
     pub websocket: bool,
+    /// The concurrency slot this request holds; given back when the
+    /// context is dropped (answer sent, client gone, tunnel closed).
+    pub slot: Option<Slot>,
     /// Headers added to tollgate's own answers (rate-limit headers, ...).
     pub extra_headers: Vec<(&'static str, String)>,
 }
@@ -282,6 +287,24 @@ impl Proxy {
         }
     }
 
+    /// `limits.concurrency`: a slot among the key's requests in flight.
+    async fn in_flight(&self, ctx: &mut Ctx, state: &State) -> Result<(), Refusal> {
+        let Some(identity) = &ctx.identity else {
+            return Ok(());
+        };
+        let Some(limit) = concurrency::limit_of(&state.config.limits, identity.tier.as_deref())
+        else {
+            return Ok(());
+        };
+        let key = crate::ratelimit::key_id(&identity.key);
+        ctx.slot = Some(
+            self.concurrency
+                .acquire(state.redis.as_ref(), &key, limit)
+                .await?,
+        );
+        Ok(())
+    }
+
     async fn refuse(&self, session: &mut Session, ctx: &mut Ctx, r: Refusal) -> Result<bool> {
         if matches!(r.status(), 401 | 403) || matches!(r, Refusal::AuthUnavailable) {
             metrics::AUTH_FAILURES.with_label_values(&[r.code()]).inc();
@@ -341,6 +364,7 @@ impl ProxyHttp for Proxy {
             error: None,
             verified_authorization: None,
             websocket: false,
+            slot: None,
             extra_headers: Vec::new(),
         }
     }
@@ -386,6 +410,11 @@ impl ProxyHttp for Proxy {
         // knows the request is already in the next analytics batch.
         if let (Some(identity), Some(_)) = (&ctx.identity, &state.redis) {
             self.analytics.record(&identity.key);
+        }
+        // A slot first: a request refused for concurrency is never charged
+        // to a window (and one refused by a window gives its slot back).
+        if let Err(r) = self.in_flight(ctx, &state).await {
+            return self.refuse(session, ctx, r).await;
         }
         if let Err(r) = self.limit(ctx, &state, route).await {
             return self.refuse(session, ctx, r).await;

@@ -43,11 +43,14 @@ fn spare(limit: u64) -> u64 {
     }
 }
 
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 struct Slots {
     held: u64,
     in_flight: u64,
     limit: u64,
+    /// One request at a time asks Redis for this key's slots, so answers
+    /// never overtake each other.
+    asking: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// This instance's slots per key.
@@ -78,14 +81,12 @@ pub struct Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         let excess = self.owner.release(&self.key, self.limit);
-        if let (Some(keep), Some(redis)) = (excess, self.redis.clone()) {
+        if let (true, Some(redis)) = (excess, self.redis.clone()) {
             let owner = self.owner.clone();
-            let (key, limit) = (self.key.clone(), self.limit);
+            let key = self.key.clone();
             // Outside the request: the answer has gone already.
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move {
-                    owner.hold(&redis, &key, keep, limit).await.ok();
-                });
+                runtime.spawn(async move { owner.trim(&redis, &key).await });
             }
         }
     }
@@ -123,6 +124,12 @@ impl Concurrency {
         let Some(redis) = redis else {
             return self.take_local(key, limit).map(|()| slot(None));
         };
+        let asking = self.asking(key);
+        let _turn = asking.lock().await;
+        // Someone before us may have brought enough slots.
+        if self.take_held(key) {
+            return Ok(slot(Some(redis)));
+        }
         let want = self.in_flight(key) + 1 + spare(limit);
         match self.hold(redis, key, want, limit).await {
             Ok(_) if self.take_held(key) => Ok(slot(Some(redis))),
@@ -174,6 +181,13 @@ impl Concurrency {
         }
     }
 
+    fn asking(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.keys
+            .lock()
+            .map(|mut k| k.entry(key.to_string()).or_default().asking.clone())
+            .unwrap_or_default()
+    }
+
     /// Records the key's limit (it may change with a reload).
     fn set_limit(&self, key: &str, limit: u64) {
         if let Ok(mut keys) = self.keys.lock() {
@@ -210,32 +224,56 @@ impl Concurrency {
         if let Ok(mut keys) = self.keys.lock() {
             let s = keys.entry(key.to_string()).or_default();
             s.held = held;
-            if s.held == 0 && s.in_flight == 0 {
+            // Forget an idle key (unless a request is asking for it).
+            if s.held == 0 && s.in_flight == 0 && Arc::strong_count(&s.asking) == 1 {
                 keys.remove(key);
             }
         }
         Ok(held)
     }
 
-    /// A request ended: its slot is free again. Returns how many slots to
-    /// keep holding when the spare ones should go back to Redis.
-    fn release(&self, key: &str, limit: u64) -> Option<u64> {
-        let mut keys = self.keys.lock().ok()?;
-        let s = keys.get_mut(key)?;
+    /// A request ended: its slot is free again. Returns whether spare slots
+    /// should go back to Redis.
+    fn release(&self, key: &str, limit: u64) -> bool {
+        let Ok(mut keys) = self.keys.lock() else {
+            return false;
+        };
+        let Some(s) = keys.get_mut(key) else {
+            return false;
+        };
         s.in_flight = s.in_flight.saturating_sub(1);
-        let keep = s.in_flight + spare(limit);
-        (s.held > keep).then_some(keep)
+        s.held > s.in_flight + spare(limit)
+    }
+
+    /// Hands back the slots held beyond what is in flight and the spare
+    /// allowance; in turn with the key's other Redis calls, so a smaller
+    /// holding never lands after a larger one asked for later.
+    async fn trim(&self, redis: &Redis, key: &str) {
+        let asking = self.asking(key);
+        let _turn = asking.lock().await;
+        let Some(s) = self.keys.lock().ok().and_then(|k| k.get(key).cloned()) else {
+            return;
+        };
+        let keep = s.in_flight + spare(s.limit);
+        if s.held > keep {
+            let _ = self.hold(redis, key, keep, s.limit.max(keep)).await;
+        }
     }
 
     /// Renews every holding (so only a dead instance's slots expire) and
     /// hands back what is held and not needed; run well within [`LEASE`].
     pub async fn renew(&self, redis: &Redis) {
-        let held: Vec<(String, Slots)> = self
+        let keys: Vec<String> = self
             .keys
             .lock()
-            .map(|k| k.iter().map(|(k, s)| (k.clone(), *s)).collect())
+            .map(|k| k.keys().cloned().collect())
             .unwrap_or_default();
-        for (key, s) in held {
+        for key in keys {
+            let asking = self.asking(&key);
+            let _turn = asking.lock().await;
+            let Some(s) = self.keys.lock().ok().and_then(|k| k.get(&key).cloned()) else {
+                continue;
+            };
             let keep = s.held.min(s.in_flight + spare(s.limit));
             let _ = self.hold(redis, &key, keep, s.limit.max(keep)).await;
         }

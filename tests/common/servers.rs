@@ -59,6 +59,9 @@ pub struct Recorder {
     pub port: u16,
     pub count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     pub last: std::sync::Arc<std::sync::Mutex<String>>,
+    /// Requests being answered right now, and the most there ever were.
+    pub in_flight: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pub max_in_flight: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Recorder {
@@ -74,10 +77,14 @@ impl Recorder {
         let port = listener.local_addr().expect("addr").port();
         let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let last = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let in_flight = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let max_in_flight = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (c, l) = (count.clone(), last.clone());
+        let (now, max) = (in_flight.clone(), max_in_flight.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 let (c, l) = (c.clone(), l.clone());
+                let (now, max) = (now.clone(), max.clone());
                 std::thread::spawn(move || {
                     let mut reader = BufReader::new(stream);
                     loop {
@@ -106,8 +113,11 @@ impl Recorder {
                             return;
                         }
                         *l.lock().unwrap() = head;
+                        let current = now.fetch_add(1, Ordering::SeqCst) + 1;
+                        max.fetch_max(current, Ordering::SeqCst);
                         c.fetch_add(1, Ordering::SeqCst);
                         std::thread::sleep(delay);
+                        now.fetch_sub(1, Ordering::SeqCst);
                         let _ = reader
                             .get_mut()
                             .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
@@ -115,7 +125,13 @@ impl Recorder {
                 });
             }
         });
-        Recorder { port, count, last }
+        Recorder {
+            port,
+            count,
+            last,
+            in_flight,
+            max_in_flight,
+        }
     }
 
     pub fn addr(&self) -> String {
@@ -124,6 +140,10 @@ impl Recorder {
 
     pub fn hits(&self) -> usize {
         self.count.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn last_head(&self) -> String {
