@@ -5,6 +5,7 @@
 //! `respond::refuse` renders.
 
 pub mod forward;
+pub mod limit_headers;
 pub mod request;
 pub mod respond;
 
