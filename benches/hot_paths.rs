@@ -80,14 +80,8 @@ fn bench(c: &mut Criterion) {
 
     let store = LocalStore::default();
     let windows = [
-        Window {
-            requests: 1_000_000_000,
-            window: Duration::from_secs(5),
-        },
-        Window {
-            requests: 1_000_000_000,
-            window: Duration::from_secs(60),
-        },
+        Window::every(1_000_000_000, Duration::from_secs(5)),
+        Window::every(1_000_000_000, Duration::from_secs(60)),
     ];
     c.bench_function("limiter decision, in process (2 windows)", |b| {
         b.iter(|| {

@@ -3,8 +3,8 @@
 -- scripts. KEYS[i]: base key of window i.
 -- ARGV[1] algorithm (fixed_window | sliding_window | gcra), ARGV[2] n,
 -- then per window: limit, window (microseconds), units.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+-- Needs prelude.lua in front.
+local now = now_us()
 local algo = ARGV[1]
 local n = tonumber(ARGV[2])
 for i = 1, n do
@@ -16,11 +16,11 @@ for i = 1, n do
     local tat = math.max(tonumber(redis.call('GET', key) or '0'), now) + units * interval
     redis.call('SET', key, string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + 1000)
   else
-    local start = now - (now % window)
-    local key = KEYS[i] .. ':' .. string.format('%.0f', start / 1000000)
+    local start, stop = period(now, window)
+    local key = period_key(KEYS[i], start)
     redis.call('INCRBY', key, units)
-    local life = start + window - now
-    if algo == 'sliding_window' then life = life + window end
+    local life = stop - now
+    if algo == 'sliding_window' and window > 0 then life = life + window end
     redis.call('PEXPIRE', key, math.floor(life / 1000) + 1000)
   end
 end

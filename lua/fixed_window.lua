@@ -1,18 +1,18 @@
 -- Fixed window: lease `grant` units of every window of one key, or none.
 --
--- KEYS[i]  base key of window i: <prefix>rl:{<key>}:<window seconds>
+-- KEYS[i]  base key of window i: <prefix>rl:{<key>}:<window seconds | day | month>
 --          (the window's start in seconds is appended; every key of one call
 --          shares the {<key>} hash tag, so they sit on one cluster slot)
 -- ARGV[1]  number of windows n; then for each window, 5 values:
---          limit, window (microseconds), need, divisor, max_chunk
+--          limit, window (microseconds; -1 a calendar day, -2 a calendar
+--          month, UTC), need, divisor, max_chunk
 --          grant = max(need, min(max_chunk, floor(available / divisor)))
 --          capped at what is available; a window with less than `need`
 --          available refuses, and then nothing is granted anywhere.
 -- Returns  4 integers per window: granted, available after the grant,
 --          microseconds to the window's end, microseconds until `need` fits.
--- Time comes from the Redis server, never from the callers' clocks.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+-- Needs prelude.lua (now_us, period, period_key) in front.
+local now = now_us()
 local n = tonumber(ARGV[1])
 local plan = {}
 local ok = true
@@ -20,11 +20,11 @@ for i = 1, n do
   local a = 1 + (i - 1) * 5
   local limit, window = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   local need, divisor, max_chunk = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
-  local start = now - (now % window)
-  local key = KEYS[i] .. ':' .. string.format('%.0f', start / 1000000)
+  local start, stop = period(now, window)
+  local key = period_key(KEYS[i], start)
   local used = tonumber(redis.call('GET', key) or '0')
   local avail = math.max(limit - used, 0)
-  local reset = start + window - now
+  local reset = stop - now
   local grant = 0
   if avail >= need then
     grant = math.max(need, math.min(max_chunk, math.floor(avail / divisor)))
@@ -41,7 +41,7 @@ for i = 1, n do
   if ok then grant = p[2] end
   if grant > 0 then
     redis.call('INCRBY', p[1], grant)
-    -- Milliseconds: the window's remaining life plus a second of slack.
+    -- Milliseconds: the period's remaining life plus a second of slack.
     redis.call('PEXPIRE', p[1], math.floor(p[4] / 1000) + 1000)
   end
   local retry = 0

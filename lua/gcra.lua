@@ -5,8 +5,8 @@
 -- KEYS[i]  base key of window i: <prefix>rl:{<key>}:<window seconds> (":gcra" is appended)
 -- ARGV / return: as in fixed_window.lua ("microseconds to the window's end"
 -- is the time until the bucket is empty again).
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+-- Needs prelude.lua in front (calendar windows are refused for gcra).
+local now = now_us()
 local n = tonumber(ARGV[1])
 local plan = {}
 local ok = true

@@ -2,9 +2,10 @@
 -- of it still lies inside the sliding window): lease units of every window of
 -- one key, or none.
 --
--- KEYS / ARGV / return: as in fixed_window.lua.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+-- KEYS / ARGV / return: as in fixed_window.lua. Calendar windows (window
+-- -1 or -2) count as fixed windows on the calendar: no previous period.
+-- Needs prelude.lua in front.
+local now = now_us()
 local n = tonumber(ARGV[1])
 local plan = {}
 local ok = true
@@ -12,12 +13,19 @@ for i = 1, n do
   local a = 1 + (i - 1) * 5
   local limit, window = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   local need, divisor, max_chunk = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
-  local start = now - (now % window)
+  local start, stop = period(now, window)
   local elapsed = now - start
-  local cur_key = KEYS[i] .. ':' .. string.format('%.0f', start / 1000000)
-  local prev_key = KEYS[i] .. ':' .. string.format('%.0f', (start - window) / 1000000)
+  local cur_key = period_key(KEYS[i], start)
   local cur = tonumber(redis.call('GET', cur_key) or '0')
-  local prev = tonumber(redis.call('GET', prev_key) or '0')
+  local prev = 0
+  local life = stop - now
+  if window > 0 then
+    prev = tonumber(redis.call('GET', period_key(KEYS[i], start - window)) or '0')
+    -- The current window is read as "previous" during the next one.
+    life = life + window
+  else
+    window = stop - start
+  end
   -- Rounded up: the estimate never under-counts.
   local weighted = math.ceil(prev * (window - elapsed) / window)
   local avail = math.max(limit - weighted - cur, 0)
@@ -35,7 +43,7 @@ for i = 1, n do
       retry = math.min(math.ceil(room * window / math.max(prev, 1)), window - elapsed)
     end
   end
-  plan[i] = { cur_key, grant, avail, window - elapsed, retry, 2 * window - elapsed }
+  plan[i] = { cur_key, grant, avail, window - elapsed, retry, life }
 end
 local out = {}
 for i = 1, n do
@@ -44,7 +52,6 @@ for i = 1, n do
   if ok then grant = p[2] end
   if grant > 0 then
     redis.call('INCRBY', p[1], grant)
-    -- The current window is read as "previous" during the next one.
     redis.call('PEXPIRE', p[1], math.floor(p[6] / 1000) + 1000)
   end
   out[#out + 1] = grant

@@ -30,12 +30,19 @@ pub struct State {
     pub tls: Vec<Arc<TlsListener>>,
 }
 
-/// Every claim some route forwards as a header.
+/// Every claim some route forwards as a header or a limit rule keys on.
 fn forwarded_claims(config: &Config) -> Vec<String> {
     let mut forwarded: Vec<String> = config
         .routes
         .iter()
         .flat_map(|r| r.forward_claims.iter().map(|(claim, _)| claim.clone()))
+        .chain(
+            config
+                .limits
+                .rules
+                .iter()
+                .flat_map(|r| r.key.claims().map(str::to_string)),
+        )
         .collect();
     forwarded.sort();
     forwarded.dedup();

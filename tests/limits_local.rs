@@ -14,6 +14,7 @@ admin: {{ listen: "127.0.0.1:{{admin}}" }}
 log: {{ level: warn, color: false }}
 auth: {{ jwt: {{ algorithms: [HS256], secret: "{SECRET}" }} }}
 limits:
+  headers: legacy
 {limits}
 upstreams:
   backend: {{ peers: ["{upstream}"] }}

@@ -27,7 +27,7 @@ routes:
 }
 
 fn limits(algorithm: &str, sync: &str, requests: u64) -> String {
-    format!("  algorithm: {algorithm}\n  sync: {sync}\n  default: [{{ requests: {requests}, window: 1m }}]")
+    format!("  algorithm: {algorithm}\n  sync: {sync}\n  headers: both\n  default: [{{ requests: {requests}, window: 1m }}]")
 }
 
 fn token(api_key: &str) -> String {

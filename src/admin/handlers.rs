@@ -7,9 +7,10 @@ use crate::auth::issue::{mint, IssueOptions};
 use crate::auth::permissions::RouteMatcher;
 use crate::auth::store::{channel, record_key};
 use crate::auth::Identity;
-use crate::config::{format_duration, parse_duration};
+use crate::config::parse_duration;
 use crate::error::Refusal;
-use crate::ratelimit::Limiter;
+use crate::ratelimit::rules::{key_of, Caller, KeyPart};
+use crate::ratelimit::{Limiter, Scope};
 use crate::redis_client::{Query, Redis};
 use crate::state::State;
 use http::StatusCode;
@@ -233,7 +234,6 @@ impl Api<'_> {
             .unwrap_or_default();
         let identity = Identity {
             key: api_key.to_string(),
-            limit_key: crate::ratelimit::key_id(api_key),
             rate_limit: claims.get(&names.rate_limit).and_then(|v| v.as_u64()),
             routes: RouteMatcher::nothing(),
             tier: claims
@@ -247,19 +247,74 @@ impl Api<'_> {
             valid_until: 0,
             forwarded: Vec::new(),
         };
-        let limits = &self.state.config.limits;
+        let config = &self.state.config;
+        let limits = &config.limits;
+        // The token's windows and its org's once; then each rule whose key
+        // an api key alone determines (api_key, org, route), per route it
+        // covers when the route is part of the key.
+        let mut scopes = crate::ratelimit::scopes(
+            limits,
+            usize::MAX,
+            &Caller {
+                client_ip: None,
+                identity: Some(&identity),
+                route: "",
+                request: None,
+            },
+        );
+        scopes.retain(|s| !s.id.starts_with("r:"));
+        for rule in &limits.rules {
+            let per_route = rule.key.0.contains(&KeyPart::Route);
+            let covered: Vec<usize> = match &rule.routes {
+                Some(r) => r.clone(),
+                None => (0..config.routes.len()).collect(),
+            };
+            let routes: Vec<usize> = if per_route {
+                covered
+            } else {
+                covered.into_iter().take(1).collect()
+            };
+            for route in routes {
+                let caller = Caller {
+                    client_ip: None,
+                    identity: Some(&identity),
+                    route: &config.routes[route].name,
+                    request: None,
+                };
+                if let Some(id) = key_of(&rule.name, &rule.key, &caller) {
+                    scopes.push(Scope {
+                        id: id.into(),
+                        name: &rule.name,
+                        windows: rule.windows.as_slice().into(),
+                        shadow: rule.shadow,
+                    });
+                }
+            }
+        }
         let windows = self
             .limiter
-            .quota_now(limits, self.state.redis.as_ref(), &identity)
+            .quota(limits, self.state.redis.as_ref(), &scopes)
             .await
             .map_err(|_| Refusal::RedisUnavailable)?;
+        let now = crate::ratelimit::now_us();
         let list: Vec<serde_json::Value> = windows
             .iter()
-            .map(|(scope, w, o)| {
+            .map(|c| {
+                let scope = &scopes[c.scope];
+                let (w, o) = (c.window, c.outcome);
+                let kind = match scope.id.get(..2) {
+                    Some("o:") => "org",
+                    Some("r:") => "rule",
+                    _ => "key",
+                };
                 json!({
-                    "scope": scope,
+                    "scope": kind,
+                    "policy": format!("{}-{}", scope.name, w.label()),
                     "limit": w.requests,
-                    "window": format_duration(w.window),
+                    "window": w.label(),
+                    "window_seconds": crate::ratelimit::window_secs(&w, now),
+                    "calendar": w.calendar.is_some(),
+                    "shadow": scope.shadow,
                     "used": w.requests.saturating_sub(o.remaining),
                     "remaining": o.remaining,
                     "reset": o.reset_us.div_ceil(1_000_000),

@@ -88,7 +88,6 @@ mod tests {
     fn id(valid_until: u64) -> Arc<Identity> {
         Arc::new(Identity {
             key: "k".into(),
-            limit_key: "k:k".into(),
             rate_limit: None,
             routes: RouteMatcher::compile(&["/*"]).unwrap(),
             tier: None,

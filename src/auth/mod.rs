@@ -30,8 +30,6 @@ pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 pub struct Identity {
     /// The rate-limit key (`api_key` claim by default).
     pub key: String,
-    /// `key` as the limiter names it (computed once per verified token).
-    pub limit_key: String,
     pub rate_limit: Option<u64>,
     pub routes: RouteMatcher,
     pub tier: Option<String>,
@@ -408,7 +406,6 @@ impl Verifier {
             forwarded.push((claim.clone(), value));
         }
         Ok(Identity {
-            limit_key: crate::ratelimit::key_id(&key),
             key,
             rate_limit,
             routes,

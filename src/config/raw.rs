@@ -8,8 +8,8 @@
 
 use super::checked::{span, Checked, Span};
 use super::types::{
-    Algorithm, HeaderMode, JwtAlgorithm, LogFormat, LogLevel, OnFailure, RouteAuth, SyncMode,
-    TlsVersion, UpstreamProtocol,
+    Algorithm, Calendar, HeaderMode, JwtAlgorithm, LogFormat, LogLevel, OnFailure, RouteAuth,
+    SyncMode, TlsVersion, UpstreamProtocol,
 };
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -272,7 +272,8 @@ impl Default for RawLimits {
             claim_window: span("1s"),
             default: vec![RawWindow {
                 requests: 100,
-                window: span("1m"),
+                window: Some(span("1m")),
+                calendar: None,
             }],
             tiers: BTreeMap::new(),
             org: Vec::new(),
@@ -288,7 +289,11 @@ impl Default for RawLimits {
 #[serde(deny_unknown_fields)]
 pub struct RawWindow {
     pub requests: u64,
-    pub window: Checked<Span>,
+    /// A rolling window; exactly one of `window` and `calendar`.
+    #[serde(default)]
+    pub window: Option<Checked<Span>>,
+    #[serde(default)]
+    pub calendar: Option<Checked<Calendar>>,
 }
 
 #[derive(Debug, Deserialize)]

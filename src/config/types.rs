@@ -335,10 +335,55 @@ pub enum SyncMode {
     Exact,
 }
 
+/// A window that follows the calendar (UTC): it resets exactly at the
+/// start of each day or month.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Calendar {
+    Day,
+    Month,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Window {
     pub requests: u64,
+    /// The window's length; for a calendar window the longest period
+    /// (a day, 31 days), which only bounds how long state is kept.
     pub window: Duration,
+    pub calendar: Option<Calendar>,
+}
+
+impl Window {
+    /// A rolling window of `window` (no calendar).
+    pub const fn every(requests: u64, window: Duration) -> Window {
+        Window {
+            requests,
+            window,
+            calendar: None,
+        }
+    }
+
+    pub const fn calendar(requests: u64, calendar: Calendar) -> Window {
+        let days = match calendar {
+            Calendar::Day => 1,
+            Calendar::Month => 31,
+        };
+        Window {
+            requests,
+            window: Duration::from_secs(days * 86_400),
+            calendar: Some(calendar),
+        }
+    }
+
+    /// How messages, policy names and Redis key names call the window:
+    /// `1m`, `5s`, `day`, `month`.
+    pub fn label(&self) -> String {
+        match self.calendar {
+            Some(Calendar::Day) => "day".into(),
+            Some(Calendar::Month) => "month".into(),
+            None => super::format_duration(self.window),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

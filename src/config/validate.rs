@@ -46,6 +46,17 @@ impl Problems {
         }
     }
 
+    /// A value with no default: `None` (and a problem) when it is invalid.
+    fn take_opt<T: Clone>(&mut self, path: &str, value: &Checked<T>) -> Option<T> {
+        match value {
+            Checked::Valid(v) => Some(v.clone()),
+            Checked::Invalid(why) => {
+                self.add(path, why.clone());
+                None
+            }
+        }
+    }
+
     fn duration(&mut self, path: &str, value: &Checked<Span>) -> Duration {
         self.take(path, value).0
     }
@@ -394,16 +405,35 @@ fn windows(p: &mut Problems, path: &str, raw: &[RawWindow]) -> Vec<Window> {
                     format!("must be at most {MAX_REQUESTS} (Redis counts in doubles)"),
                 );
             }
-            let window = p.positive_duration(&format!("{at}.window"), &w.window);
-            if !window.is_zero() && !window.as_millis().is_multiple_of(1000) {
-                p.add(format!("{at}.window"), "must be a whole number of seconds");
-            }
-            if window > MAX_WINDOW {
-                p.add(format!("{at}.window"), "must be at most 366d");
-            }
-            Window {
-                requests: w.requests,
-                window,
+            match (&w.window, &w.calendar) {
+                (Some(_), Some(_)) => {
+                    p.add(
+                        format!("{at}.calendar"),
+                        "give either window or calendar, not both",
+                    );
+                    Window::every(w.requests, Duration::from_secs(1))
+                }
+                (None, None) => {
+                    p.add(
+                        format!("{at}.window"),
+                        "missing: give a window (e.g. 1m) or a calendar (day | month)",
+                    );
+                    Window::every(w.requests, Duration::from_secs(1))
+                }
+                (None, Some(calendar)) => match p.take_opt(&format!("{at}.calendar"), calendar) {
+                    Some(c) => Window::calendar(w.requests, c),
+                    None => Window::every(w.requests, Duration::from_secs(1)),
+                },
+                (Some(span), None) => {
+                    let window = p.positive_duration(&format!("{at}.window"), span);
+                    if !window.is_zero() && !window.as_millis().is_multiple_of(1000) {
+                        p.add(format!("{at}.window"), "must be a whole number of seconds");
+                    }
+                    if window > MAX_WINDOW {
+                        p.add(format!("{at}.window"), "must be at most 366d");
+                    }
+                    Window::every(w.requests, window)
+                }
             }
         })
         .collect()
@@ -429,6 +459,41 @@ fn limits(p: &mut Problems, raw: &RawLimits) -> LimitSettings {
     }
 }
 
+/// Calendar windows count requests per period: fixed windows on the
+/// calendar. GCRA has no periods to follow, so it cannot honour them.
+fn calendar_needs_windows(p: &mut Problems, limits: &LimitSettings) {
+    if limits.algorithm != Algorithm::Gcra {
+        return;
+    }
+    let mut lists: Vec<(String, &[Window])> = vec![
+        ("limits.default".into(), &limits.default),
+        ("limits.org".into(), &limits.org),
+    ];
+    lists.extend(
+        limits
+            .tiers
+            .iter()
+            .map(|(t, w)| (format!("limits.tiers.{t}"), w.as_slice())),
+    );
+    lists.extend(
+        limits
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (format!("limits.rules[{i}].windows"), r.windows.as_slice())),
+    );
+    for (path, windows) in lists {
+        for (i, w) in windows.iter().enumerate() {
+            if w.calendar.is_some() {
+                p.add(
+                    format!("{path}[{i}].calendar"),
+                    "calendar windows need limits.algorithm fixed_window or sliding_window (gcra has no periods)",
+                );
+            }
+        }
+    }
+}
+
 /// `limits.rules`, each with its routes resolved to route indices.
 fn rules(p: &mut Problems, raw: &[RawRule], routes: &[RouteSettings]) -> Vec<RuleSettings> {
     let mut names = HashSet::new();
@@ -444,6 +509,12 @@ fn rules(p: &mut Problems, raw: &[RawRule], routes: &[RouteSettings]) -> Vec<Rul
                 p.add(
                     format!("{base}.name"),
                     "must be non-empty: letters, digits, '-' and '_' (it names a policy and a metric)",
+                );
+            }
+            if matches!(r.name.as_str(), "default" | "org" | "key") {
+                p.add(
+                    format!("{base}.name"),
+                    format!("{:?} names a built-in policy; choose another name", r.name),
                 );
             }
             if !names.insert(r.name.clone()) {
@@ -803,6 +874,7 @@ impl TryFrom<RawConfig> for Config {
             .collect();
         let routes = routes(&mut p, &raw.routes, &upstreams, raw.auth.jwt.is_some());
         limits.rules = rules(&mut p, &raw.limits.rules, &routes);
+        calendar_needs_windows(&mut p, &limits);
         if !p.0.is_empty() {
             return Err(p.0);
         }

@@ -36,13 +36,14 @@ pub fn trusted(peer: IpAddr, proxies: &[Cidr]) -> bool {
 }
 
 /// The client's address as limits key it: the peer's, or — when the peer is
-/// a trusted proxy — the last address of `X-Forwarded-For` that is not a
-/// trusted proxy itself (the one the nearest trusted hop saw).
+/// a trusted proxy — the last address of `X-Forwarded-For` (else of the
+/// `for=` parameters of `Forwarded`) that is not a trusted proxy itself
+/// (the one the nearest trusted hop saw).
 pub fn client_address(peer: IpAddr, req: &RequestHeader, proxies: &[Cidr]) -> IpAddr {
     if !trusted(peer, proxies) {
         return peer;
     }
-    let hops: Vec<IpAddr> = req
+    let mut hops: Vec<IpAddr> = req
         .headers
         .get_all("x-forwarded-for")
         .iter()
@@ -50,10 +51,37 @@ pub fn client_address(peer: IpAddr, req: &RequestHeader, proxies: &[Cidr]) -> Ip
         .flat_map(|v| v.split(','))
         .filter_map(|a| a.trim().parse().ok())
         .collect();
+    if hops.is_empty() {
+        hops = req
+            .headers
+            .get_all("forwarded")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split([',', ';']))
+            .filter_map(forwarded_for_param)
+            .collect();
+    }
     hops.into_iter()
         .rev()
         .find(|a| !trusted(*a, proxies))
         .unwrap_or(peer)
+}
+
+/// The address of one `for=` parameter of `Forwarded` (RFC 7239): a bare
+/// IPv4 address, or quoted, IPv6 in brackets, either with a port.
+fn forwarded_for_param(param: &str) -> Option<IpAddr> {
+    let (name, value) = param.trim().split_once('=')?;
+    if !name.trim().eq_ignore_ascii_case("for") {
+        return None;
+    }
+    let value = value.trim().trim_matches('"');
+    if let Some(rest) = value.strip_prefix('[') {
+        return rest.split_once(']')?.0.parse().ok();
+    }
+    value
+        .parse()
+        .ok()
+        .or_else(|| value.rsplit_once(':')?.0.parse().ok())
 }
 
 /// `X-Forwarded-For`: appended to when the peer is a trusted proxy, else
@@ -234,6 +262,27 @@ mod tests {
         assert_eq!(
             client_address(ip("10.0.0.1"), &none, &proxies),
             ip("10.0.0.1")
+        );
+        let mut fwd = RequestHeader::build("GET", b"/", None).unwrap();
+        fwd.insert_header(
+            "forwarded",
+            "for=203.0.113.9:4711;proto=https, for=\"[2001:db8::1]:80\", for=10.0.0.2",
+        )
+        .unwrap();
+        assert_eq!(
+            client_address(ip("10.0.0.1"), &fwd, &proxies),
+            ip("2001:db8::1")
+        );
+        fwd.remove_header("forwarded");
+        fwd.insert_header("forwarded", "for=203.0.113.9:4711, for=unknown")
+            .unwrap();
+        assert_eq!(
+            client_address(ip("10.0.0.1"), &fwd, &proxies),
+            ip("203.0.113.9")
+        );
+        assert_eq!(
+            client_address(ip("198.51.100.1"), &fwd, &proxies),
+            ip("198.51.100.1")
         );
     }
 

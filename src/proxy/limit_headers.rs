@@ -5,6 +5,7 @@
 //! window closest to exhaustion; `both`; or `none`.
 
 use crate::config::HeaderMode;
+use crate::ratelimit::{window_secs, Decision, Scope};
 
 pub const POLICY: &str = "ratelimit-policy";
 pub const RATELIMIT: &str = "ratelimit";
@@ -23,6 +24,29 @@ pub struct Reported {
     pub window_secs: u64,
     pub remaining: u64,
     pub reset_secs: u64,
+}
+
+/// Every window a decision counted, named after its scope.
+pub fn reported(decision: &Decision, scopes: &[Scope<'_>], now_us: u64) -> Vec<Reported> {
+    decision
+        .windows
+        .iter()
+        .map(|c| {
+            let scope = scopes.get(c.scope).map_or("limit", |s| s.name);
+            let label = c.window.label();
+            let mut policy = String::with_capacity(scope.len() + 1 + label.len());
+            policy.push_str(scope);
+            policy.push('-');
+            policy.push_str(&label);
+            Reported {
+                policy,
+                limit: c.window.requests,
+                window_secs: window_secs(&c.window, now_us),
+                remaining: c.outcome.remaining,
+                reset_secs: c.outcome.reset_us.div_ceil(1_000_000),
+            }
+        })
+        .collect()
 }
 
 /// Structured-field string items are quoted; policy names hold only

@@ -20,7 +20,7 @@ use crate::logging::{self, AccessRecord};
 use crate::metrics;
 use crate::path;
 use crate::ratelimit::concurrency::{self, Concurrency, Slot};
-use crate::ratelimit::Limiter;
+use crate::ratelimit::{self, rules, Limiter};
 use crate::state::{Health, SharedState, State};
 use crate::upstream::Upstream;
 use async_trait::async_trait;
@@ -44,11 +44,6 @@ pub struct Proxy {
     pub analytics: Arc<Analytics>,
     pub credentials: Arc<Credentials>,
 }
-
-// Static names: Pingora copies a `HeaderName` it is given, not a `&'static str`.
-const RATELIMIT_LIMIT: &str = "ratelimit-limit";
-const RATELIMIT_REMAINING: &str = "ratelimit-remaining";
-const RATELIMIT_RESET: &str = "ratelimit-reset";
 
 pub struct Ctx {
     pub state: Option<Arc<State>>,
@@ -97,6 +92,31 @@ impl Ctx {
 
     fn upstream_name(&self) -> &str {
         self.upstream().map_or("-", |u| u.settings.name.as_str())
+    }
+}
+
+/// What limit rules may key on: this request and its caller. The client
+/// address is worked out only when some rule may need it.
+fn caller<'a>(
+    session: &'a Session,
+    identity: Option<&'a Identity>,
+    state: &State,
+    route: &'a RouteSettings,
+) -> rules::Caller<'a> {
+    let req = session.req_header();
+    let client_ip = if state.config.limits.rules.is_empty() {
+        None
+    } else {
+        session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| forward::client_address(a.ip(), req, &state.config.server.trusted_proxies))
+    };
+    rules::Caller {
+        client_ip,
+        identity,
+        route: &route.name,
+        request: Some(req),
     }
 }
 
@@ -227,13 +247,12 @@ impl Proxy {
 
     /// `cost_from_response_header`: charge what the upstream says the request
     /// cost (a missing or malformed header leaves the route's cost charged).
-    async fn settle_reported_cost(&self, resp: &ResponseHeader, ctx: &Ctx) {
-        let (Some(state), Some(route), Some(identity)) = (&ctx.state, ctx.route, &ctx.identity)
-        else {
+    async fn settle_reported_cost(&self, session: &Session, resp: &ResponseHeader, ctx: &Ctx) {
+        let (Some(state), Some(route)) = (&ctx.state, ctx.route) else {
             return;
         };
-        let route = &state.config.routes[route];
-        let Some(header) = &route.cost_from_response_header else {
+        let settings = &state.config.routes[route];
+        let Some(header) = &settings.cost_from_response_header else {
             return;
         };
         let reported = resp
@@ -242,42 +261,44 @@ impl Proxy {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
         if let Some(actual) = reported {
+            let limits = &state.config.limits;
+            let caller = caller(session, ctx.identity.as_deref(), state, settings);
+            let scopes = ratelimit::scopes(limits, route, &caller);
             self.limiter
-                .settle(
-                    &state.config.limits,
-                    state.redis.as_ref(),
-                    identity,
-                    route.cost,
-                    actual,
-                )
+                .settle(limits, state.redis.as_ref(), &scopes, settings.cost, actual)
                 .await;
         }
     }
 
-    /// Rate limits: the caller's windows, then its org's.
-    async fn limit(&self, ctx: &mut Ctx, state: &State, route: usize) -> Result<(), Refusal> {
-        let Some(identity) = &ctx.identity else {
+    /// Rate limits: the caller's windows, its org's, then the rules'.
+    async fn limit(
+        &self,
+        session: &Session,
+        ctx: &mut Ctx,
+        state: &State,
+        route: usize,
+    ) -> Result<(), Refusal> {
+        let identity = ctx.identity.clone();
+        let settings = &state.config.routes[route];
+        let limits = &state.config.limits;
+        let caller = caller(session, identity.as_deref(), state, settings);
+        let scopes = ratelimit::scopes(limits, route, &caller);
+        if scopes.is_empty() {
             return Ok(());
-        };
-        let cost = state.config.routes[route].cost;
+        }
         let decision = self
             .limiter
-            .check(&state.config.limits, state.redis.as_ref(), identity, cost)
+            .check(limits, state.redis.as_ref(), &scopes, settings.cost)
             .await?;
         let Some(d) = decision else {
             return Ok(());
         };
-        let decision = if d.allowed { "allowed" } else { "limited" };
         metrics::RATELIMIT_DECISIONS
-            .with_label_values(&[decision, d.source])
+            .with_label_values(&[d.label(), d.source])
             .inc();
-        let mut buf = itoa::Buffer::new();
+        let reported = limit_headers::reported(&d, &scopes, ratelimit::now_us());
         ctx.extra_headers
-            .push((RATELIMIT_LIMIT, buf.format(d.limit).to_string()));
-        ctx.extra_headers
-            .push((RATELIMIT_REMAINING, buf.format(d.remaining).to_string()));
-        ctx.extra_headers
-            .push((RATELIMIT_RESET, buf.format(d.reset_secs).to_string()));
+            .extend(limit_headers::fields(limits.headers, &reported, d.closest));
         if d.allowed {
             Ok(())
         } else {
@@ -417,7 +438,7 @@ impl ProxyHttp for Proxy {
         if let Err(r) = self.in_flight(ctx, &state).await {
             return self.refuse(session, ctx, r).await;
         }
-        if let Err(r) = self.limit(ctx, &state, route).await {
+        if let Err(r) = self.limit(session, ctx, &state, route).await {
             return self.refuse(session, ctx, r).await;
         }
         if let Some(auth) = &state.config.routes[route].upstream_auth {
@@ -502,11 +523,11 @@ impl ProxyHttp for Proxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        self.settle_reported_cost(resp, ctx).await;
+        self.settle_reported_cost(session, resp, ctx).await;
         resp.insert_header(respond::REQUEST_ID, ctx.request_id.as_str())?;
         for (name, value) in ctx.extra_headers.drain(..) {
             resp.insert_header(name, value)?;

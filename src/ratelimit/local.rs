@@ -4,7 +4,7 @@
 //! Sharded by key; each key holds the state of each of its windows, matched
 //! by (limit, window) so a reload that keeps a window keeps its count.
 
-use super::algo::{self, Outcome, WindowState};
+use super::algo::{self, Outcome, Period, WindowState};
 use crate::config::{Algorithm, Window};
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
@@ -47,8 +47,8 @@ impl Default for LocalStore {
     }
 }
 
-fn window_us(w: &Window) -> u64 {
-    w.window.as_micros() as u64
+fn period(w: &Window) -> Period {
+    Period::of(w)
 }
 
 impl LocalStore {
@@ -73,7 +73,7 @@ impl LocalStore {
                 .map(|w| Outcome {
                     allowed: true,
                     remaining: w.requests,
-                    reset_us: window_us(w),
+                    reset_us: period(w).length(),
                     retry_us: 0,
                 })
                 .collect();
@@ -82,7 +82,7 @@ impl LocalStore {
             shard.keys.retain(|_, slots| {
                 !slots
                     .iter()
-                    .all(|s| algo::is_stale(algo, &s.state, now, window_us(&s.window)))
+                    .all(|s| algo::is_stale(algo, &s.state, now, period(&s.window)))
             });
             shard.sweep_at = (shard.keys.len() * 2).max(SWEEP_AT);
         }
@@ -108,7 +108,7 @@ impl LocalStore {
                     &mut s.state,
                     now,
                     s.window.requests,
-                    window_us(&s.window),
+                    period(&s.window),
                     cost,
                 )
             })
@@ -120,7 +120,7 @@ impl LocalStore {
                     &mut s.state,
                     now,
                     s.window.requests,
-                    window_us(&s.window),
+                    period(&s.window),
                     cost,
                 );
             }
@@ -128,15 +128,15 @@ impl LocalStore {
         outcomes
     }
 
-    /// Applies `f(algorithm, state, now, limit, window_us, cost)` to the
+    /// Applies `f(state, limit, period)` to the
     /// slots of `key` that belong to `windows`.
-    fn adjust(&self, key: &str, windows: &[Window], f: impl Fn(&mut WindowState, u64, u64)) {
+    fn adjust(&self, key: &str, windows: &[Window], f: impl Fn(&mut WindowState, u64, Period)) {
         let Ok(mut shard) = self.shard(key).lock() else {
             return;
         };
         if let Some(slots) = shard.keys.get_mut(key) {
             for s in slots.iter_mut().filter(|s| windows.contains(&s.window)) {
-                f(&mut s.state, s.window.requests, window_us(&s.window));
+                f(&mut s.state, s.window.requests, period(&s.window));
             }
         }
     }
@@ -166,7 +166,7 @@ impl LocalStore {
                     .and_then(|s| s.keys.get(key))
                     .and_then(|slots| slots.iter().find(|s| s.window == *w))
                     .map_or(WindowState::EMPTY, |s| s.state);
-                algo::check(algo, &mut state, now, w.requests, window_us(w), 0)
+                algo::check(algo, &mut state, now, w.requests, period(w), 0)
             })
             .collect()
     }
@@ -189,10 +189,7 @@ mod tests {
     use std::time::Duration;
 
     fn w(requests: u64, secs: u64) -> Window {
-        Window {
-            requests,
-            window: Duration::from_secs(secs),
-        }
+        Window::every(requests, Duration::from_secs(secs))
     }
 
     const NOW: u64 = 1_000_000_000_000;

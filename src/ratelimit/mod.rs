@@ -1,5 +1,8 @@
-//! Rate limits: which windows apply to a caller, and the decision for one
-//! request across all of them (the token's own windows, then its org's).
+//! Rate limits: which windows apply to a request, and the decision for it
+//! across all of them. A request is counted in *scopes* — the token's own
+//! windows, its org's, then every `limits.rules` entry whose key the request
+//! has — and admitted only if every scope that is not in shadow mode admits
+//! it. A refused request is charged nowhere.
 
 pub mod algo;
 pub mod concurrency;
@@ -9,24 +12,49 @@ pub mod remote;
 pub mod rules;
 
 use crate::auth::Identity;
-use crate::config::{format_duration, LimitSettings, OnFailure, Window};
+use crate::config::{LimitSettings, OnFailure, Window};
 use crate::error::Refusal;
 use crate::redis_client::{Redis, Unavailable};
-use algo::Outcome;
+use algo::{Outcome, Period};
 use hybrid::Leases;
 use local::LocalStore;
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// The result for one request, reported through the RateLimit-* headers for
-/// the window closest to exhaustion (or the one that refused).
+/// The windows of one limiter key that a request is counted in.
+#[derive(Debug, Clone)]
+pub struct Scope<'a> {
+    /// The limiter key: `k:<api key>`, `o:<org>` or `r:<hash>` (a rule).
+    pub id: Cow<'a, str>,
+    /// What policies are named after: the tier, `default`, `key` (a
+    /// `rate_limit` claim), `org` or the rule's name.
+    pub name: &'a str,
+    pub windows: Cow<'a, [Window]>,
+    /// Counted and reported, never refused.
+    pub shadow: bool,
+}
+
+/// One window that a request was counted in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counted {
+    /// Index of its scope in the list given to `Limiter::check`.
+    pub scope: usize,
+    pub window: Window,
+    pub outcome: Outcome,
+}
+
+/// The result for one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     pub allowed: bool,
-    pub limit: u64,
-    pub remaining: u64,
-    pub reset_secs: u64,
+    /// Every window counted, in scope order (a refusal stops at its scope).
+    pub windows: Vec<Counted>,
+    /// Index into `windows` of the window closest to exhaustion among the
+    /// enforced ones, or of the one that refused.
+    pub closest: usize,
+    /// A shadow scope would have refused the request.
+    pub shadow_limited: bool,
     pub retry_after_secs: u64,
     /// The window that refused, for the 429 message.
     pub refused: Option<Window>,
@@ -39,9 +67,23 @@ impl Decision {
             Some(w) => format!(
                 "limit of {} requests per {} exceeded",
                 w.requests,
-                format_duration(w.window)
+                w.label()
             ),
             None => String::new(),
+        }
+    }
+
+    /// The reported window closest to exhaustion (legacy fields).
+    pub fn closest(&self) -> Option<&Counted> {
+        self.windows.get(self.closest)
+    }
+
+    /// The decision label of `tollgate_ratelimit_decisions_total`.
+    pub fn label(&self) -> &'static str {
+        match (self.allowed, self.shadow_limited) {
+            (false, _) => "limited",
+            (true, true) => "shadow_limited",
+            (true, false) => "allowed",
         }
     }
 }
@@ -53,27 +95,31 @@ pub fn now_us() -> u64 {
 }
 
 /// The windows of a caller's own key: its `rate_limit` claim (one window of
-/// `claim_window`), else its tier's windows, else the default ones.
-/// Borrowed from the config for tiers and the default, so the common case
-/// costs no allocation per request.
-pub fn key_windows<'a>(limits: &'a LimitSettings, identity: &Identity) -> Cow<'a, [Window]> {
+/// `claim_window`), else its tier's windows, else the default ones, with the
+/// name its policies carry. Borrowed from the config for tiers and the
+/// default, so the common case costs no allocation per request.
+pub fn key_windows<'a>(
+    limits: &'a LimitSettings,
+    identity: &'a Identity,
+) -> (&'a str, Cow<'a, [Window]>) {
     if let Some(requests) = identity.rate_limit {
-        return Cow::Owned(vec![Window {
-            requests,
-            window: limits.claim_window,
-        }]);
+        return (
+            "key",
+            Cow::Owned(vec![Window::every(requests, limits.claim_window)]),
+        );
     }
-    Cow::Borrowed(
-        identity
-            .tier
-            .as_ref()
-            .and_then(|t| limits.tiers.get(t))
-            .unwrap_or(&limits.default),
-    )
+    match identity
+        .tier
+        .as_deref()
+        .and_then(|t| limits.tiers.get_key_value(t))
+    {
+        Some((tier, windows)) => (tier.as_str(), Cow::Borrowed(windows)),
+        None => ("default", Cow::Borrowed(&limits.default)),
+    }
 }
 
 /// Redis-side and local keys are namespaced so an api key can never collide
-/// with an org of the same name.
+/// with an org of the same name (or a rule's hashed key).
 pub fn key_id(api_key: &str) -> String {
     format!("k:{api_key}")
 }
@@ -82,53 +128,101 @@ pub fn org_id(org: &str) -> String {
     format!("o:{org}")
 }
 
+/// Every scope a request is counted in: the token's own windows and its
+/// org's (when there is a token), then each rule that covers `route` and
+/// whose key the request has.
+pub fn scopes<'a>(
+    limits: &'a LimitSettings,
+    route: usize,
+    caller: &rules::Caller<'a>,
+) -> Vec<Scope<'a>> {
+    let mut out = Vec::with_capacity(2 + limits.rules.len());
+    if let Some(identity) = caller.identity {
+        let (name, windows) = key_windows(limits, identity);
+        out.push(Scope {
+            id: Cow::Owned(key_id(&identity.key)),
+            name,
+            windows,
+            shadow: false,
+        });
+        if let Some(org) = identity.org.as_deref().filter(|_| !limits.org.is_empty()) {
+            out.push(Scope {
+                id: Cow::Owned(org_id(org)),
+                name: "org",
+                windows: Cow::Borrowed(&limits.org),
+                shadow: false,
+            });
+        }
+    }
+    for rule in &limits.rules {
+        if rule.routes.as_ref().is_some_and(|r| !r.contains(&route)) {
+            continue;
+        }
+        if let Some(id) = rules::key_of(&rule.name, &rule.key, caller) {
+            out.push(Scope {
+                id: Cow::Owned(id),
+                name: &rule.name,
+                windows: Cow::Borrowed(&rule.windows),
+                shadow: rule.shadow,
+            });
+        }
+    }
+    out
+}
+
 fn secs_ceil(us: u64) -> u64 {
     us.div_ceil(1_000_000)
 }
 
-/// Folds the outcomes of every window into one decision.
-fn decide(windows: &[Window], outcomes: &[Outcome], source: &'static str) -> Decision {
-    let refused = windows
-        .iter()
-        .zip(outcomes)
-        .filter(|(_, o)| !o.allowed)
-        .max_by_key(|(_, o)| o.retry_us);
-    if let Some((w, o)) = refused {
+/// The seconds a window reports as its length: a calendar window's current
+/// period (28 to 31 days for a month).
+pub fn window_secs(w: &Window, now_us: u64) -> u64 {
+    let (start, end) = Period::of(w).bounds(now_us);
+    secs_ceil(end - start)
+}
+
+/// Folds the outcomes of every counted window into one decision.
+fn decide(
+    scopes: &[Scope<'_>],
+    windows: Vec<Counted>,
+    refused: Option<usize>,
+    source: &'static str,
+) -> Decision {
+    let shadow = |c: &Counted| scopes.get(c.scope).is_some_and(|s| s.shadow);
+    let shadow_limited = windows.iter().any(|c| shadow(c) && !c.outcome.allowed);
+    if let Some(i) = refused {
+        let c = windows[i];
         return Decision {
             allowed: false,
-            limit: w.requests,
-            remaining: o.remaining,
-            reset_secs: secs_ceil(o.reset_us),
-            retry_after_secs: secs_ceil(o.retry_us).max(1),
-            refused: Some(*w),
+            closest: i,
+            shadow_limited,
+            retry_after_secs: secs_ceil(c.outcome.retry_us).max(1),
+            refused: Some(c.window),
+            windows,
             source,
         };
     }
-    let closest = windows.iter().zip(outcomes).min_by(|(wa, a), (wb, b)| {
-        // Closest to exhaustion: least remaining as a share of the limit.
-        (a.remaining as u128 * wb.requests as u128)
-            .cmp(&(b.remaining as u128 * wa.requests as u128))
-            .then(b.reset_us.cmp(&a.reset_us))
-    });
-    match closest {
-        Some((w, o)) => Decision {
-            allowed: true,
-            limit: w.requests,
-            remaining: o.remaining,
-            reset_secs: secs_ceil(o.reset_us),
-            retry_after_secs: 0,
-            refused: None,
-            source,
-        },
-        None => Decision {
-            allowed: true,
-            limit: 0,
-            remaining: 0,
-            reset_secs: 0,
-            retry_after_secs: 0,
-            refused: None,
-            source,
-        },
+    // Closest to exhaustion: least remaining as a share of the limit, among
+    // the enforced windows when there are any.
+    let enforced = windows.iter().any(|c| !shadow(c));
+    let closest = windows
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| !enforced || !shadow(c))
+        .min_by(|(_, a), (_, b)| {
+            (a.outcome.remaining as u128 * b.window.requests as u128)
+                .cmp(&(b.outcome.remaining as u128 * a.window.requests as u128))
+                .then(b.outcome.reset_us.cmp(&a.outcome.reset_us))
+        })
+        .map_or(0, |(i, _)| i);
+    Decision {
+        allowed: true,
+        closest,
+        shadow_limited,
+        retry_after_secs: 0,
+        refused: None,
+        windows,
+        source,
     }
 }
 
@@ -141,26 +235,22 @@ pub struct Limiter {
 }
 
 impl Limiter {
-    /// Decides one request of `cost` for `identity`: `Ok(None)` when no
+    /// Decides one request of `cost` counted in `scopes`: `Ok(None)` when no
     /// window applies (or Redis is down with `on_failure: open`). Every
-    /// window must admit the request; when one refuses, nothing is charged.
+    /// enforced scope must admit the request; when one refuses, nothing is
+    /// charged anywhere.
     pub async fn check(
         &self,
         limits: &LimitSettings,
         redis: Option<&Arc<Redis>>,
-        identity: &Identity,
+        scopes: &[Scope<'_>],
         cost: u64,
     ) -> Result<Option<Decision>, Refusal> {
-        let own = key_windows(limits, identity);
-        let org = identity.org.as_deref().filter(|_| !limits.org.is_empty());
-        if own.is_empty() && org.is_none() {
+        if scopes.iter().all(|s| s.windows.is_empty()) {
             return Ok(None);
         }
         if let Some(redis) = redis {
-            match self
-                .check_redis(limits, redis, identity, &own, org, cost)
-                .await
-            {
+            match self.count(limits, Some(redis), scopes, cost).await {
                 Ok(d) => return Ok(Some(d)),
                 Err(_) => match redis.settings.on_failure {
                     OnFailure::Local => {}
@@ -169,25 +259,120 @@ impl Limiter {
                 },
             }
         }
-        Ok(Some(self.check_local(limits, identity, &own, org, cost)))
+        match self.count(limits, None, scopes, cost).await {
+            Ok(d) => Ok(Some(d)),
+            // Without Redis nothing can be unavailable; admit rather than fail.
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Counts the request in each scope in turn, through Redis leases when
+    /// `redis` is given, else in this process.
+    async fn count(
+        &self,
+        limits: &LimitSettings,
+        redis: Option<&Arc<Redis>>,
+        scopes: &[Scope<'_>],
+        cost: u64,
+    ) -> Result<Decision, Unavailable> {
+        let now = now_us();
+        let mut windows = Vec::with_capacity(scopes.iter().map(|s| s.windows.len()).sum());
+        let mut charged: Vec<&Scope<'_>> = Vec::with_capacity(scopes.len());
+        let mut asked = false;
+        let mut refused = None;
+        for (i, scope) in scopes.iter().enumerate() {
+            if scope.windows.is_empty() {
+                continue;
+            }
+            let outcomes = match redis {
+                Some(redis) => {
+                    let acquired = self
+                        .leases
+                        .acquire(
+                            redis,
+                            limits.algorithm,
+                            limits.sync,
+                            &scope.id,
+                            &scope.windows,
+                            cost,
+                        )
+                        .await;
+                    match acquired {
+                        Ok(a) => {
+                            asked |= a.asked_redis;
+                            a.outcomes
+                        }
+                        Err(e) => {
+                            self.refund(limits, Some(redis), &charged, cost, now).await;
+                            return Err(e);
+                        }
+                    }
+                }
+                None => self
+                    .local
+                    .acquire(limits.algorithm, &scope.id, &scope.windows, cost, now),
+            };
+            let first = windows.len();
+            windows.extend(scope.windows.iter().zip(&outcomes).map(|(w, o)| Counted {
+                scope: i,
+                window: *w,
+                outcome: *o,
+            }));
+            if outcomes.iter().all(|o| o.allowed) {
+                charged.push(scope);
+                continue;
+            }
+            if scope.shadow {
+                continue;
+            }
+            self.refund(limits, redis, &charged, cost, now).await;
+            refused = outcomes
+                .iter()
+                .enumerate()
+                .filter(|(_, o)| !o.allowed)
+                .max_by_key(|(_, o)| o.retry_us)
+                .map(|(j, _)| first + j);
+            break;
+        }
+        let source = if asked { "redis" } else { "local" };
+        Ok(decide(scopes, windows, refused, source))
+    }
+
+    /// Gives back what `count` charged to `scopes` (a later scope refused).
+    async fn refund(
+        &self,
+        limits: &LimitSettings,
+        redis: Option<&Arc<Redis>>,
+        scopes: &[&Scope<'_>],
+        cost: u64,
+        now: u64,
+    ) {
+        for scope in scopes {
+            match redis {
+                Some(_) => self.leases.refund(&scope.id, &scope.windows, cost).await,
+                None => self
+                    .local
+                    .refund(limits.algorithm, &scope.id, &scope.windows, cost, now),
+            }
+        }
     }
 
     /// Settles a request whose real cost is known only after the answer:
-    /// `charged` units were taken at admission, `actual` are owed.
+    /// `charged` units were taken at admission in every scope, `actual`
+    /// are owed.
     pub async fn settle(
         &self,
         limits: &LimitSettings,
         redis: Option<&Arc<Redis>>,
-        identity: &Identity,
+        scopes: &[Scope<'_>],
         charged: u64,
         actual: u64,
     ) {
-        let own = key_windows(limits, identity);
         // What one answer may charge is capped at the largest window's limit:
         // a reported cost of 2^64-1 fills the windows, it does not wrap them.
-        let cap = own
+        let cap = scopes
             .iter()
-            .chain(limits.org.iter().filter(|_| identity.org.is_some()))
+            .flat_map(|s| s.windows.iter())
             .map(|w| w.requests)
             .max()
             .unwrap_or(charged);
@@ -195,34 +380,31 @@ impl Limiter {
         if actual == charged {
             return;
         }
-        let mut scopes: Vec<(String, &[Window])> = vec![(key_id(&identity.key), &own)];
-        if let Some(org) = identity.org.as_deref().filter(|_| !limits.org.is_empty()) {
-            scopes.push((org_id(org), &limits.org));
-        }
         let now = now_us();
-        for (id, windows) in scopes {
+        for scope in scopes {
+            let (id, windows) = (&*scope.id, &*scope.windows);
             match redis {
                 Some(redis) if actual > charged => {
                     let extra = actual - charged;
-                    let uncovered = self.leases.consume(&id, windows, extra).await;
+                    let uncovered = self.leases.consume(id, windows, extra).await;
                     let units = i64::try_from(uncovered).unwrap_or(i64::MAX);
                     if uncovered > 0
-                        && remote::charge(redis, limits.algorithm, &id, windows, units)
+                        && remote::charge(redis, limits.algorithm, id, windows, units)
                             .await
                             .is_err()
                     {
                         self.local
-                            .charge(limits.algorithm, &id, windows, uncovered, now);
+                            .charge(limits.algorithm, id, windows, uncovered, now);
                     }
                 }
-                Some(_) => self.leases.refund(&id, windows, charged - actual).await,
+                Some(_) => self.leases.refund(id, windows, charged - actual).await,
                 None if actual > charged => {
                     self.local
-                        .charge(limits.algorithm, &id, windows, actual - charged, now)
+                        .charge(limits.algorithm, id, windows, actual - charged, now)
                 }
                 None => self
                     .local
-                    .refund(limits.algorithm, &id, windows, charged - actual, now),
+                    .refund(limits.algorithm, id, windows, charged - actual, now),
             }
         }
     }
@@ -244,147 +426,51 @@ impl Limiter {
         returned
     }
 
-    async fn check_redis(
-        &self,
-        limits: &LimitSettings,
-        redis: &Arc<Redis>,
-        identity: &Identity,
-        own: &[Window],
-        org: Option<&str>,
-        cost: u64,
-    ) -> Result<Decision, Unavailable> {
-        let key = identity.limit_key.as_str();
-        let (algo, sync) = (limits.algorithm, limits.sync);
-        let first = self
-            .leases
-            .acquire(redis, algo, sync, key, own, cost)
-            .await?;
-        let mut asked = first.asked_redis;
-        let mut windows: Cow<[Window]> = Cow::Borrowed(own);
-        let mut outcomes = first.outcomes;
-        if let (Some(org), true) = (org, outcomes.iter().all(|o| o.allowed)) {
-            let org_key = org_id(org);
-            let second = match self
-                .leases
-                .acquire(redis, algo, sync, &org_key, &limits.org, cost)
-                .await
-            {
-                Ok(s) => s,
-                Err(e) => {
-                    self.leases.refund(key, own, cost).await;
-                    return Err(e);
-                }
-            };
-            if !second.outcomes.iter().all(|o| o.allowed) {
-                self.leases.refund(key, own, cost).await;
-            }
-            asked |= second.asked_redis;
-            windows.to_mut().extend_from_slice(&limits.org);
-            outcomes.extend(second.outcomes);
-        }
-        let source = if asked { "redis" } else { "local" };
-        Ok(decide(&windows, &outcomes, source))
-    }
-
-    fn check_local(
-        &self,
-        limits: &LimitSettings,
-        identity: &Identity,
-        own: &[Window],
-        org: Option<&str>,
-        cost: u64,
-    ) -> Decision {
-        let now = now_us();
-        let key = key_id(&identity.key);
-        let mut windows: Cow<[Window]> = Cow::Borrowed(own);
-        let mut outcomes = self.local.acquire(limits.algorithm, &key, own, cost, now);
-        let own_ok = outcomes.iter().all(|o| o.allowed);
-        if let (Some(org), true) = (org, own_ok) {
-            let org_key = org_id(org);
-            let org_outcomes =
-                self.local
-                    .acquire(limits.algorithm, &org_key, &limits.org, cost, now);
-            if !org_outcomes.iter().all(|o| o.allowed) {
-                self.local.refund(limits.algorithm, &key, own, cost, now);
-            }
-            windows.to_mut().extend_from_slice(&limits.org);
-            outcomes.extend(org_outcomes);
-        }
-        decide(&windows, &outcomes, "local")
-    }
-
-    /// Every window that applies to a key with what is left of it, from
-    /// Redis when configured (a zero-unit lease: nothing is charged).
-    pub async fn quota_now(
+    /// Every window of `scopes` with what is left of it, from Redis when
+    /// configured (a zero-unit lease: nothing is charged), else from this
+    /// process.
+    pub async fn quota(
         &self,
         limits: &LimitSettings,
         redis: Option<&Arc<Redis>>,
-        identity: &Identity,
-    ) -> Result<Vec<(&'static str, Window, Outcome)>, Unavailable> {
-        let own = key_windows(limits, identity);
-        let org = identity.org.as_deref().filter(|_| !limits.org.is_empty());
-        let Some(redis) = redis else {
-            let local = self.quota(limits, identity);
-            return Ok(local
-                .into_iter()
-                .enumerate()
-                .map(|(i, (w, o))| (if i < own.len() { "key" } else { "org" }, w, o))
-                .collect());
-        };
+        scopes: &[Scope<'_>],
+    ) -> Result<Vec<Counted>, Unavailable> {
+        let now = now_us();
         let mut out = Vec::new();
-        let mut scopes: Vec<(&'static str, String, &[Window])> =
-            vec![("key", key_id(&identity.key), &own)];
-        if let Some(org) = org {
-            scopes.push(("org", org_id(org), &limits.org));
-        }
-        for (scope, id, windows) in scopes {
-            let need = vec![0; windows.len()];
-            let grants = remote::acquire(
-                redis,
-                limits.algorithm,
-                &id,
-                windows,
-                &need,
-                u64::MAX / 2,
-                0,
-            )
-            .await?;
-            for (w, g) in windows.iter().zip(grants) {
-                let outcome = Outcome {
-                    allowed: g.available > 0,
-                    remaining: g.available,
-                    reset_us: g.reset_us,
-                    retry_us: g.retry_us,
-                };
-                out.push((scope, *w, outcome));
-            }
+        for (i, scope) in scopes.iter().enumerate() {
+            let outcomes: Vec<Outcome> = match redis {
+                None => self
+                    .local
+                    .peek(limits.algorithm, &scope.id, &scope.windows, now),
+                Some(redis) => {
+                    let need = vec![0; scope.windows.len()];
+                    remote::acquire(
+                        redis,
+                        limits.algorithm,
+                        &scope.id,
+                        &scope.windows,
+                        &need,
+                        u64::MAX / 2,
+                        0,
+                    )
+                    .await?
+                    .into_iter()
+                    .map(|g| Outcome {
+                        allowed: g.available > 0,
+                        remaining: g.available,
+                        reset_us: g.reset_us,
+                        retry_us: g.retry_us,
+                    })
+                    .collect()
+                }
+            };
+            out.extend(scope.windows.iter().zip(outcomes).map(|(w, o)| Counted {
+                scope: i,
+                window: *w,
+                outcome: o,
+            }));
         }
         Ok(out)
-    }
-
-    /// Every window that applies to a key, without charging anything.
-    pub fn quota(&self, limits: &LimitSettings, identity: &Identity) -> Vec<(Window, Outcome)> {
-        let now = now_us();
-        let own = key_windows(limits, identity);
-        let mut out: Vec<(Window, Outcome)> = own
-            .iter()
-            .copied()
-            .zip(
-                self.local
-                    .peek(limits.algorithm, &key_id(&identity.key), &own, now),
-            )
-            .collect();
-        if let Some(org) = identity.org.as_deref().filter(|_| !limits.org.is_empty()) {
-            out.extend(
-                limits.org.iter().copied().zip(self.local.peek(
-                    limits.algorithm,
-                    &org_id(org),
-                    &limits.org,
-                    now,
-                )),
-            );
-        }
-        out
     }
 }
 
@@ -392,15 +478,13 @@ impl Limiter {
 mod tests {
     use super::*;
     use crate::auth::permissions::RouteMatcher;
-    use crate::config::{Algorithm, SyncMode};
+    use crate::config::{Algorithm, RuleSettings, SyncMode};
+    use pingora::http::RequestHeader;
     use std::collections::BTreeMap;
     use std::time::Duration;
 
     fn w(requests: u64, secs: u64) -> Window {
-        Window {
-            requests,
-            window: Duration::from_secs(secs),
-        }
+        Window::every(requests, Duration::from_secs(secs))
     }
 
     fn limits() -> LimitSettings {
@@ -422,7 +506,6 @@ mod tests {
     fn id(key: &str, rate_limit: Option<u64>, tier: Option<&str>, org: Option<&str>) -> Identity {
         Identity {
             key: key.into(),
-            limit_key: key_id(key),
             rate_limit,
             routes: RouteMatcher::compile(&["/*"]).unwrap(),
             tier: tier.map(Into::into),
@@ -432,32 +515,63 @@ mod tests {
         }
     }
 
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    fn request() -> RequestHeader {
+        RequestHeader::build("GET", b"/x", None).unwrap()
+    }
+
+    fn caller<'a>(identity: Option<&'a Identity>, req: &'a RequestHeader) -> rules::Caller<'a> {
+        rules::Caller {
+            client_ip: Some("192.0.2.7".parse().unwrap()),
+            identity,
+            route: "r",
+            request: Some(req),
+        }
+    }
+
     impl Limiter {
         fn check_now(&self, l: &LimitSettings, id: &Identity, cost: u64) -> Option<Decision> {
-            let own = key_windows(l, id);
-            let org = id.org.as_deref().filter(|_| !l.org.is_empty());
-            Some(self.check_local(l, id, &own, org, cost))
+            let req = request();
+            let scopes = scopes(l, 0, &caller(Some(id), &req));
+            let d = block_on(self.check(l, None, &scopes, cost));
+            d.ok().flatten()
+        }
+
+        fn remaining(&self, l: &LimitSettings, id: &Identity) -> Vec<u64> {
+            let req = request();
+            let scopes = scopes(l, 0, &caller(Some(id), &req));
+            block_on(self.quota(l, None, &scopes))
+                .unwrap()
+                .iter()
+                .map(|c| c.outcome.remaining)
+                .collect()
+        }
+    }
+
+    impl Decision {
+        fn remaining(&self) -> u64 {
+            self.closest().unwrap().outcome.remaining
         }
     }
 
     #[test]
     fn windows_follow_claim_then_tier_then_default() {
         let l = limits();
+        let claim = id("a", Some(7), Some("free"), None);
+        assert_eq!(key_windows(&l, &claim), ("key", Cow::Owned(vec![w(7, 1)])));
+        let free = id("a", None, Some("free"), None);
+        assert_eq!(key_windows(&l, &free).1.to_vec(), vec![w(5, 5), w(100, 60)]);
+        assert_eq!(key_windows(&l, &free).0, "free");
+        let gold = id("a", None, Some("gold"), None);
         assert_eq!(
-            key_windows(&l, &id("a", Some(7), Some("free"), None)),
-            vec![w(7, 1)]
-        );
-        assert_eq!(
-            key_windows(&l, &id("a", None, Some("free"), None)),
-            vec![w(5, 5), w(100, 60)]
-        );
-        assert_eq!(
-            key_windows(&l, &id("a", None, Some("gold"), None)),
-            vec![w(100, 60)]
-        );
-        assert_eq!(
-            key_windows(&l, &id("a", None, None, None)),
-            vec![w(100, 60)]
+            key_windows(&l, &gold),
+            ("default", Cow::Borrowed(&l.default[..]))
         );
     }
 
@@ -467,13 +581,13 @@ mod tests {
         let l = limits();
         let free = id("free-user", None, Some("free"), None);
         let remaining: Vec<u64> = (0..5)
-            .map(|_| limiter.check_now(&l, &free, 1).unwrap().remaining)
+            .map(|_| limiter.check_now(&l, &free, 1).unwrap().remaining())
             .collect();
         assert_eq!(remaining, vec![4, 3, 2, 1, 0]);
         let d = limiter.check_now(&l, &free, 1).unwrap();
         assert!(!d.allowed);
         assert_eq!(d.message(), "limit of 5 requests per 5s exceeded");
-        assert_eq!(d.limit, 5);
+        assert_eq!(d.closest().unwrap().window, w(5, 5));
         assert!(d.retry_after_secs >= 1 && d.retry_after_secs <= 5);
     }
 
@@ -490,9 +604,7 @@ mod tests {
         assert!(!d.allowed);
         assert_eq!(d.message(), "limit of 3 requests per 1m exceeded");
         // b's own window was refunded: 1 used of 10.
-        let quota = limiter.quota(&l, &b);
-        assert_eq!(quota[0].1.remaining, 9);
-        assert_eq!(quota[1].1.remaining, 0);
+        assert_eq!(limiter.remaining(&l, &b), vec![9, 0]);
     }
 
     #[test]
@@ -500,8 +612,77 @@ mod tests {
         let limiter = Limiter::default();
         let l = limits();
         let a = id("costly", Some(10), None, None);
-        assert_eq!(limiter.check_now(&l, &a, 4).unwrap().remaining, 6);
-        assert_eq!(limiter.check_now(&l, &a, 6).unwrap().remaining, 0);
+        assert_eq!(limiter.check_now(&l, &a, 4).unwrap().remaining(), 6);
+        assert_eq!(limiter.check_now(&l, &a, 6).unwrap().remaining(), 0);
         assert!(!limiter.check_now(&l, &a, 1).unwrap().allowed);
+    }
+
+    fn rule(name: &str, key: &str, windows: Vec<Window>, shadow: bool) -> RuleSettings {
+        RuleSettings {
+            name: name.into(),
+            key: rules::KeyExpr::parse(key).unwrap(),
+            routes: None,
+            windows,
+            shadow,
+        }
+    }
+
+    #[test]
+    fn rules_count_after_the_token_and_refund_it_when_they_refuse() {
+        let limiter = Limiter::default();
+        let mut l = limits();
+        l.rules = vec![rule("per-ip", "client_ip", vec![w(2, 60)], false)];
+        let a = id("a", Some(10), None, None);
+        let d = limiter.check_now(&l, &a, 1).unwrap();
+        assert!(d.allowed);
+        assert_eq!(d.windows.len(), 2);
+        assert_eq!(d.windows[1].scope, 1);
+        assert!(limiter.check_now(&l, &a, 1).unwrap().allowed);
+        let d = limiter.check_now(&l, &a, 1).unwrap();
+        assert!(!d.allowed);
+        assert_eq!(d.refused, Some(w(2, 60)));
+        assert_eq!(d.label(), "limited");
+        // The token's own window got its unit back: 2 used of 10.
+        assert_eq!(limiter.remaining(&l, &a)[0], 8);
+    }
+
+    #[test]
+    fn shadow_rules_report_but_never_refuse() {
+        let limiter = Limiter::default();
+        let mut l = limits();
+        l.rules = vec![rule("trial", "api_key", vec![w(1, 60)], true)];
+        let a = id("a", Some(10), None, None);
+        let first = limiter.check_now(&l, &a, 1).unwrap();
+        assert_eq!(first.label(), "allowed");
+        for _ in 0..3 {
+            let d = limiter.check_now(&l, &a, 1).unwrap();
+            assert!(d.allowed);
+            assert!(d.shadow_limited);
+            assert_eq!(d.label(), "shadow_limited");
+            // The legacy fields follow the enforced window, not the shadow one.
+            assert_eq!(d.closest().unwrap().scope, 0);
+            assert_eq!(d.windows.len(), 2);
+        }
+        assert_eq!(limiter.remaining(&l, &a), vec![6, 0]);
+    }
+
+    #[test]
+    fn a_rule_without_its_key_is_skipped() {
+        let mut l = limits();
+        l.rules = vec![
+            rule("tenant", "header:X-Tenant", vec![w(1, 60)], false),
+            rule("per-key", "api_key", vec![w(1, 60)], false),
+        ];
+        let req = request();
+        // No token and no header: neither rule applies, so nothing is limited.
+        assert!(scopes(&l, 0, &caller(None, &req)).is_empty());
+        let mut routed = l.clone();
+        routed.rules[1].routes = Some(vec![3]);
+        let a = id("a", None, None, None);
+        let names: Vec<&str> = scopes(&routed, 0, &caller(Some(&a), &req))
+            .iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(names, ["default"]);
     }
 }

@@ -1,18 +1,37 @@
 //! The Redis side of the limiter: the window scripts, one call per lease
 //! for every window of a key (through the crate's one Redis layer).
 
-use crate::config::{Algorithm, Window};
+use crate::config::{Algorithm, Calendar, Window};
 use crate::redis_client::{Redis, Unavailable};
 use redis::Script;
+use std::sync::LazyLock;
 
-static FIXED: once_cell::sync::Lazy<Script> =
-    once_cell::sync::Lazy::new(|| Script::new(include_str!("../../lua/fixed_window.lua")));
-static SLIDING: once_cell::sync::Lazy<Script> =
-    once_cell::sync::Lazy::new(|| Script::new(include_str!("../../lua/sliding_window.lua")));
-static CHARGE: once_cell::sync::Lazy<Script> =
-    once_cell::sync::Lazy::new(|| Script::new(include_str!("../../lua/charge.lua")));
-static GCRA: once_cell::sync::Lazy<Script> =
-    once_cell::sync::Lazy::new(|| Script::new(include_str!("../../lua/gcra.lua")));
+/// A window script with the shared prelude (`lua/prelude.lua`) in front.
+macro_rules! window_script {
+    ($file:literal) => {
+        LazyLock::new(|| {
+            Script::new(concat!(
+                include_str!("../../lua/prelude.lua"),
+                include_str!(concat!("../../lua/", $file))
+            ))
+        })
+    };
+}
+
+static FIXED: LazyLock<Script> = window_script!("fixed_window.lua");
+static SLIDING: LazyLock<Script> = window_script!("sliding_window.lua");
+static CHARGE: LazyLock<Script> = window_script!("charge.lua");
+static GCRA: LazyLock<Script> = window_script!("gcra.lua");
+
+/// A window as the scripts take it: microseconds, or -1 / -2 for a
+/// calendar day / month.
+fn window_arg(w: &Window) -> i64 {
+    match w.calendar {
+        Some(Calendar::Day) => -1,
+        Some(Calendar::Month) => -2,
+        None => i64::try_from(w.window.as_micros()).unwrap_or(i64::MAX),
+    }
+}
 
 /// What Redis granted for one window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,8 +43,13 @@ pub struct Grant {
     pub retry_us: u64,
 }
 
+/// `<prefix>rl:{<key>}:<window>`, the window in seconds or `day` / `month`;
+/// the scripts append the period's start.
 fn base_key(redis: &Redis, key_id: &str, w: &Window) -> String {
-    format!("{}rl:{{{key_id}}}:{}", redis.prefix(), w.window.as_secs())
+    match w.calendar {
+        Some(_) => format!("{}rl:{{{key_id}}}:{}", redis.prefix(), w.label()),
+        None => format!("{}rl:{{{key_id}}}:{}", redis.prefix(), w.window.as_secs()),
+    }
 }
 
 /// Charges `units` to every window of `key_id`, over the limit or not
@@ -46,10 +70,7 @@ pub async fn charge(
     invocation.arg(name).arg(windows.len());
     for w in windows {
         invocation.key(base_key(redis, key_id, w));
-        invocation
-            .arg(w.requests)
-            .arg(w.window.as_micros() as u64)
-            .arg(units);
+        invocation.arg(w.requests).arg(window_arg(w)).arg(units);
     }
     redis
         .invoke::<i64>("charge", &invocation, redis.settings.timeout)
@@ -80,7 +101,7 @@ pub async fn acquire(
         invocation.key(base_key(redis, key_id, w));
         invocation
             .arg(w.requests)
-            .arg(w.window.as_micros() as u64)
+            .arg(window_arg(w))
             .arg(*need)
             .arg(divisor)
             .arg(max_chunk);

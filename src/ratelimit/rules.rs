@@ -91,10 +91,11 @@ impl KeyExpr {
 
 /// What a request offers a rule's key.
 pub struct Caller<'a> {
-    pub client_ip: IpAddr,
+    /// `None` where no request is at hand (the admin quota view).
+    pub client_ip: Option<IpAddr>,
     pub identity: Option<&'a Identity>,
     pub route: &'a str,
-    pub request: &'a RequestHeader,
+    pub request: Option<&'a RequestHeader>,
 }
 
 /// The limiter key of `rule` for this caller: `None` when a part is missing.
@@ -105,14 +106,14 @@ pub fn key_of(rule: &str, expr: &KeyExpr, caller: &Caller<'_>) -> Option<String>
     for part in &expr.0 {
         // Each part is length-prefixed, so ("ab", "c") and ("a", "bc") differ.
         let value: std::borrow::Cow<'_, [u8]> = match part {
-            KeyPart::ClientIp => match caller.client_ip {
+            KeyPart::ClientIp => match caller.client_ip? {
                 IpAddr::V4(v4) => std::borrow::Cow::Owned(v4.octets().to_vec()),
                 IpAddr::V6(v6) => std::borrow::Cow::Owned(v6.octets().to_vec()),
             },
             KeyPart::ApiKey => caller.identity?.key.as_bytes().into(),
             KeyPart::Org => caller.identity?.org.as_deref()?.as_bytes().into(),
             KeyPart::Route => caller.route.as_bytes().into(),
-            KeyPart::Header(name) => caller.request.headers.get(name)?.as_bytes().into(),
+            KeyPart::Header(name) => caller.request?.headers.get(name)?.as_bytes().into(),
             KeyPart::Claim(claim) => caller.identity?.forwarded(claim)?.as_bytes().into(),
         };
         hash.update(ip_text.format(value.len()).as_bytes());
@@ -167,10 +168,10 @@ mod tests {
     fn keys_are_hashed_per_rule_and_skip_missing_parts() {
         let req = request(&[("x-tenant", "acme")]);
         let caller = Caller {
-            client_ip: "192.0.2.1".parse().unwrap(),
+            client_ip: Some("192.0.2.1".parse().unwrap()),
             identity: None,
             route: "public",
-            request: &req,
+            request: Some(&req),
         };
         let by_ip = KeyExpr::parse("client_ip").unwrap();
         let a = key_of("per-ip", &by_ip, &caller).unwrap();
@@ -178,7 +179,7 @@ mod tests {
         assert!(a.starts_with("r:") && !a.contains("192"));
         assert_ne!(a, key_of("other-rule", &by_ip, &caller).unwrap());
         let other_ip = Caller {
-            client_ip: "192.0.2.2".parse().unwrap(),
+            client_ip: Some("192.0.2.2".parse().unwrap()),
             ..caller
         };
         assert_ne!(a, key_of("per-ip", &by_ip, &other_ip).unwrap());
@@ -190,7 +191,7 @@ mod tests {
         );
         let no_header = request(&[]);
         let bare = Caller {
-            request: &no_header,
+            request: Some(&no_header),
             ..other_ip
         };
         assert_eq!(key_of("t", &tenant, &bare), None);

@@ -1,0 +1,56 @@
+-- Shared by the window scripts: joined in front of each one when it is
+-- loaded (concat! of include_str! in src/ratelimit/remote.rs).
+--
+-- now_us()             Redis server time in microseconds: time comes from
+--                      Redis, never from the callers' clocks.
+-- period(now, window)  start and end (exclusive), in microseconds, of the
+--                      period that holds `now`: every `window` microseconds
+--                      from the epoch when window > 0; the UTC calendar day
+--                      for -1 and month for -2 (the civil-date arithmetic of
+--                      src/ratelimit/algo.rs, days_from_civil/civil_from_days).
+local DAY = 86400000000
+
+local function now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local mp = (m + 9) % 12
+  local doy = math.floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+
+local function period(now, window)
+  if window > 0 then
+    local start = now - (now % window)
+    return start, start + window
+  end
+  local days = math.floor(now / DAY)
+  if window == -1 then
+    return days * DAY, (days + 1) * DAY
+  end
+  local z = days + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = mp + 3
+  if mp >= 10 then m = mp - 9 end
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  local ny, nm = y, m + 1
+  if nm == 13 then ny, nm = y + 1, 1 end
+  return days_from_civil(y, m, 1) * DAY, days_from_civil(ny, nm, 1) * DAY
+end
+
+-- The key of the period that starts at `start`: <base>:<start in seconds>.
+local function period_key(base, start)
+  return base .. ':' .. string.format('%.0f', start / 1000000)
+end
