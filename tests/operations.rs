@@ -21,6 +21,7 @@ routes:
 }
 
 fn assert_clean((ok, failures): (usize, Vec<String>), what: &str) {
+    eprintln!("{what}: {ok} answered, {} failed", failures.len());
     assert!(ok > 20, "{what}: only {ok} requests went through");
     assert!(
         failures.is_empty(),
@@ -103,6 +104,13 @@ fn start_upgrade(t: &Tollgate, name: &str) -> Proc {
 }
 
 fn assert_nothing_lost(report: &LoadReport, what: &str) {
+    eprintln!(
+        "{what}: {} answered, {} lost or failed, {} refused before sending, {} closed by the server",
+        report.ok,
+        report.failures.len(),
+        report.refused,
+        report.closed_by_server
+    );
     assert!(
         report.ok > 20,
         "{what}: only {} requests went through",

@@ -220,6 +220,11 @@ fn ten_reloads_under_kept_alive_load_with_jwks_redis_and_stored_tokens() {
     }
     for (i, load) in loads.into_iter().enumerate() {
         let report = load.report();
+        eprintln!(
+            "client {i}: {} answered, {} failed",
+            report.ok,
+            report.failures.len()
+        );
         assert!(report.ok > 20, "client {i}: {report:?}");
         assert!(
             report.failures.is_empty(),
