@@ -2,6 +2,8 @@
 //! match, path normalisation, and the limiter's in-process decision.
 //! `cargo bench --bench hot_paths`; results are in the README.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a benchmark or example, not the proxy
+
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::hint::black_box;
 use std::time::Duration;

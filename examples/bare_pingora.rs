@@ -3,6 +3,8 @@
 //! with the same release profile, allocator and runtime settings.
 //!
 //!   cargo run --release --example bare_pingora -- LISTEN UPSTREAM
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a benchmark or example, not the proxy
+
 use async_trait::async_trait;
 use pingora::prelude::*;
 use pingora::proxy::{ProxyHttp, Session};

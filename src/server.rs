@@ -259,6 +259,7 @@ pub fn serve(opts: ServeOptions<'_>) -> anyhow::Result<()> {
 
 /// SIGHUP's default action kills the process. Until the reload service takes
 /// it over, a SIGHUP (say, from `systemctl reload` during start) is ignored.
+#[allow(unsafe_code)] // the one unsafe call in the crate
 fn ignore_sighup_until_reloader_runs() {
     // SAFETY: setting a signal disposition to SIG_IGN has no preconditions.
     unsafe {

@@ -1,5 +1,7 @@
 //! The admin API against two real instances sharing a real Redis.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test: failing loudly is the point
+
 mod common;
 use common::*;
 use serde_json::json;

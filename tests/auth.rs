@@ -1,6 +1,8 @@
 //! Authentication and route permissions through the real binary, with tokens
 //! minted by PyJWT (an independent implementation) and by hand for attacks.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test: failing loudly is the point
+
 mod common;
 use common::*;
 use serde_json::json;

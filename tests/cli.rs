@@ -1,5 +1,7 @@
 //! The command line: `check` on every fixture, usage errors, start-up errors.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test: failing loudly is the point
+
 mod common;
 use common::*;
 use std::path::Path;

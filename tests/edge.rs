@@ -3,6 +3,8 @@
 //! h2load), gRPC through tollgate (grpcio client and server), WebSocket
 //! (the websockets library), TLS and HTTP/2 to upstreams.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test: failing loudly is the point
+
 mod common;
 use common::*;
 use serde_json::json;

@@ -2,6 +2,8 @@
 //! client sees and that nothing reached the upstream (a recording upstream
 //! counts what arrives).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test: failing loudly is the point
+
 mod common;
 use common::*;
 use serde_json::json;

@@ -1,5 +1,7 @@
 //! Keys from a JWKS endpoint: rotation, unknown key ids, outages.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test: failing loudly is the point
+
 mod common;
 use common::*;
 use serde_json::json;

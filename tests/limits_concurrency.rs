@@ -2,6 +2,8 @@
 //! with a real redis-server, two real tollgate processes and an upstream
 //! that records how many requests it is answering at once.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test: failing loudly is the point
+
 mod common;
 use common::*;
 use serde_json::json;

@@ -1,5 +1,7 @@
 //! Rate limits without Redis: exact within one instance, through the real binary.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test: failing loudly is the point
+
 mod common;
 use common::*;
 use serde_json::json;

@@ -1,6 +1,8 @@
 //! Distributed limits: several real tollgate processes sharing one real
 //! redis-server, checked for exactness and for how little Redis they use.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test: failing loudly is the point
+
 mod common;
 use common::*;
 use serde_json::json;

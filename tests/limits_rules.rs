@@ -2,6 +2,8 @@
 //! calendar windows, shadow rules and the rate-limit response fields, with
 //! real tollgate processes, a real redis-server and tokens from PyJWT.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test: failing loudly is the point
+
 mod common;
 use common::*;
 use serde_json::json;

@@ -1,6 +1,8 @@
 //! Zero-downtime operations, proven under load: SIGHUP reloads, a binary
 //! upgrade (SIGQUIT + `serve --upgrade`), SIGTERM drain, a Redis outage.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test: failing loudly is the point
+
 mod common;
 use common::*;
 use std::process::{Command, Stdio};

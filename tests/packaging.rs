@@ -1,6 +1,8 @@
 //! What can be checked of the Dockerfile, docker-compose.yml, the Grafana
 //! dashboard and the systemd unit without a Docker engine or systemd.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test: failing loudly is the point
+
 mod common;
 use common::*;
 use std::collections::BTreeSet;

@@ -1,5 +1,7 @@
 //! Property tests: path normalisation and token parsing on arbitrary input.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test: failing loudly is the point
+
 use proptest::prelude::*;
 use tollgate::auth::Verifier;
 use tollgate::config::from_str_with_env;

@@ -1,5 +1,7 @@
 //! The core proxy end to end: the real binary in front of the real echo upstream.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test: failing loudly is the point
+
 mod common;
 use common::*;
 use std::time::Duration;

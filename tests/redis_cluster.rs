@@ -3,6 +3,8 @@
 //! of one script call shares a hash tag, so no call crosses slots), and token
 //! revocation reaches every instance.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test: failing loudly is the point
+
 mod common;
 use common::*;
 use serde_json::json;

@@ -2,6 +2,8 @@
 //! set, the Redis connections, upstreams), what it changes is made ready
 //! before the swap, and a reload never makes a request wait or fail.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test: failing loudly is the point
+
 mod common;
 use common::*;
 use serde_json::json;

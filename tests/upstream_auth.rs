@@ -1,6 +1,8 @@
 //! Upstream credentials: an OAuth2 client-credentials token fetched once for
 //! the whole fleet (through Redis) and injected towards the upstream.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test: failing loudly is the point
+
 mod common;
 use common::*;
 use std::time::Duration;

@@ -53,6 +53,7 @@ impl Proc {
         self.child.id() as i32
     }
 
+    #[allow(unsafe_code)] // sending a signal has no safe std wrapper
     pub fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on our own child's pid.
         unsafe {
