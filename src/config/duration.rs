@@ -60,19 +60,27 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
 
 /// Prints a window the way an operator wrote it (`5s`, `1m`, `1h`), for messages.
 pub fn format_duration(d: Duration) -> String {
+    let mut out = String::with_capacity(8);
+    write_duration(&mut out, d);
+    out
+}
+
+/// `format_duration` appended to `out`, with no allocation of its own.
+pub fn write_duration(out: &mut String, d: Duration) {
     let ms = d.as_millis();
-    const UNITS: [(u128, &str); 4] = [
+    const UNITS: [(u128, &str); 5] = [
         (86_400_000, "d"),
         (3_600_000, "h"),
         (60_000, "m"),
         (1_000, "s"),
+        (1, "ms"),
     ];
-    for (size, unit) in UNITS {
-        if ms >= size && ms.is_multiple_of(size) {
-            return format!("{}{unit}", ms / size);
-        }
-    }
-    format!("{ms}ms")
+    let (size, unit) = UNITS
+        .into_iter()
+        .find(|(size, _)| ms >= *size && ms.is_multiple_of(*size))
+        .unwrap_or((1, "ms"));
+    out.push_str(itoa::Buffer::new().format(ms / size));
+    out.push_str(unit);
 }
 
 #[cfg(test)]

@@ -378,10 +378,17 @@ impl Window {
     /// How messages, policy names and Redis key names call the window:
     /// `1m`, `5s`, `day`, `month`.
     pub fn label(&self) -> String {
+        let mut out = String::with_capacity(8);
+        self.write_label(&mut out);
+        out
+    }
+
+    /// `label` appended to `out`.
+    pub fn write_label(&self, out: &mut String) {
         match self.calendar {
-            Some(Calendar::Day) => "day".into(),
-            Some(Calendar::Month) => "month".into(),
-            None => super::format_duration(self.window),
+            Some(Calendar::Day) => out.push_str("day"),
+            Some(Calendar::Month) => out.push_str("month"),
+            None => super::duration::write_duration(out, self.window),
         }
     }
 }

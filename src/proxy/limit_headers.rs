@@ -4,7 +4,7 @@
 //! applied; `legacy` — `RateLimit-Limit`, `-Remaining`, `-Reset` of the
 //! window closest to exhaustion; `both`; or `none`.
 
-use crate::config::HeaderMode;
+use crate::config::{HeaderMode, Window};
 use crate::ratelimit::{window_secs, Decision, Scope};
 
 pub const POLICY: &str = "ratelimit-policy";
@@ -15,10 +15,11 @@ pub const RESET: &str = "ratelimit-reset";
 
 /// One window as the fields report it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reported {
-    /// The policy name: `<scope>-<window>` (`default-1m`, `free-5s`,
-    /// `org-1m`, `per-ip-month`); never a caller's key.
-    pub policy: String,
+pub struct Reported<'a> {
+    /// With the window, the policy name: `<scope>-<window>` (`default-1m`,
+    /// `free-5s`, `org-1m`, `per-ip-month`); never a caller's key.
+    pub scope: &'a str,
+    pub window: Window,
     pub limit: u64,
     /// Seconds of the window (of the current period, for calendar windows).
     pub window_secs: u64,
@@ -27,36 +28,31 @@ pub struct Reported {
 }
 
 /// Every window a decision counted, named after its scope.
-pub fn reported(decision: &Decision, scopes: &[Scope<'_>], now_us: u64) -> Vec<Reported> {
+pub fn reported<'a>(decision: &Decision, scopes: &[Scope<'a>], now_us: u64) -> Vec<Reported<'a>> {
     decision
         .windows
         .iter()
-        .map(|c| {
-            let scope = scopes.get(c.scope).map_or("limit", |s| s.name);
-            let label = c.window.label();
-            let mut policy = String::with_capacity(scope.len() + 1 + label.len());
-            policy.push_str(scope);
-            policy.push('-');
-            policy.push_str(&label);
-            Reported {
-                policy,
-                limit: c.window.requests,
-                window_secs: window_secs(&c.window, now_us),
-                remaining: c.outcome.remaining,
-                reset_secs: c.outcome.reset_us.div_ceil(1_000_000),
-            }
+        .map(|c| Reported {
+            scope: scopes.get(c.scope).map_or("limit", |s| s.name),
+            window: c.window,
+            limit: c.window.requests,
+            window_secs: window_secs(&c.window, now_us),
+            remaining: c.outcome.remaining,
+            reset_secs: c.outcome.reset_us.div_ceil(1_000_000),
         })
         .collect()
 }
 
 /// Structured-field string items are quoted; policy names hold only
 /// letters, digits, `-` and `_`, so nothing needs escaping.
-fn item(out: &mut String, name: &str) {
+fn item(out: &mut String, w: &Reported<'_>) {
     if !out.is_empty() {
         out.push_str(", ");
     }
     out.push('"');
-    out.push_str(name);
+    out.push_str(w.scope);
+    out.push('-');
+    w.window.write_label(out);
     out.push('"');
 }
 
@@ -64,7 +60,7 @@ fn item(out: &mut String, name: &str) {
 /// closest to exhaustion (or the one that refused).
 pub fn fields(
     mode: HeaderMode,
-    windows: &[Reported],
+    windows: &[Reported<'_>],
     closest: usize,
 ) -> Vec<(&'static str, String)> {
     let mut out = Vec::new();
@@ -76,12 +72,12 @@ pub fn fields(
         let mut current = String::with_capacity(24 * windows.len());
         let mut n = itoa::Buffer::new();
         for w in windows {
-            item(&mut policy, &w.policy);
+            item(&mut policy, w);
             policy.push_str(";q=");
             policy.push_str(n.format(w.limit));
             policy.push_str(";w=");
             policy.push_str(n.format(w.window_secs));
-            item(&mut current, &w.policy);
+            item(&mut current, w);
             current.push_str(";r=");
             current.push_str(n.format(w.remaining));
             current.push_str(";t=");
@@ -105,17 +101,19 @@ pub fn fields(
 mod tests {
     use super::*;
 
-    fn windows() -> Vec<Reported> {
+    fn windows() -> Vec<Reported<'static>> {
         vec![
             Reported {
-                policy: "default-1m".into(),
+                scope: "default",
+                window: Window::every(100, std::time::Duration::from_secs(60)),
                 limit: 100,
                 window_secs: 60,
                 remaining: 42,
                 reset_secs: 17,
             },
             Reported {
-                policy: "per-ip-month".into(),
+                scope: "per-ip",
+                window: Window::calendar(100000, crate::config::Calendar::Month),
                 limit: 100000,
                 window_secs: 2592000,
                 remaining: 99000,
