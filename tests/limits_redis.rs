@@ -294,3 +294,32 @@ fn graceful_stop_hands_unused_leases_back() {
         "unused units were not handed back"
     );
 }
+
+#[test]
+fn with_redis_down_local_fallback_still_limits_in_process() {
+    let up = Recorder::start();
+    let mut redis = Redis::start();
+    let t = Tollgate::start(&config(
+        &up.addr(),
+        &redis.url(),
+        &limits("fixed_window", "exact", 5),
+        "local",
+    ));
+    redis.stop();
+    wait_for("503 ready with redis down", Duration::from_secs(10), || {
+        (t.get("/ready").status == 503).then_some(())
+    });
+    avoid_window_edge(60, Duration::from_secs(10));
+    let header = format!("Authorization: Bearer {}\r\n", token("fallback-1"));
+    let mut c = Client::connect(t.port).unwrap();
+    let statuses: Vec<u16> = (0..8)
+        .map(|_| c.get("/api/x", &header).unwrap().status)
+        .collect();
+    // The in-process store takes over the same window: 5 admitted, then 429s.
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429, 429, 429]);
+    assert_eq!(up.hits(), 5);
+    t.wait_metric(
+        r#"tollgate_ratelimit_decisions_total{decision="limited",source="local"}"#,
+        3.0,
+    );
+}
