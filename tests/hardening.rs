@@ -163,6 +163,10 @@ fn heads_over_max_header_bytes_get_431_and_their_memory_back() {
             }
         }
     }
+    eprintln!(
+        "300 heads of 1 MiB: RSS {before} KiB before, {peak} KiB at the peak, {} KiB after; {answered} answered 431",
+        rss_kib(t.proc.pid())
+    );
     assert!(answered >= 290, "{answered} of 300 got their 431");
     // Before the limit, this took RSS from 25 MB to 403 MB.
     assert!(
