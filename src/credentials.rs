@@ -18,7 +18,7 @@ use pingora::services::background::BackgroundService;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::sync::watch;
 
 /// First requests wait at most this long for the first token.
@@ -36,11 +36,7 @@ pub struct UpstreamToken {
     pub refresh_at: u64,
 }
 
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+use crate::clock::now_secs;
 
 /// Tokens by route name, each with the settings it was fetched with: a
 /// reload that changes a route's `upstream_auth` gets a new token, one that

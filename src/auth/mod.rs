@@ -20,7 +20,6 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use permissions::RouteMatcher;
 use serde_json::{Map, Value};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Tokens longer than this are refused before any parsing.
 pub const MAX_TOKEN_LEN: usize = 8 * 1024;
@@ -83,11 +82,7 @@ pub struct Verifier {
     cache: TokenCache,
 }
 
-pub fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+pub use crate::clock::now_secs;
 
 /// The verifying key as read when the live state is built: file contents
 /// are read then, so a reload sees a rotated key file.

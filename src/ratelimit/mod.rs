@@ -20,7 +20,6 @@ use hybrid::Leases;
 use local::LocalStore;
 use std::borrow::Cow;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The windows of one limiter key that a request is counted in.
 #[derive(Debug, Clone)]
@@ -88,11 +87,7 @@ impl Decision {
     }
 }
 
-pub fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
-}
+pub use crate::clock::now_us;
 
 /// The windows of a caller's own key: its `rate_limit` claim (one window of
 /// `claim_window`), else its tier's windows, else the default ones, with the
