@@ -8,15 +8,15 @@
 use crate::redis_client::Redis;
 use crate::state::SharedState;
 use async_trait::async_trait;
-use once_cell::sync::Lazy;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use redis::Script;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
-static FLUSH: Lazy<Script> = Lazy::new(|| Script::new(include_str!("../lua/analytics.lua")));
+static FLUSH: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../lua/analytics.lua")));
 
 /// Pending counts kept while Redis is away, at most this many keys.
 const MAX_PENDING: usize = 100_000;
