@@ -6,13 +6,13 @@
 //! `<prefix>revocations`, so revocation and blocking reach the whole fleet
 //! within a second even if a message is lost.
 
+use crate::cache::{Bound, ShardedMap};
 use crate::redis_client::{Query, Redis, Unavailable};
 use crate::state::SharedState;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long a lookup is trusted without a Redis round trip.
@@ -45,18 +45,29 @@ pub fn parse_status(record: Option<&str>) -> Status {
     }
 }
 
-#[derive(Default)]
+/// Lookups remembered, by API key. Stale entries are swept once this many
+/// are held.
+const SWEEP_AT: usize = 100_000;
+const SHARDS: usize = 16;
+
 pub struct TokenStore {
-    cache: Mutex<HashMap<String, (Status, Instant)>>,
+    cache: ShardedMap<(Status, Instant)>,
+}
+
+impl Default for TokenStore {
+    fn default() -> Self {
+        TokenStore {
+            cache: ShardedMap::new(SHARDS, Bound::SweepAt(SWEEP_AT)),
+        }
+    }
 }
 
 impl TokenStore {
     pub async fn status(&self, redis: &Redis, api_key: &str) -> Result<Status, Unavailable> {
         let now = Instant::now();
-        if let Some((status, at)) = self.cache.lock().ok().and_then(|c| c.get(api_key).copied()) {
-            if now.duration_since(at) < CACHE_FOR {
-                return Ok(status);
-            }
+        let fresh = |(_, at): &(Status, Instant)| now.duration_since(*at) < CACHE_FOR;
+        if let Some((status, _)) = self.cache.get_live(api_key, fresh) {
+            return Ok(status);
         }
         let key = record_key(redis.prefix(), api_key);
         let record: Option<String> = redis
@@ -67,25 +78,16 @@ impl TokenStore {
             )
             .await?;
         let status = parse_status(record.as_deref());
-        if let Ok(mut cache) = self.cache.lock() {
-            if cache.len() > 100_000 {
-                cache.retain(|_, (_, at)| now.duration_since(*at) < CACHE_FOR);
-            }
-            cache.insert(api_key.to_string(), (status, now));
-        }
+        self.cache.insert(api_key, (status, now), fresh);
         Ok(status)
     }
 
     pub fn invalidate(&self, api_key: &str) {
-        if let Ok(mut cache) = self.cache.lock() {
-            cache.remove(api_key);
-        }
+        self.cache.remove(api_key);
     }
 
     pub fn clear(&self) {
-        if let Ok(mut cache) = self.cache.lock() {
-            cache.clear();
-        }
+        self.cache.clear();
     }
 }
 
