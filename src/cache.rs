@@ -193,7 +193,6 @@ impl<V> ShardedMap<V> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     const ALWAYS: fn(&u64) -> bool = |_| true;
 
@@ -273,24 +272,26 @@ mod tests {
         assert!(m.is_empty());
     }
 
+    /// Runs `work(thread)` on 8 threads at once.
+    fn on_threads(work: impl Fn(u64) + Sync) {
+        std::thread::scope(|s| {
+            for t in 0..8 {
+                let work = &work;
+                s.spawn(move || work(t));
+            }
+        });
+    }
+
     #[test]
     fn concurrent_updates_are_not_lost() {
-        let m: Arc<ShardedMap<u64>> = Arc::new(ShardedMap::new(4, Bound::SweepAt(1024)));
-        let threads: Vec<_> = (0..8)
-            .map(|t| {
-                let m = m.clone();
-                std::thread::spawn(move || {
-                    for i in 0..2_000u64 {
-                        m.with_entry(&format!("k{}", i % 16), |_| true, |n| *n += 1);
-                        // Lookups of missing keys meanwhile.
-                        m.get_live(&format!("t{t}-{i}"), |_| true);
-                    }
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().unwrap();
-        }
+        let m: ShardedMap<u64> = ShardedMap::new(4, Bound::SweepAt(1024));
+        on_threads(|t| {
+            for i in 0..2_000u64 {
+                m.with_entry(&format!("k{}", i % 16), |_| true, |n| *n += 1);
+                // Lookups of missing keys meanwhile.
+                m.get_live(&format!("t{t}-{i}"), |_| true);
+            }
+        });
         let total: u64 = (0..16)
             .map(|k| m.with_existing(&format!("k{k}"), |n| *n).unwrap())
             .sum();
@@ -299,24 +300,16 @@ mod tests {
 
     #[test]
     fn concurrent_inserts_stay_bounded() {
-        let m: Arc<ShardedMap<u64>> = Arc::new(ShardedMap::new(16, Bound::Capacity(256)));
-        let threads: Vec<_> = (0..8)
-            .map(|t| {
-                let m = m.clone();
-                std::thread::spawn(move || {
-                    for i in 0..5_000u64 {
-                        m.insert(&format!("{t}-{i}"), i, |_| true);
-                        // Another thread may already have evicted it.
-                        if let Some(v) = m.get_live(&format!("{t}-{i}"), |_| true) {
-                            assert_eq!(v, i);
-                        }
-                    }
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().unwrap();
-        }
+        let m: ShardedMap<u64> = ShardedMap::new(16, Bound::Capacity(256));
+        on_threads(|t| {
+            for i in 0..5_000u64 {
+                m.insert(&format!("{t}-{i}"), i, |_| true);
+                // Another thread may already have evicted it.
+                if let Some(v) = m.get_live(&format!("{t}-{i}"), |_| true) {
+                    assert_eq!(v, i);
+                }
+            }
+        });
         assert!(m.len() <= 256, "{}", m.len());
     }
 }
