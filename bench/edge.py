@@ -38,7 +38,7 @@ handshake mode makes one connection per request and resumes none.
 Markdown report on stdout (progress on stderr), also written to
 bench/results/edge.md (not in --quick mode unless --out is given).
 
-usage: bench/edge.py [--bin target/release/tollgate] [--duration 10] [--rounds 3] [--quick]
+usage: bench/edge.py [--bin ${CARGO_TARGET_DIR:-target}/release/tollgate] [--duration 10] [--rounds 3] [--quick]
 Needs nginx (ssl, http_v2), wrk, h2load (nghttp2-client), redis-server,
 PyJWT, and tests/support/certs.py's `cryptography`.
 """
@@ -46,114 +46,21 @@ import argparse
 import http.client
 import os
 import re
-import resource
 import shlex
-import shutil
 import signal
-import socket
 import ssl
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import jwt
 
+from common import (CLK_TCK, ROOT, Workspace, children, client_cpu, cpu_model, cpu_ticks, exit_on_signals,
+                    free_port, http_status, parse_latency, release_binary, require, require_binary, run_tool,
+                    table, token, wrk)
+
 SECRET = "bench-edge-secret-0123456789abcdef"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, timeout=30, proc=None, log=None):
-    """Waits for a listener; fails at once, with the log, if `proc` exits."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            if proc is not None and proc.poll() is not None:
-                tail = open(log).read()[-2000:] if log else ""
-                raise SystemExit(f"{proc.args[0]} exited with {proc.returncode} before opening port {port}:\n{tail}")
-            time.sleep(0.05)
-    raise SystemExit(f"port {port} never opened")
-
-
-def cpu_ticks(pids):
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime + stime
-        except OSError:
-            pass
-    return total
-
-
-def children(pid):
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
-def client_cpu():
-    """CPU seconds of every child waited for so far (the load generators)."""
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
-
-
-def token(api_key, ttl=7200):
-    claims = {"api_key": api_key, "allowed_routes": ["/api/*"], "exp": int(time.time()) + ttl}
-    return jwt.encode(claims, SECRET, algorithm="HS256")
-
-
-def parse_latency(value):
-    units = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
-    for unit in ("us", "ms", "s"):
-        if value.endswith(unit):
-            return float(value[: -len(unit)]) * units[unit]
-    return float(value)
-
-
-def run_tool(cmd, timeout):
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if res.returncode != 0:
-        raise SystemExit(f"{shlex.join(cmd)} failed ({res.returncode}):\n{res.stdout[-2000:]}{res.stderr[-2000:]}")
-    return res.stdout
-
-
-def wrk_cmd(url, duration, connections, headers):
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
-    for h in headers:
-        cmd += ["-H", h]
-    return cmd + [url]
-
-
-def wrk(url, duration, connections, headers):
-    out = run_tool(wrk_cmd(url, duration, connections, headers), duration + 60)
-    res = {"rps": 0.0, "p50": 0.0, "p99": 0.0, "requests": 0, "bad": 0, "lat": None}
-    for line in out.splitlines():
-        parts = line.split()
-        if line.startswith("Requests/sec:"):
-            res["rps"] = float(parts[1])
-        elif len(parts) == 2 and parts[0] in ("50.000%", "50%"):
-            res["p50"] = parse_latency(parts[1])
-        elif len(parts) == 2 and parts[0] in ("99.000%", "99%"):
-            res["p99"] = parse_latency(parts[1])
-        elif "requests in" in line:
-            res["requests"] = int(parts[0])
-        elif line.strip().startswith("Non-2xx"):
-            res["bad"] += int(parts[-1])
-        elif line.strip().startswith("Socket errors:"):
-            res["bad"] += sum(int(n) for n in re.findall(r"\d+", line))
-    return res
 
 
 def parse_h2load(out):
@@ -193,6 +100,12 @@ def h2load_cmd(url, clients, streams, headers, duration=None, requests=None, h1=
     return cmd + [url]
 
 
+def wrk_run(url, duration, connections, headers):
+    res = wrk(url, duration, connections, headers)
+    res["bad"] = res["non2xx"] + res["socket_errors"]
+    return res
+
+
 def h2load(url, duration, clients, streams, headers):
     res = parse_h2load(run_tool(h2load_cmd(url, clients, streams, headers, duration=duration), duration + 60))
     res["requests"] = res["succeeded"]
@@ -229,17 +142,6 @@ def https_status(port, path, headers=None, cafile=None):
         conn.close()
 
 
-def http_status(port, path, headers=None):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        conn.request("GET", path, headers=headers or {})
-        resp = conn.getresponse()
-        resp.read()
-        return resp.status
-    finally:
-        conn.close()
-
-
 def upstream_accepts(status_port):
     """Connections the upstream nginx has accepted (stub_status), not
     counting the one this question itself opens."""
@@ -254,7 +156,7 @@ def upstream_accepts(status_port):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--bin", default=os.path.join(ROOT, "target/release/tollgate"))
+    ap.add_argument("--bin", default=release_binary("tollgate"))
     ap.add_argument("--duration", type=int, default=10, help="seconds per measurement (default 10)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds, medians reported (default 3)")
     ap.add_argument("--connections", type=int, default=32, help="wrk and h2load connections (default 32)")
@@ -270,29 +172,16 @@ def main():
     out_path = args.out or (None if args.quick else os.path.join(ROOT, "bench/results/edge.md"))
     warmup = 1
     binary = os.path.abspath(args.bin)
-    for tool in ("nginx", "wrk", "h2load", "redis-server"):
-        if not shutil.which(tool):
-            raise SystemExit(f"{tool} is required (apt-get install nginx-light wrk nghttp2-client redis-server)")
-    if not os.access(binary, os.X_OK):
-        raise SystemExit(f"{binary} not found: cargo build --release --bin tollgate")
+    require(("nginx", "wrk", "h2load", "redis-server"), "apt-get install nginx-light wrk nghttp2-client redis-server")
+    require_binary(binary, "cargo build --release --bin tollgate")
     nginx_v = subprocess.run(["nginx", "-V"], capture_output=True, text=True).stderr
     for module in ("--with-http_ssl_module", "--with-http_v2_module"):
         if module not in nginx_v:
             raise SystemExit(f"this nginx lacks {module} (nginx -V); Debian's nginx-light has both")
-    # Ctrl-C, SIGTERM and SIGHUP unwind through the finally that stops every
-    # process (SIGINT explicitly: a shell starts background jobs ignoring it).
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
+    exit_on_signals()
 
-    work = tempfile.mkdtemp(prefix="tollgate-edge-")
-    procs = []
-
-    def spawn(cmd, name, stop=signal.SIGTERM):
-        p = subprocess.Popen(cmd, stdout=open(f"{work}/{name}.log", "w"), stderr=subprocess.STDOUT)
-        procs.append((p, stop))
-        return p
-
-    try:
+    with Workspace("tollgate-edge-") as ws:
+        work = ws.dir
         certs = f"{work}/certs"
         made = subprocess.run([sys.executable, os.path.join(ROOT, "tests/support/certs.py"), "--days", "2",
                                certs, "localhost,127.0.0.1"], capture_output=True, text=True)
@@ -305,21 +194,8 @@ def main():
         tg_plain, tg_tls, tg_admin = free_port(), free_port(), free_port()
 
         def nginx(name, http_block):
-            conf = f"{work}/{name}.conf"
-            with open(conf, "w") as f:
-                f.write(f"""worker_processes 1;
-daemon off;
-pid {work}/{name}.pid;
-error_log {work}/{name}.error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  keepalive_requests 1000000;
-  keepalive_timeout 300s;
-{http_block}
-}}
-""")
-            return spawn(["nginx", "-c", conf, "-p", work], name), conf
+            return ws.nginx(name, "  keepalive_requests 1000000;\n  keepalive_timeout 300s;\n" + http_block,
+                            error_level="warn")
 
         # keepalive_requests everywhere: nginx's default (1000) would close a
         # keep-alive connection, and for the proxy redo a TLS handshake or an
@@ -329,9 +205,9 @@ http {{
         # h2 with 32 x 10 streams has 320 requests in flight: each proxy then
         # opens and closes upstream connections all the time. The upstream's
         # stub_status counts the connections opened during every run.
-        nginx("upstream", f"""  server {{ listen 127.0.0.1:{up_port} backlog=4096; location / {{ return 200 'ok'; }} }}
+        up = nginx("upstream", f"""  server {{ listen 127.0.0.1:{up_port} backlog=4096; location / {{ return 200 'ok'; }} }}
   server {{ listen 127.0.0.1:{up_status}; location / {{ stub_status; }} }}""")
-        ngx, ngx_conf = nginx("proxy", f"""  log_format handshake '$connection $ssl_session_reused $ssl_protocol $ssl_cipher';
+        ngx = nginx("proxy", f"""  log_format handshake '$connection $ssl_session_reused $ssl_protocol $ssl_cipher';
   upstream backend {{ server 127.0.0.1:{up_port}; keepalive 1024; keepalive_requests 1000000; }}
   server {{
     listen 127.0.0.1:{ngx_tls} ssl http2 backlog=4096;
@@ -354,11 +230,11 @@ http {{
       proxy_set_header Connection "";
     }}
   }}""")
-        spawn(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-               "--appendonly", "no", "--dir", work], "redis")
-        tg_conf = f"{work}/tollgate.yaml"
-        with open(tg_conf, "w") as f:
-            f.write(f"""server:
+        ws.redis(redis_port)
+        ws.wait(up, "upstream", up_port, up_status)
+        ws.wait(ngx, "proxy", ngx_tls, ngx_h2c, ngx_plain)
+        # SIGINT: Pingora's fast shutdown (SIGTERM would drain for the grace period).
+        tg = ws.tollgate(binary, "tollgate", f"""server:
   listen: ["127.0.0.1:{tg_plain}"]
   threads: 1
   upstream_pool_size: 1024
@@ -376,18 +252,12 @@ auth: {{ jwt: {{ algorithms: [HS256], secret: "{SECRET}" }} }}
 limits: {{ sync: hybrid, claim_window: 1m, default: [{{ requests: 1000000000, window: 1m }}] }}
 upstreams: {{ backend: {{ peers: ["127.0.0.1:{up_port}"] }} }}
 routes: [{{ name: api, path_prefix: /api/, upstream: backend }}]
-""")
-        for p in (up_port, up_status, ngx_tls, ngx_h2c, ngx_plain, redis_port):
-            wait_port(p)
-        # SIGINT: Pingora's fast shutdown (SIGTERM would drain for the grace period).
-        tg = spawn([binary, "serve", "-c", tg_conf], "tollgate", stop=signal.SIGINT)
-        for p in (tg_plain, tg_tls, tg_admin):
-            wait_port(p, proc=tg, log=f"{work}/tollgate.log")
+""", (tg_plain, tg_tls, tg_admin), stop=signal.SIGINT)
         time.sleep(0.3)
         ngx_pids = children(ngx.pid) or [ngx.pid]  # the worker is the master's child
         tg_pids = [tg.pid]
 
-        tok = token("edge-bench-key")
+        tok = token(SECRET, "edge-bench-key")
         auth = f"Authorization: Bearer {tok}"
         bearer = {"Authorization": f"Bearer {tok}"}
 
@@ -473,7 +343,7 @@ routes: [{{ name: api, path_prefix: /api/, upstream: backend }}]
 
         def measure(kind, url, duration):
             if kind == "wrk":
-                return wrk(url, duration, c, (auth,))
+                return wrk_run(url, duration, c, (auth,))
             if kind == "h2load":
                 return h2load(url, duration, c, m, (auth,))
             return handshakes(url, duration, b, (auth,))
@@ -508,6 +378,8 @@ routes: [{{ name: api, path_prefix: /api/, upstream: backend }}]
         def med(key, field):
             return statistics.median(x[field] for x in results[key])
 
+        label_of = {key: label for key, label, *_ in scenarios}
+
         def cores(key):
             return f"{med(key, 'proxy_cores'):.2f} / {med(key, 'client_cores'):.2f}"
 
@@ -516,12 +388,10 @@ routes: [{{ name: api, path_prefix: /api/, upstream: backend }}]
             # exposed to the shared machine's drift than the medians' ratio.
             rps = [x["rps"] / y["rps"] for x, y in zip(results[a], results[b])]
             cpu = [y["cpu_us"] / x["cpu_us"] for x, y in zip(results[a], results[b])]
-            return (f"| {label} | {med(a, 'rps') / med(b, 'rps'):.2f} | {min(rps):.2f}–{max(rps):.2f} | "
-                    f"{med(b, 'cpu_us') / med(a, 'cpu_us'):.2f} | {min(cpu):.2f}–{max(cpu):.2f} |")
+            return (label, f"{med(a, 'rps') / med(b, 'rps'):.2f}", f"{min(rps):.2f}–{max(rps):.2f}",
+                    f"{med(b, 'cpu_us') / med(a, 'cpu_us'):.2f}", f"{min(cpu):.2f}–{max(cpu):.2f}")
 
-        model = ""
-        with open("/proc/cpuinfo") as f:
-            model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+        model = cpu_model()
         ngx_version = re.search(r"nginx/(\S+)", nginx_v)
         ngx_ssl = re.search(r"built with (OpenSSL \S+)", nginx_v)
         h2load_v = subprocess.run(["h2load", "--version"], capture_output=True, text=True).stdout.strip()
@@ -573,59 +443,60 @@ routes: [{{ name: api, path_prefix: /api/, upstream: backend }}]
             "the client and the upstream share it): when the client is near a full core and the proxy is "
             "not, requests/s compares the client, and the CPU columns are the comparison.\n")
         say("## HTTPS, HTTP/1.1 keep-alive (wrk)\n")
-        say("| proxy | requests/s | p50 ms | p99 ms | proxy CPU µs/request | client CPU µs/request | "
-            "cores busy, proxy / client | upstream connections opened |")
-        say("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for key in ("https_tollgate", "https_nginx", "http_tollgate", "http_nginx"):
-            label = next(s[1] for s in scenarios if s[0] == key)
-            say(f"| {label} | {med(key, 'rps'):.0f} | {med(key, 'p50'):.3f} | {med(key, 'p99'):.3f} | "
-                f"{med(key, 'cpu_us'):.1f} | {med(key, 'client_us'):.1f} | {cores(key)} | "
-                f"{med(key, 'upstream_conns'):.0f} |")
+        lines += table(
+            ["proxy", "requests/s", "p50 ms", "p99 ms", "proxy CPU µs/request", "client CPU µs/request",
+             "cores busy, proxy / client", "upstream connections opened"],
+            [(label_of[key], f"{med(key, 'rps'):.0f}", f"{med(key, 'p50'):.3f}", f"{med(key, 'p99'):.3f}",
+              f"{med(key, 'cpu_us'):.1f}", f"{med(key, 'client_us'):.1f}", cores(key),
+              f"{med(key, 'upstream_conns'):.0f}")
+             for key in ("https_tollgate", "https_nginx", "http_tollgate", "http_nginx")],
+            "lrrrrrrr")
         say(f"\nTLS adds {med('https_tollgate', 'cpu_us') - med('http_tollgate', 'cpu_us'):.1f} µs of CPU per "
             f"request to tollgate and {med('https_nginx', 'cpu_us') - med('http_nginx', 'cpu_us'):.1f} µs to nginx "
             f"(HTTPS minus the plain HTTP/1.1 baseline, medians).")
         say(f"\n## HTTP/2 (h2load -c{c} -m{m})\n")
-        say("| proxy | requests/s | mean request ms | proxy CPU µs/request | client CPU µs/request | "
-            "cores busy, proxy / client | upstream connections opened |")
-        say("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for key in ("h2_tollgate", "h2_nginx", "h2c_tollgate", "h2c_nginx"):
-            label = next(s[1] for s in scenarios if s[0] == key)
-            say(f"| {label} | {med(key, 'rps'):.0f} | {med(key, 'mean_ms'):.3f} | {med(key, 'cpu_us'):.1f} | "
-                f"{med(key, 'client_us'):.1f} | {cores(key)} | {med(key, 'upstream_conns'):.0f} |")
+        lines += table(
+            ["proxy", "requests/s", "mean request ms", "proxy CPU µs/request", "client CPU µs/request",
+             "cores busy, proxy / client", "upstream connections opened"],
+            [(label_of[key], f"{med(key, 'rps'):.0f}", f"{med(key, 'mean_ms'):.3f}", f"{med(key, 'cpu_us'):.1f}",
+              f"{med(key, 'client_us'):.1f}", cores(key), f"{med(key, 'upstream_conns'):.0f}")
+             for key in ("h2_tollgate", "h2_nginx", "h2c_tollgate", "h2c_nginx")],
+            "lrrrrrr")
         say("\nUpstream connections opened in h2 runs are those each proxy drops when the previous h2load run "
             f"stops with {c} x {m} requests in flight: they are opened again in the first moments of the next run, "
             "none after.")
         say(f"\n## TLS handshakes: a new connection per request (h2load --h1, batches of {b} fresh clients)\n")
-        say("| proxy | handshakes/s | proxy CPU µs/handshake | client CPU µs/handshake | cores busy, proxy / client | "
-            "upstream connections opened |")
-        say("| --- | ---: | ---: | ---: | ---: | ---: |")
-        for key in ("hs_tollgate", "hs_nginx"):
-            label = next(s[1] for s in scenarios if s[0] == key)
-            say(f"| {label} | {med(key, 'rps'):.0f} | {med(key, 'cpu_us'):.1f} | {med(key, 'client_us'):.1f} | "
-                f"{cores(key)} | {med(key, 'upstream_conns'):.0f} |")
+        lines += table(
+            ["proxy", "handshakes/s", "proxy CPU µs/handshake", "client CPU µs/handshake",
+             "cores busy, proxy / client", "upstream connections opened"],
+            [(label_of[key], f"{med(key, 'rps'):.0f}", f"{med(key, 'cpu_us'):.1f}", f"{med(key, 'client_us'):.1f}",
+              cores(key), f"{med(key, 'upstream_conns'):.0f}")
+             for key in ("hs_tollgate", "hs_nginx")],
+            "lrrrrr")
         say("\nEach handshake row's CPU covers the TCP connection, a full TLS 1.3 handshake (no resumption: "
             "checked in nginx's log), one proxied request (tollgate: JWT and limits too) and the close.\n")
         say("## tollgate / nginx\n")
-        say("| comparison | throughput (medians) | per round | by CPU (nginx µs / tollgate µs) | per round |")
-        say("| --- | ---: | ---: | ---: | ---: |")
-        say(ratio_row("HTTPS full path / nginx HTTPS proxy_pass", "https_tollgate", "https_nginx"))
-        say(ratio_row("baseline: HTTP/1.1 without TLS, full path / nginx", "http_tollgate", "http_nginx"))
-        say(ratio_row("h2 (TLS) full path / nginx http2", "h2_tollgate", "h2_nginx"))
-        say(ratio_row("h2c full path / nginx h2c", "h2c_tollgate", "h2c_nginx"))
-        say(ratio_row("handshakes / nginx handshakes", "hs_tollgate", "hs_nginx"))
+        lines += table(
+            ["comparison", "throughput (medians)", "per round", "by CPU (nginx µs / tollgate µs)", "per round"],
+            [ratio_row("HTTPS full path / nginx HTTPS proxy_pass", "https_tollgate", "https_nginx"),
+             ratio_row("baseline: HTTP/1.1 without TLS, full path / nginx", "http_tollgate", "http_nginx"),
+             ratio_row("h2 (TLS) full path / nginx http2", "h2_tollgate", "h2_nginx"),
+             ratio_row("h2c full path / nginx h2c", "h2c_tollgate", "h2c_nginx"),
+             ratio_row("handshakes / nginx handshakes", "hs_tollgate", "hs_nginx")],
+            "lrrrr")
         say("\nAbove 1 favours tollgate. Throughput: requests (or handshakes) per second. By CPU: the inverse "
             "ratio of proxy CPU per request, what one proxy core would give. nginx only proxies; tollgate "
             "also verifies the JWT, checks the route permission and counts the request in its hybrid limits.")
         say("\n## Every run\n")
-        say("| round | scenario | requests/s | proxy CPU µs/request | client CPU µs/request | cores busy, proxy / client "
-            "| upstream connections opened |")
-        say("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
-        for rnd in range(args.rounds):
-            order = scenarios if rnd % 2 == 0 else list(reversed(scenarios))
-            for key, label, *_ in order:
-                x = results[key][rnd]
-                say(f"| {rnd + 1} | {label} | {x['rps']:.0f} | {x['cpu_us']:.1f} | {x['client_us']:.1f} | "
-                    f"{x['proxy_cores']:.2f} / {x['client_cores']:.2f} | {x['upstream_conns']} |")
+        lines += table(
+            ["round", "scenario", "requests/s", "proxy CPU µs/request", "client CPU µs/request",
+             "cores busy, proxy / client", "upstream connections opened"],
+            [(rnd + 1, label, f"{x['rps']:.0f}", f"{x['cpu_us']:.1f}", f"{x['client_us']:.1f}",
+              f"{x['proxy_cores']:.2f} / {x['client_cores']:.2f}", x["upstream_conns"])
+             for rnd in range(args.rounds)
+             for key, label, *_ in (scenarios if rnd % 2 == 0 else reversed(scenarios))
+             for x in (results[key][rnd],)],
+            "rlrrrrr")
         say("\nA proxy well below one core busy while the client is too means the machine was busy with "
             "something else during that run (the machine is shared): compare within a round.")
         report = "\n".join(lines) + "\n"
@@ -636,17 +507,6 @@ routes: [{{ name: api, path_prefix: /api/, upstream: backend }}]
                 f.write(report)
             os.replace(out_path + ".partial", out_path)
             print(f"written to {out_path}", file=sys.stderr)
-    finally:
-        for p, stop in procs:
-            if p.poll() is None:
-                p.send_signal(stop)
-        for p, _ in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

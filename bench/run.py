@@ -26,82 +26,23 @@ section (1 vs 2 worker threads; 1, 1k and 100k distinct keys). Prints a
 markdown report on stdout, progress on stderr.
 """
 import argparse
-import http.client
 import json
 import os
 import resource
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import jwt
 
+from common import (Workspace, children, cpu_model, cpu_per_request, exit_on_signals, free_port, http_status,
+                    release_binary, require, require_binary, table, token, wrk)
+
 SECRET = "bench-run-secret-0123456789abcdef"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, timeout=30, proc=None, log=None):
-    """Waits for a listener; fails at once, with the log, if `proc` exits."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            if proc is not None and proc.poll() is not None:
-                tail = open(log).read()[-2000:] if log else ""
-                raise SystemExit(f"{proc.args[0]} exited with {proc.returncode} before opening port {port}:\n{tail}")
-            time.sleep(0.05)
-    raise SystemExit(f"port {port} never opened")
-
-
-def cpu_ticks(pids):
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime + stime
-        except OSError:
-            pass
-    return total
-
-
-def children(pid):
-    try:
-        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-        return [int(p) for p in out.split()]
-    except OSError:
-        return []
-
-
-def token(api_key, rate_limit=None, secret=SECRET, ttl=7200):
-    claims = {"api_key": api_key, "allowed_routes": ["/api/*"], "exp": int(time.time()) + ttl}
-    if rate_limit is not None:
-        claims["rate_limit"] = rate_limit
-    return jwt.encode(claims, secret, algorithm="HS256")
-
-
-def status_of(port, path, tok):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        conn.request("GET", path, headers={"Authorization": f"Bearer {tok}"})
-        resp = conn.getresponse()
-        resp.read()
-        return resp.status
-    finally:
-        conn.close()
+OTHER_SECRET = "not-the-bench-secret-0123456789ab"
 
 
 def haproxy_maxconn(wanted=4096):
@@ -172,48 +113,6 @@ def haproxy_table(sock_path):
     return b"".join(chunks).decode()
 
 
-def parse_latency(value):
-    units = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
-    for unit in ("us", "ms", "s"):
-        if value.endswith(unit):
-            return float(value[: -len(unit)]) * units[unit]
-    return float(value)
-
-
-def wrk(url, duration, connections, headers=(), script=None):
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
-    for h in headers:
-        cmd += ["-H", h]
-    if script:
-        cmd += ["-s", script]
-    cmd.append(url)
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    rps = p50 = p99 = None
-    total = 0
-    non2xx = 0
-    for line in out.splitlines():
-        parts = line.split()
-        if line.startswith("Requests/sec:"):
-            rps = float(parts[1])
-        elif len(parts) == 2 and parts[0] == "50.000%":
-            p50 = parse_latency(parts[1])
-        elif len(parts) == 2 and parts[0] == "99.000%":
-            p99 = parse_latency(parts[1])
-        elif "requests in" in line:
-            total = int(parts[0])
-        elif line.strip().startswith("Non-2xx"):
-            non2xx = int(parts[-1])
-    if p50 is None:
-        # wrk without HdrHistogram prints "50%  1.23ms".
-        for line in out.splitlines():
-            parts = line.split()
-            if len(parts) == 2 and parts[0] == "50%":
-                p50 = parse_latency(parts[1])
-            if len(parts) == 2 and parts[0] == "99%":
-                p99 = parse_latency(parts[1])
-    return {"rps": rps or 0.0, "p50": p50 or 0.0, "p99": p99 or 0.0, "requests": total, "non2xx": non2xx}
-
-
 def oha(url, duration, connections, headers=(), extra=()):
     if not shutil.which("oha"):
         return None
@@ -240,10 +139,15 @@ def oha(url, duration, connections, headers=(), extra=()):
     }
 
 
+def print_table(headers, rows):
+    """A markdown table whose first column is text and the others numbers."""
+    print("\n".join(table(headers, rows, "l" + "r" * (len(headers) - 1))))
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--bin", default="target/release/tollgate")
-    ap.add_argument("--bare-bin", default="target/release/examples/bare_pingora")
+    ap.add_argument("--bin", default=release_binary("tollgate"))
+    ap.add_argument("--bare-bin", default=release_binary("bare_pingora", example=True))
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--connections", type=int, default=32)
@@ -254,58 +158,25 @@ def main():
         args.duration, args.rounds = 1, 1
     binary = os.path.abspath(args.bin)
     bare_binary = os.path.abspath(args.bare_bin)
-    for tool in ("nginx", "wrk", "redis-server", "haproxy", "curl"):
-        if not shutil.which(tool):
-            raise SystemExit(f"{tool} is required (bench/run.sh installs it)")
+    require(("nginx", "wrk", "redis-server", "haproxy", "curl"), "bench/run.sh installs it")
     for path in (binary, bare_binary):
-        if not os.access(path, os.X_OK):
-            raise SystemExit(f"{path} not found: cargo build --release --bin tollgate --example bare_pingora")
-    # Ctrl-C, SIGTERM and SIGHUP unwind through the finally that stops every
-    # process (SIGINT explicitly: a shell starts background jobs ignoring it).
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
+        require_binary(path, "cargo build --release --bin tollgate --example bare_pingora")
+    exit_on_signals()
 
-    work = tempfile.mkdtemp(prefix="tollgate-load-")
-    procs = []
-
-    def spawn(cmd, name):
-        p = subprocess.Popen(cmd, stdout=open(f"{work}/{name}.log", "w"), stderr=subprocess.STDOUT)
-        procs.append(p)
-        return p
-
-    def nginx(name, server_block):
-        conf = f"{work}/{name}.conf"
-        with open(conf, "w") as f:
-            f.write(f"""
-worker_processes 1;
-daemon off;
-pid {work}/{name}.pid;
-error_log {work}/{name}.error.log;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  {server_block}
-}}
-""")
-        return spawn(["nginx", "-c", conf, "-p", work], name)
-
-    try:
+    with Workspace("tollgate-load-") as ws:
+        work = ws.dir
         up_port, ngx_port, redis_port = free_port(), free_port(), free_port()
-        nginx("upstream", f"server {{ listen 127.0.0.1:{up_port}; location / {{ return 200 'ok'; }} }}")
-        ngx = nginx("proxy", f"""
-upstream backend {{ server 127.0.0.1:{up_port}; keepalive 128; }}
-server {{ listen 127.0.0.1:{ngx_port};
-  location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }} }}""")
-        spawn(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-               "--appendonly", "no", "--dir", work], "redis")
-        for p in (up_port, ngx_port, redis_port):
-            wait_port(p)
+        up = ws.nginx("upstream", f"  server {{ listen 127.0.0.1:{up_port}; location / {{ return 200 'ok'; }} }}")
+        ngx = ws.nginx("proxy", f"""  upstream backend {{ server 127.0.0.1:{up_port}; keepalive 128; }}
+  server {{ listen 127.0.0.1:{ngx_port};
+    location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }} }}""")
+        ws.redis(redis_port)
+        ws.wait(up, "upstream", up_port)
+        ws.wait(ngx, "proxy", ngx_port)
 
         def tollgate(name, sync, threads=1):
             port, admin = free_port(), free_port()
-            conf = f"{work}/{name}.yaml"
-            with open(conf, "w") as f:
-                f.write(f"""
+            p = ws.tollgate(binary, name, f"""
 server: {{ listen: ["127.0.0.1:{port}"], threads: {threads}, pid_file: "{work}/{name}.pid", upgrade_sock: "{work}/{name}.sock" }}
 admin: {{ listen: "127.0.0.1:{admin}" }}
 log: {{ level: warn, access_log: false }}
@@ -316,54 +187,49 @@ upstreams: {{ backend: {{ peers: ["127.0.0.1:{up_port}"] }} }}
 routes:
   - {{ name: pass, path_prefix: /pass/, upstream: backend, auth: none }}
   - {{ name: api, path_prefix: /api/, upstream: backend }}
-""")
-            p = spawn([binary, "serve", "-c", conf], name)
-            wait_port(port, proc=p, log=f"{work}/{name}.log")
-            wait_port(admin, proc=p, log=f"{work}/{name}.log")
+""", (port, admin))
             return p, port
 
         bare_port = free_port()
-        bare = spawn([bare_binary, f"127.0.0.1:{bare_port}", f"127.0.0.1:{up_port}"], "bare")
-        wait_port(bare_port, proc=bare, log=f"{work}/bare.log")
+        bare = ws.spawn([bare_binary, f"127.0.0.1:{bare_port}", f"127.0.0.1:{up_port}"], "bare")
+        ws.wait(bare, "bare", bare_port)
 
         ha_port = free_port()
-        ha_conf = f"{work}/haproxy.cfg"
-        with open(ha_conf, "w") as f:
-            f.write(haproxy_config(work, ha_port, up_port, haproxy_maxconn()))
+        ha_conf = ws.write("haproxy.cfg", haproxy_config(work, ha_port, up_port, haproxy_maxconn()))
         check = subprocess.run(["haproxy", "-c", "-f", ha_conf], capture_output=True, text=True)
         if check.returncode != 0:
             raise SystemExit(f"HAProxy rejects its config:\n{check.stdout}{check.stderr}")
         # -db: foreground, no master process; one process with nbthread 1.
-        ha = spawn(["haproxy", "-db", "-f", ha_conf], "haproxy")
-        wait_port(ha_port, proc=ha, log=f"{work}/haproxy.log")
+        ha = ws.spawn(["haproxy", "-db", "-f", ha_conf], "haproxy")
+        ws.wait(ha, "haproxy", ha_port)
         hybrid, hybrid_port = tollgate("hybrid", "hybrid")
         exact, exact_port = tollgate("exact", "exact")
         # nginx's worker is the master's child.
         time.sleep(0.3)
         ngx_pids = children(ngx.pid) or [ngx.pid]
 
-        far_tok = token("far-key")
+        far_tok = token(SECRET, "far-key")
         far = f"Authorization: Bearer {far_tok}"
         # Both sides must do the whole job before their numbers mean anything.
         probes = [
             ("HAProxy", ha_port, far_tok, 200),
-            ("HAProxy", ha_port, token("far-key", secret="not-the-bench-secret-0123456789ab"), 401),
-            ("HAProxy", ha_port, token("far-key", ttl=-60), 401),
+            ("HAProxy", ha_port, token(OTHER_SECRET, "far-key"), 401),
+            ("HAProxy", ha_port, token(SECRET, "far-key", ttl=-60), 401),
             ("tollgate", hybrid_port, far_tok, 200),
-            ("tollgate", hybrid_port, token("far-key", secret="not-the-bench-secret-0123456789ab"), 401),
+            ("tollgate", hybrid_port, token(OTHER_SECRET, "far-key"), 401),
         ]
         for name, port, tok, want in probes:
-            got = status_of(port, "/api/x", tok)
+            got = http_status(port, "/api/x", {"Authorization": f"Bearer {tok}"})
             if got != want:
                 raise SystemExit(f"sanity check failed: {name} answered {got}, expected {want} "
                                  f"(token {jwt.decode(tok, options={'verify_signature': False})})")
-        table = haproxy_table(f"{work}/haproxy.sock")
-        if "key=far-key" not in table or "http_req_rate(60000)=" not in table:
-            raise SystemExit(f"sanity check failed: HAProxy's stick-table does not track the api_key:\n{table}")
+        stick_table = haproxy_table(f"{work}/haproxy.sock")
+        if "key=far-key" not in stick_table or "http_req_rate(60000)=" not in stick_table:
+            raise SystemExit(f"sanity check failed: HAProxy's stick-table does not track the api_key:\n{stick_table}")
         print("sanity: HAProxy and tollgate answer 200 to the bench token, 401 to a bad signature; "
               "HAProxy 401 to an expired token; its stick-table tracks far-key", file=sys.stderr)
         ha_pids = [ha.pid] + children(ha.pid)
-        over_tok = token("over-key", rate_limit=1)
+        over_tok = token(SECRET, "over-key", rate_limit=1)
         subprocess.run(["curl", "-s", "-o", "/dev/null", "-H", f"Authorization: Bearer {over_tok}",
                         f"http://127.0.0.1:{hybrid_port}/api/x"], check=False)
         over = f"Authorization: Bearer {over_tok}"
@@ -384,10 +250,7 @@ routes:
         for r in range(args.rounds):
             order = scenarios if r % 2 == 0 else list(reversed(scenarios))
             for key, label, url, headers, pids in order:
-                before = cpu_ticks(pids)
-                res = wrk(url, args.duration, args.connections, headers)
-                ticks = cpu_ticks(pids) - before
-                res["cpu_us"] = ticks * 1e6 / CLK_TCK / max(res["requests"], 1)
+                res = cpu_per_request(pids, lambda: wrk(url, args.duration, args.connections, headers))
                 results[key].append(res)
                 print(f"round {r + 1} {label}: {res['rps']:.0f} rps, p50 {res['p50']:.3f} ms, "
                       f"p99 {res['p99']:.3f} ms, {res['cpu_us']:.1f} µs CPU/request, non-2xx {res['non2xx']}",
@@ -397,21 +260,15 @@ routes:
             return statistics.median(x[field] for x in results[key])
 
         cpu_count = os.cpu_count()
-        model = ""
-        try:
-            with open("/proc/cpuinfo") as f:
-                model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
-        except OSError:
-            pass
+        model = cpu_model()
         ha_version = subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.split()
         ha_version = ha_version[2] if len(ha_version) > 2 else "?"
         print(f"Run on {time.strftime('%Y-%m-%d')}, {cpu_count} cores ({model}), wrk -t1 -c{args.connections} "
               f"-d{args.duration}s, {args.rounds} interleaved rounds, medians; one worker thread per proxy "
               f"(HAProxy {ha_version}: nbthread 1); nginx `return 200` upstream for every proxy.\n")
-        print("| scenario | requests/s | p50 ms | p99 ms | proxy CPU µs/request |")
-        print("| --- | ---: | ---: | ---: | ---: |")
-        for key, label, *_ in scenarios:
-            print(f"| {label} | {med(key, 'rps'):.0f} | {med(key, 'p50'):.3f} | {med(key, 'p99'):.3f} | {med(key, 'cpu_us'):.1f} |")
+        print_table(["scenario", "requests/s", "p50 ms", "p99 ms", "proxy CPU µs/request"],
+                    [(label, f"{med(key, 'rps'):.0f}", f"{med(key, 'p50'):.3f}", f"{med(key, 'p99'):.3f}",
+                      f"{med(key, 'cpu_us'):.1f}") for key, label, *_ in scenarios])
         ratio = lambda a, b: med(a, "rps") / max(med(b, "rps"), 1e-9)
 
         def per_round(a, b):
@@ -428,8 +285,8 @@ routes:
             rs = [x["cpu_us"] / max(y["cpu_us"], 1e-9) for x, y in zip(results[a], results[b])]
             return f"{min(rs):.2f}–{max(rs):.2f}"
 
-        print("\n| target | ratio (medians) | per round | by CPU µs/request | met |")
-        print("| --- | ---: | ---: | ---: | --- |")
+        print()
+        targets = []
         # (label, a, b, kind, goal): "rps" rows are a's requests/s over b's,
         # higher is better; the "cpu" row is a's CPU µs/request over b's,
         # lower is better.
@@ -454,7 +311,9 @@ routes:
                 bound = f" (≥ {goal:.2f})" if goal is not None else " (no target)"
                 ok = goal is not None and value >= goal
             met = "-" if goal is None else ("yes" if ok else "no")
-            print(f"| {label}{bound} | {value:.2f} | {rounds} | {cpu_col} | {met} |")
+            targets.append((f"{label}{bound}", f"{value:.2f}", rounds, cpu_col, met))
+        print("\n".join(table(["target", "ratio (medians)", "per round", "by CPU µs/request", "met"], targets,
+                             "lrrrl")))
         print("\nRatios are of requests/s medians (higher is better; per round: the two runs of one round, "
               "back to back), except the CPU row: CPU µs/request medians, lower is better. "
               "By CPU µs/request: the inverse ratio of CPU cost, what one proxy core would give.")
@@ -474,12 +333,10 @@ routes:
                 order = fixed_keys if r % 2 == 0 else list(reversed(fixed_keys))
                 for key in order:
                     label, url, headers, pids = by_key[key]
-                    before = cpu_ticks(pids)
-                    o = oha(url, args.duration, args.connections, headers,
-                            extra=("-q", str(fixed_rate), "--latency-correction"))
+                    o = cpu_per_request(pids, lambda: oha(url, args.duration, args.connections, headers,
+                                                          extra=("-q", str(fixed_rate), "--latency-correction")))
                     if o is None or not o["requests"]:
                         raise SystemExit(f"oha failed at a fixed rate on {label} (no requests in its JSON)")
-                    o["cpu_us"] = (cpu_ticks(pids) - before) * 1e6 / CLK_TCK / max(o["requests"], 1)
                     if o["non2xx"]:
                         raise SystemExit(f"{o['non2xx']} non-2xx answers from {label} at a fixed rate")
                     fixed[key].append(o)
@@ -488,11 +345,10 @@ routes:
             print(f"\np99 at a fixed 50% load: {fixed_rate} requests/s (half the full path's median above), "
                   f"oha -c {args.connections} -z {args.duration}s -q {fixed_rate} --latency-correction, "
                   f"{args.rounds} interleaved rounds, medians:\n")
-            print("| scenario | requests/s reached | p50 ms | p99 ms | proxy CPU µs/request |")
-            print("| --- | ---: | ---: | ---: | ---: |")
-            for key in fixed_keys:
-                fm = lambda field: statistics.median(x[field] for x in fixed[key])
-                print(f"| {by_key[key][0]} | {fm('rps'):.0f} | {fm('p50'):.3f} | {fm('p99'):.3f} | {fm('cpu_us'):.1f} |")
+            fm = lambda key, field: statistics.median(x[field] for x in fixed[key])
+            print_table(["scenario", "requests/s reached", "p50 ms", "p99 ms", "proxy CPU µs/request"],
+                        [(by_key[key][0], f"{fm(key, 'rps'):.0f}", f"{fm(key, 'p50'):.3f}", f"{fm(key, 'p99'):.3f}",
+                          f"{fm(key, 'cpu_us'):.1f}") for key in fixed_keys])
 
         oha_rows = []
         for key, label, url, headers, _ in scenarios:
@@ -501,10 +357,8 @@ routes:
                 oha_rows.append((label, o))
         if oha_rows:
             print(f"\noha cross-check (oha -c {args.connections} -z {args.duration}s):\n")
-            print("| scenario | requests/s | p50 ms | p99 ms |")
-            print("| --- | ---: | ---: | ---: |")
-            for label, o in oha_rows:
-                print(f"| {label} | {o['rps']:.0f} | {o['p50']:.3f} | {o['p99']:.3f} |")
+            print_table(["scenario", "requests/s", "p50 ms", "p99 ms"],
+                        [(label, f"{o['rps']:.0f}", f"{o['p50']:.3f}", f"{o['p99']:.3f}") for label, o in oha_rows])
 
         if not (args.smoke or args.skip_scaling):
             two, two_port = tollgate("hybrid2", "hybrid", threads=2)
@@ -513,42 +367,28 @@ routes:
                 ("full path, 1 worker thread, 1 key", f"http://127.0.0.1:{hybrid_port}/api/x", (far,), [hybrid.pid], None),
                 ("full path, 2 worker threads, 1 key", f"http://127.0.0.1:{two_port}/api/x", (far,), [two.pid], None),
             ]:
-                before = cpu_ticks(pids)
-                res = wrk(url, args.duration, args.connections, headers)
-                res["cpu_us"] = (cpu_ticks(pids) - before) * 1e6 / CLK_TCK / max(res["requests"], 1)
-                scale.append((label, res))
+                scale.append((label, cpu_per_request(pids, lambda: wrk(url, args.duration, args.connections,
+                                                                        headers))))
             for n in (1000, 100000):
                 tokens_file = f"{work}/tokens-{n}.lua"
                 with open(tokens_file, "w") as f:
                     f.write("tokens = {\n")
                     for i in range(n):
-                        f.write(f'"{token(f"key-{n}-{i}")}",\n')
+                        f.write(f'"{token(SECRET, f"key-{n}-{i}")}",\n')
                     f.write("}\ni = 0\nrequest = function()\n  i = i % #tokens + 1\n"
                             "  return wrk.format(nil, nil, {[\"Authorization\"] = \"Bearer \" .. tokens[i]})\nend\n")
                 wrk(f"http://127.0.0.1:{hybrid_port}/api/x", 1, args.connections, (), tokens_file)
-                before = cpu_ticks([hybrid.pid])
-                res = wrk(f"http://127.0.0.1:{hybrid_port}/api/x", args.duration, args.connections, (), tokens_file)
-                res["cpu_us"] = (cpu_ticks([hybrid.pid]) - before) * 1e6 / CLK_TCK / max(res["requests"], 1)
+                res = cpu_per_request([hybrid.pid], lambda: wrk(f"http://127.0.0.1:{hybrid_port}/api/x",
+                                                                args.duration, args.connections, (), tokens_file))
                 scale.append((f"full path, 1 worker thread, {n} keys", res))
             print("\nScaling:\n")
-            print("| run | requests/s | p50 ms | p99 ms | proxy CPU µs/request |")
-            print("| --- | ---: | ---: | ---: | ---: |")
-            for label, res in scale:
-                print(f"| {label} | {res['rps']:.0f} | {res['p50']:.3f} | {res['p99']:.3f} | {res['cpu_us']:.1f} |")
+            print_table(["run", "requests/s", "p50 ms", "p99 ms", "proxy CPU µs/request"],
+                        [(label, f"{res['rps']:.0f}", f"{res['p50']:.3f}", f"{res['p99']:.3f}", f"{res['cpu_us']:.1f}")
+                         for label, res in scale])
         failed = sum(x["non2xx"] for k in ("nginx", "bare", "haproxy", "passthrough", "full", "exact")
                      for x in results[k])
         if failed:
             raise SystemExit(f"{failed} non-2xx answers on paths that should all pass")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -5,18 +5,18 @@
 //! never cost a request a Redis call.
 //! On shutdown the same task hands unused rate-limit leases back to Redis.
 
-use crate::redis_client::Redis;
-use crate::state::SharedState;
+use crate::redis_client::{OwnConnection, Redis};
+use crate::state::{SharedState, State};
 use async_trait::async_trait;
-use once_cell::sync::Lazy;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use redis::Script;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
-static FLUSH: Lazy<Script> = Lazy::new(|| Script::new(include_str!("../lua/analytics.lua")));
+static FLUSH: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../lua/analytics.lua")));
 
 /// Pending counts kept while Redis is away, at most this many keys.
 const MAX_PENDING: usize = 100_000;
@@ -71,6 +71,18 @@ pub struct Flusher {
 }
 
 impl Flusher {
+    /// Writes the pending counts through this service's own connection to
+    /// the current config's Redis; without Redis they are dropped.
+    async fn tick<'a>(&self, own: &'a mut OwnConnection) -> Option<(Arc<State>, &'a Redis)> {
+        let state = self.state.load_full();
+        let Some(redis) = own.follow(state.redis.as_ref()) else {
+            self.analytics.take();
+            return None;
+        };
+        self.flush(redis).await;
+        Some((state, redis))
+    }
+
     async fn flush(&self, redis: &Redis) {
         let batch = self.analytics.take();
         if batch.is_empty() {
@@ -95,49 +107,32 @@ impl Flusher {
 #[async_trait]
 impl BackgroundService for Flusher {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        // This service's own connection, made again when the Redis settings change.
-        let mut backend: Option<Redis> = None;
-        let mut stopping = false;
+        let own = tokio::sync::Mutex::new(OwnConnection::default());
+        crate::background::every(&mut shutdown, Duration::from_secs(1), || async {
+            self.tick(&mut *own.lock().await).await;
+        })
+        .await;
+        // A stop has begun: every quarter second, so requests still answered
+        // during the drain are written too. Pingora ends this task when it
+        // shuts the runtimes down.
+        let mut own = own.into_inner();
         let mut leases_returned = false;
         loop {
-            // Once a second; once a stop has begun, every quarter second, so
-            // requests still answered during the drain are written too.
-            // Pingora ends this task when it shuts the runtimes down.
-            if stopping {
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            } else {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = shutdown.changed() => stopping = true,
+            if let Some((state, redis)) = self.tick(&mut own).await {
+                // Unused leases go back once no request can take from them any more.
+                let drained = tokio::time::timeout(Duration::ZERO, self.drain.finished())
+                    .await
+                    .is_ok();
+                if drained && !leases_returned {
+                    leases_returned = true;
+                    let n = self
+                        .limiter
+                        .return_leases(&state.config.limits, redis)
+                        .await;
+                    log::info!("stopping: handed {n} unused leases back to redis");
                 }
             }
-            let state = self.state.load_full();
-            let Some(redis) = &state.redis else {
-                self.analytics.take();
-                continue;
-            };
-            if backend
-                .as_ref()
-                .is_none_or(|b| b.settings != redis.settings)
-            {
-                backend = Some(redis.detached());
-            }
-            let Some(redis) = &backend else {
-                continue;
-            };
-            self.flush(redis).await;
-            // Unused leases go back once no request can take from them any more.
-            let drained = tokio::time::timeout(Duration::ZERO, self.drain.finished())
-                .await
-                .is_ok();
-            if stopping && drained && !leases_returned {
-                leases_returned = true;
-                let n = self
-                    .limiter
-                    .return_leases(&state.config.limits, redis)
-                    .await;
-                log::info!("stopping: handed {n} unused leases back to redis");
-            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 }

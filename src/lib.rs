@@ -4,6 +4,7 @@ pub mod admin;
 pub mod analytics;
 pub mod auth;
 pub mod background;
+pub mod cache;
 pub mod cli;
 pub mod clock;
 pub mod config;

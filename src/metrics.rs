@@ -2,11 +2,11 @@
 //! `prometheus` crate that `pingora-prometheus` re-exports. Labels carry route
 //! and upstream names, never raw paths or keys.
 
-use once_cell::sync::Lazy;
 use pingora_prometheus::prometheus::{
     self, register_histogram_vec, register_int_counter, register_int_counter_vec,
     register_int_gauge_vec, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec,
 };
+use std::sync::LazyLock;
 
 // Registration only fails on a duplicate name or a malformed definition, both
 // programming errors caught by the unit test below, never by user input.
@@ -16,7 +16,7 @@ macro_rules! must {
     };
 }
 
-pub static REQUESTS: Lazy<IntCounterVec> = Lazy::new(|| {
+pub static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     must!(register_int_counter_vec!(
         "tollgate_requests_total",
         "Requests answered, by route, status and protocol (http1, h2, grpc, ws).",
@@ -24,7 +24,7 @@ pub static REQUESTS: Lazy<IntCounterVec> = Lazy::new(|| {
     ))
 });
 
-pub static REQUEST_DURATION: Lazy<HistogramVec> = Lazy::new(|| {
+pub static REQUEST_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
     must!(register_histogram_vec!(
         "tollgate_request_duration_seconds",
         "Time from request start to the last byte of the answer, by route.",
@@ -33,7 +33,7 @@ pub static REQUEST_DURATION: Lazy<HistogramVec> = Lazy::new(|| {
     ))
 });
 
-pub static AUTH_FAILURES: Lazy<IntCounterVec> = Lazy::new(|| {
+pub static AUTH_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     must!(register_int_counter_vec!(
         "tollgate_auth_failures_total",
         "Requests refused by authentication or authorization, by reason.",
@@ -41,7 +41,7 @@ pub static AUTH_FAILURES: Lazy<IntCounterVec> = Lazy::new(|| {
     ))
 });
 
-pub static RATELIMIT_DECISIONS: Lazy<IntCounterVec> = Lazy::new(|| {
+pub static RATELIMIT_DECISIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     must!(register_int_counter_vec!(
         "tollgate_ratelimit_decisions_total",
         "Rate-limit decisions, by decision (allowed, limited) and where they were made (local, redis).",
@@ -49,7 +49,7 @@ pub static RATELIMIT_DECISIONS: Lazy<IntCounterVec> = Lazy::new(|| {
     ))
 });
 
-pub static REDIS_CALLS: Lazy<IntCounterVec> = Lazy::new(|| {
+pub static REDIS_CALLS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     must!(register_int_counter_vec!(
         "tollgate_redis_calls_total",
         "Calls made to Redis, by operation.",
@@ -57,14 +57,14 @@ pub static REDIS_CALLS: Lazy<IntCounterVec> = Lazy::new(|| {
     ))
 });
 
-pub static REDIS_ERRORS: Lazy<IntCounter> = Lazy::new(|| {
+pub static REDIS_ERRORS: LazyLock<IntCounter> = LazyLock::new(|| {
     must!(register_int_counter!(
         "tollgate_redis_errors_total",
         "Redis calls that failed or timed out."
     ))
 });
 
-pub static UPSTREAM_ERRORS: Lazy<IntCounterVec> = Lazy::new(|| {
+pub static UPSTREAM_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     must!(register_int_counter_vec!(
         "tollgate_upstream_errors_total",
         "Failures talking to upstreams, by upstream and kind.",
@@ -72,7 +72,7 @@ pub static UPSTREAM_ERRORS: Lazy<IntCounterVec> = Lazy::new(|| {
     ))
 });
 
-pub static CONFIG_RELOADS: Lazy<IntCounterVec> = Lazy::new(|| {
+pub static CONFIG_RELOADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     must!(register_int_counter_vec!(
         "tollgate_config_reloads_total",
         "Configuration reloads, by result (success, failure).",
@@ -80,7 +80,7 @@ pub static CONFIG_RELOADS: Lazy<IntCounterVec> = Lazy::new(|| {
     ))
 });
 
-pub static JWKS_FETCHES: Lazy<IntCounterVec> = Lazy::new(|| {
+pub static JWKS_FETCHES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     must!(register_int_counter_vec!(
         "tollgate_jwks_fetches_total",
         "JWKS fetches, by result (attempt, failure).",
@@ -88,7 +88,7 @@ pub static JWKS_FETCHES: Lazy<IntCounterVec> = Lazy::new(|| {
     ))
 });
 
-pub static UPSTREAM_TOKEN_FETCHES: Lazy<IntCounterVec> = Lazy::new(|| {
+pub static UPSTREAM_TOKEN_FETCHES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     must!(register_int_counter_vec!(
         "tollgate_upstream_token_fetches_total",
         "Calls to upstream_auth token endpoints, by route and result (attempt, failure).",
@@ -96,7 +96,7 @@ pub static UPSTREAM_TOKEN_FETCHES: Lazy<IntCounterVec> = Lazy::new(|| {
     ))
 });
 
-pub static BUILD_INFO: Lazy<IntGaugeVec> = Lazy::new(|| {
+pub static BUILD_INFO: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     must!(register_int_gauge_vec!(
         "tollgate_build_info",
         "Always 1; the version label names the running build.",
@@ -104,7 +104,7 @@ pub static BUILD_INFO: Lazy<IntGaugeVec> = Lazy::new(|| {
     ))
 });
 
-pub static UPSTREAM_PEERS_HEALTHY: Lazy<IntGaugeVec> = Lazy::new(|| {
+pub static UPSTREAM_PEERS_HEALTHY: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     must!(register_int_gauge_vec!(
         "tollgate_upstream_peers_healthy",
         "Peers of an upstream that pass the health check.",
@@ -117,17 +117,17 @@ pub fn init() {
     BUILD_INFO
         .with_label_values(&[env!("CARGO_PKG_VERSION")])
         .set(1);
-    Lazy::force(&REQUESTS);
-    Lazy::force(&REQUEST_DURATION);
-    Lazy::force(&AUTH_FAILURES);
-    Lazy::force(&RATELIMIT_DECISIONS);
-    Lazy::force(&REDIS_CALLS);
-    Lazy::force(&REDIS_ERRORS);
-    Lazy::force(&UPSTREAM_ERRORS);
-    Lazy::force(&CONFIG_RELOADS);
-    Lazy::force(&UPSTREAM_PEERS_HEALTHY);
-    Lazy::force(&JWKS_FETCHES);
-    Lazy::force(&UPSTREAM_TOKEN_FETCHES);
+    LazyLock::force(&REQUESTS);
+    LazyLock::force(&REQUEST_DURATION);
+    LazyLock::force(&AUTH_FAILURES);
+    LazyLock::force(&RATELIMIT_DECISIONS);
+    LazyLock::force(&REDIS_CALLS);
+    LazyLock::force(&REDIS_ERRORS);
+    LazyLock::force(&UPSTREAM_ERRORS);
+    LazyLock::force(&CONFIG_RELOADS);
+    LazyLock::force(&UPSTREAM_PEERS_HEALTHY);
+    LazyLock::force(&JWKS_FETCHES);
+    LazyLock::force(&UPSTREAM_TOKEN_FETCHES);
     // Families with labels show up only once a series exists; start the
     // well-known series at zero so dashboards and alerts have a line to draw.
     for result in ["success", "failure"] {
@@ -149,7 +149,7 @@ pub fn render() -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn every_spec_family_is_exported() {
+    fn every_family_is_exported() {
         super::init();
         let text = String::from_utf8(super::render()).unwrap();
         for name in [

@@ -4,79 +4,36 @@
 //! the token's `exp`.
 
 use super::Identity;
-use std::collections::hash_map::RandomState;
-use std::collections::HashMap;
-use std::hash::BuildHasher;
-use std::sync::{Arc, Mutex};
+use crate::cache::{Bound, ShardedMap};
+use std::sync::Arc;
 
 const SHARDS: usize = 16;
 
 pub struct TokenCache {
-    shards: Vec<Mutex<HashMap<Box<str>, Arc<Identity>>>>,
-    per_shard: usize,
-    hasher: RandomState,
+    tokens: ShardedMap<Arc<Identity>>,
 }
 
 impl TokenCache {
     pub fn new(capacity: usize) -> Self {
         TokenCache {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            per_shard: capacity.div_ceil(SHARDS),
-            hasher: RandomState::new(),
+            tokens: ShardedMap::new(SHARDS, Bound::Capacity(capacity)),
         }
-    }
-
-    fn shard(&self, token: &str) -> &Mutex<HashMap<Box<str>, Arc<Identity>>> {
-        let i = (self.hasher.hash_one(token) as usize) % SHARDS;
-        &self.shards[i]
     }
 
     /// The cached identity, unless it has expired by `now` (unix seconds).
     pub fn get(&self, token: &str, now: u64) -> Option<Arc<Identity>> {
-        if self.per_shard == 0 {
-            return None;
-        }
-        let mut shard = self.shard(token).lock().ok()?;
-        match shard.get(token) {
-            Some(id) if id.valid_until >= now => Some(id.clone()),
-            Some(_) => {
-                shard.remove(token);
-                None
-            }
-            None => None,
-        }
+        self.tokens.get_live(token, |id| id.valid_until >= now)
     }
 
+    /// When full of live tokens, an arbitrary eighth goes: cheap, and a
+    /// dropped token only costs one more signature check.
     pub fn insert(&self, token: &str, identity: Arc<Identity>, now: u64) {
-        if self.per_shard == 0 {
-            return;
-        }
-        let Ok(mut shard) = self.shard(token).lock() else {
-            return;
-        };
-        if shard.len() >= self.per_shard {
-            shard.retain(|_, id| id.valid_until >= now);
-            if shard.len() >= self.per_shard {
-                // Still full of live tokens: drop an arbitrary eighth. Cheap,
-                // and a dropped token only costs one more signature check.
-                let drop: Vec<Box<str>> = shard
-                    .keys()
-                    .take((self.per_shard / 8).max(1))
-                    .cloned()
-                    .collect();
-                for k in drop {
-                    shard.remove(&k);
-                }
-            }
-        }
-        shard.insert(token.into(), identity);
+        self.tokens
+            .insert(token, identity, |id| id.valid_until >= now);
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().map_or(0, |s| s.len()))
-            .sum()
+        self.tokens.len()
     }
 }
 
@@ -113,7 +70,7 @@ mod tests {
         for i in 0..10_000 {
             c.insert(&format!("token-{i}"), id(u64::MAX), 0);
         }
-        assert!(c.len() <= 64 + SHARDS, "{}", c.len());
+        assert!(c.len() <= 64, "{}", c.len());
         let off = TokenCache::new(0);
         off.insert("t", id(u64::MAX), 0);
         assert!(off.get("t", 0).is_none());

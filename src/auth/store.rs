@@ -6,13 +6,14 @@
 //! `<prefix>revocations`, so revocation and blocking reach the whole fleet
 //! within a second even if a message is lost.
 
-use crate::redis_client::{Query, Redis, Unavailable};
-use crate::state::SharedState;
+use crate::cache::{Bound, ShardedMap};
+use crate::config::RedisSettings;
+use crate::redis_client::{OwnConnection, Query, Redis, Unavailable};
+use crate::state::{SharedState, State};
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long a lookup is trusted without a Redis round trip.
@@ -45,18 +46,29 @@ pub fn parse_status(record: Option<&str>) -> Status {
     }
 }
 
-#[derive(Default)]
+/// Lookups remembered, by API key. Stale entries are swept once this many
+/// are held.
+const SWEEP_AT: usize = 100_000;
+const SHARDS: usize = 16;
+
 pub struct TokenStore {
-    cache: Mutex<HashMap<String, (Status, Instant)>>,
+    cache: ShardedMap<(Status, Instant)>,
+}
+
+impl Default for TokenStore {
+    fn default() -> Self {
+        TokenStore {
+            cache: ShardedMap::new(SHARDS, Bound::SweepAt(SWEEP_AT)),
+        }
+    }
 }
 
 impl TokenStore {
     pub async fn status(&self, redis: &Redis, api_key: &str) -> Result<Status, Unavailable> {
         let now = Instant::now();
-        if let Some((status, at)) = self.cache.lock().ok().and_then(|c| c.get(api_key).copied()) {
-            if now.duration_since(at) < CACHE_FOR {
-                return Ok(status);
-            }
+        let fresh = |(_, at): &(Status, Instant)| now.duration_since(*at) < CACHE_FOR;
+        if let Some((status, _)) = self.cache.get_live(api_key, fresh) {
+            return Ok(status);
         }
         let key = record_key(redis.prefix(), api_key);
         let record: Option<String> = redis
@@ -67,25 +79,16 @@ impl TokenStore {
             )
             .await?;
         let status = parse_status(record.as_deref());
-        if let Ok(mut cache) = self.cache.lock() {
-            if cache.len() > 100_000 {
-                cache.retain(|_, (_, at)| now.duration_since(*at) < CACHE_FOR);
-            }
-            cache.insert(api_key.to_string(), (status, now));
-        }
+        self.cache.insert(api_key, (status, now), fresh);
         Ok(status)
     }
 
     pub fn invalidate(&self, api_key: &str) {
-        if let Ok(mut cache) = self.cache.lock() {
-            cache.remove(api_key);
-        }
+        self.cache.remove(api_key);
     }
 
     pub fn clear(&self) {
-        if let Ok(mut cache) = self.cache.lock() {
-            cache.clear();
-        }
+        self.cache.clear();
     }
 }
 
@@ -98,64 +101,56 @@ pub struct Revocations {
 #[async_trait]
 impl BackgroundService for Revocations {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        // This service's own subscription, made again when the Redis settings change.
-        let mut listener: Option<Redis> = None;
-        loop {
+        let own = tokio::sync::Mutex::new(OwnConnection::default());
+        // Ends a subscription when the service stops.
+        let stop = shutdown.clone();
+        // Subscribes while the config asks for stored tokens; after a lost
+        // subscription, tries again a second later.
+        crate::background::every(&mut shutdown, Duration::from_secs(1), || async {
             let state = self.state.load_full();
-            let wanted = state.redis.as_ref().filter(|_| {
-                state
-                    .config
-                    .auth
-                    .jwt
-                    .as_ref()
-                    .is_some_and(|j| j.require_stored)
-            });
-            match wanted {
-                Some(redis)
-                    if listener
-                        .as_ref()
-                        .is_none_or(|l| l.settings != redis.settings) =>
-                {
-                    listener = Some(redis.detached());
-                }
-                Some(_) => {}
-                None => listener = None,
-            }
-            if let Some(redis) = &listener {
-                let channel = channel(redis.prefix());
-                let store = &self.store;
-                // Messages may have been missed while disconnected.
-                let subscription =
-                    redis.subscribe(&channel, || store.clear(), |key| store.invalidate(&key));
-                tokio::select! {
-                    result = subscription => {
-                        if let Err(e) = result {
-                            log::debug!("revocation channel: {e}");
-                        }
-                    }
-                    _ = shutdown.changed() => return,
-                    // A reload may change or drop the Redis section.
-                    _ = settings_changed(&self.state, &redis.settings) => {}
-                }
-            }
+            let mut own = own.lock().await;
+            let Some(redis) = own.follow(wanted(&state)) else {
+                return;
+            };
+            let channel = channel(redis.prefix());
+            let store = &self.store;
+            // Messages may have been missed while disconnected.
+            let subscription =
+                redis.subscribe(&channel, || store.clear(), |key| store.invalidate(&key));
+            let mut stop = stop.clone();
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = shutdown.changed() => return,
+                result = subscription => {
+                    if let Err(e) = result {
+                        log::debug!("revocation channel: {e}");
+                    }
+                }
+                _ = stop.changed() => {}
+                // A reload may change or drop the Redis section.
+                _ = unwanted(&self.state, &redis.settings) => {}
             }
-        }
+        })
+        .await
     }
 }
 
-/// Resolves once the current config's Redis settings differ from `settings`.
-async fn settings_changed(state: &SharedState, settings: &crate::config::RedisSettings) {
+/// The Redis whose channel `state` asks to follow: only stored tokens need it.
+fn wanted(state: &State) -> Option<&Arc<Redis>> {
+    state.redis.as_ref().filter(|_| {
+        state
+            .config
+            .auth
+            .jwt
+            .as_ref()
+            .is_some_and(|j| j.require_stored)
+    })
+}
+
+/// Resolves once the current config no longer follows the channel of the
+/// Redis with `settings` (changed or dropped by a reload).
+async fn unwanted(state: &SharedState, settings: &RedisSettings) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let current = state.load();
-        if current
-            .redis
-            .as_ref()
-            .is_none_or(|r| r.settings != *settings)
-        {
+        if wanted(&state.load()).is_none_or(|r| r.settings != *settings) {
             return;
         }
     }
