@@ -49,6 +49,22 @@ pub static RATELIMIT_DECISIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     ))
 });
 
+pub static RULE_DECISIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    must!(register_int_counter_vec!(
+        "tollgate_ratelimit_rule_decisions_total",
+        "Requests counted by each limits.rules entry, by rule name and decision (allowed, limited, shadow_limited).",
+        &["rule", "decision"]
+    ))
+});
+
+pub static REFUSALS_BY_POLICY: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    must!(register_int_counter_vec!(
+        "tollgate_ratelimit_refusals_total",
+        "Windows that refused a request (limited) or would have (shadow_limited), by policy name (<tier|default|key|org|rule>-<window>, e.g. monthly-month).",
+        &["policy", "decision"]
+    ))
+});
+
 pub static REDIS_CALLS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     must!(register_int_counter_vec!(
         "tollgate_redis_calls_total",
@@ -121,6 +137,8 @@ pub fn init() {
     LazyLock::force(&REQUEST_DURATION);
     LazyLock::force(&AUTH_FAILURES);
     LazyLock::force(&RATELIMIT_DECISIONS);
+    LazyLock::force(&RULE_DECISIONS);
+    LazyLock::force(&REFUSALS_BY_POLICY);
     LazyLock::force(&REDIS_CALLS);
     LazyLock::force(&REDIS_ERRORS);
     LazyLock::force(&UPSTREAM_ERRORS);

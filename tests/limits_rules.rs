@@ -245,6 +245,23 @@ fn shadow_rules_count_and_report_but_never_refuse() {
         r#"tollgate_ratelimit_decisions_total{decision="allowed",source="local"}"#,
         2.0,
     );
+    // Per rule, and per policy for the dashboard's refusal panel.
+    let m = t.metrics();
+    assert_eq!(
+        metric_value(
+            &m,
+            r#"tollgate_ratelimit_rule_decisions_total{decision="shadow_limited",rule="trial"}"#
+        ),
+        Some(3.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            r#"tollgate_ratelimit_refusals_total{decision="shadow_limited",policy="trial-1m"}"#
+        ),
+        Some(3.0)
+    );
 }
 
 #[test]

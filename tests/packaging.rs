@@ -206,6 +206,8 @@ upstreams:
 routes:
   - {{ name: api, path_prefix: /api/, upstream: backend }}
   - {{ name: dead, path_prefix: /dead/, upstream: dead, auth: none }}
+limits:
+  rules: [{{ name: per-ip, key: client_ip, windows: [{{ requests: 1, window: 1h }}], shadow: true }}]
 "#,
         redis.url(),
         echo.addr(),

@@ -120,6 +120,38 @@ fn caller<'a>(
     }
 }
 
+/// `tollgate_ratelimit_rule_decisions_total` for every rule the request
+/// was counted by, and `tollgate_ratelimit_refusals_total` for every window
+/// that refused it (or would have, in shadow mode).
+fn count_by_rule_and_policy(d: &ratelimit::Decision, scopes: &[ratelimit::Scope<'_>]) {
+    for (i, scope) in scopes.iter().enumerate() {
+        let mut counted = d.windows.iter().filter(|c| c.scope == i).peekable();
+        if counted.peek().is_none() {
+            continue;
+        }
+        let refused: Vec<_> = counted.filter(|c| !c.outcome.allowed).collect();
+        let decision = match (refused.is_empty(), scope.shadow) {
+            (true, _) => "allowed",
+            (false, true) => "shadow_limited",
+            (false, false) => "limited",
+        };
+        if scope.id.starts_with("r:") {
+            metrics::RULE_DECISIONS
+                .with_label_values(&[scope.name, decision])
+                .inc();
+        }
+        for c in refused {
+            let mut policy = String::with_capacity(scope.name.len() + 8);
+            policy.push_str(scope.name);
+            policy.push('-');
+            c.window.write_label(&mut policy);
+            metrics::REFUSALS_BY_POLICY
+                .with_label_values(&[&policy, decision])
+                .inc();
+        }
+    }
+}
+
 /// A client-sent request id is kept when it is short and printable.
 fn client_request_id(req: &RequestHeader) -> Option<String> {
     let v = req.headers.get(respond::REQUEST_ID)?.to_str().ok()?;
@@ -296,6 +328,9 @@ impl Proxy {
         metrics::RATELIMIT_DECISIONS
             .with_label_values(&[d.label(), d.source])
             .inc();
+        if !limits.rules.is_empty() || !d.allowed || d.shadow_limited {
+            count_by_rule_and_policy(&d, &scopes);
+        }
         let reported = limit_headers::reported(&d, &scopes, ratelimit::now_us());
         ctx.extra_headers
             .extend(limit_headers::fields(limits.headers, &reported, d.closest));
