@@ -37,6 +37,12 @@ usage: bench/redis_cost.py [--bin target/release/tollgate] [--baseline OLD_BINAR
               each on a fresh redis-server; the table has a row per build
   --rounds    measure each build N times, alternating which goes first
   --quick     3 s runs after 1 s warm-ups: under a minute per build
+A control run (skip it with --no-control) drives the same load through this
+build with no window at all: Redis then sees only the background traffic
+(analytics flushes, readiness probes); "net of the control" subtracts its
+figure, leaving what the leases cost.
+Leases now last up to the rest of a 60 s window, so their calls bunch at
+window starts: use --duration 60 (and --idle 10) to include one.
 The analytics flush runs once a second whatever the load, so a run holds one
 more or one fewer flush than its length in seconds: with 1,000 keys, where a
 flush is the largest script, that is a few % of the net figure at 10 s.
@@ -58,6 +64,7 @@ import jwt
 SECRET = "bench-redis-cost-secret-0123456789abcdef"
 CONNECTIONS = 32
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+CONTROL = "no limits (control)"
 
 
 def log(msg):
@@ -202,9 +209,11 @@ class Snapshot:
         }
 
 
-def measure(binary, label, counts, duration, warmup):
+def measure(binary, label, counts, duration, warmup, limited=True, idle_for=None):
     """One build's runs on a private nginx, redis-server and tollgate:
-    (idle samples before/after, [(keys, requests, delta)])."""
+    (idle samples before/after, [(keys, requests, delta)]). Without
+    `limited`, no window applies: Redis sees only the background traffic
+    (analytics flushes, readiness probes) of the same load."""
     work = tempfile.mkdtemp(prefix="tollgate-redis-cost-")
     procs = []
 
@@ -226,6 +235,7 @@ http {{ access_log off; server {{ listen 127.0.0.1:{up_port}; location / {{ retu
                        "--appendonly", "no", "--dir", work], "redis")
         wait_port(up_port, up, f"{work}/up.log")
         wait_port(redis_port, redis, f"{work}/redis.log")
+        windows = "{ requests: 1000000000, window: 60s }" if limited else ""
         with open(f"{work}/tollgate.yaml", "w") as f:
             f.write(f"""
 server: {{ listen: ["127.0.0.1:{port}"], threads: 1, pid_file: "{work}/tg.pid", upgrade_sock: "{work}/tg.sock" }}
@@ -233,7 +243,7 @@ admin: {{ listen: "127.0.0.1:{admin}" }}
 log: {{ level: warn, access_log: false }}
 redis: {{ url: "redis://127.0.0.1:{redis_port}", key_prefix: "cost:" }}
 auth: {{ jwt: {{ algorithms: [HS256], secret: "{SECRET}" }} }}
-limits: {{ sync: hybrid, claim_window: 1m, default: [{{ requests: 1000000000, window: 60s }}] }}
+limits: {{ sync: hybrid, claim_window: 1m, default: [{windows}] }}
 upstreams: {{ backend: {{ peers: ["127.0.0.1:{up_port}"] }} }}
 routes: [{{ name: api, path_prefix: /api/, upstream: backend }}]
 """)
@@ -255,9 +265,9 @@ routes: [{{ name: api, path_prefix: /api/, upstream: backend }}]
             return Snapshot(redis.pid, redis_port, admin)
 
         def idle_run(when):
-            log(f"{label}: idle ({when}): {duration} s without load")
+            log(f"{label}: idle ({when}): {idle_for or duration} s without load")
             before = snap()
-            time.sleep(duration)
+            time.sleep(idle_for or duration)
             d = before.delta(snap())
             log(f"{label}: idle ({when}): {d['cpu_us'] / d['seconds']:.0f} µs Redis CPU/s, "
                 f"{d['scripts'] / d['seconds']:.2f} scripts/s, {d['commands'] / d['seconds']:.2f} commands/s")
@@ -305,9 +315,12 @@ def main():
     ap.add_argument("--duration", type=int, default=None, help="measured seconds per run (default 10, --quick 3)")
     ap.add_argument("--warmup", type=int, default=None, help="seconds before each run (default 3, --quick 1)")
     ap.add_argument("--quick", action="store_true", help="3 s runs after 1 s warm-ups (under a minute)")
+    ap.add_argument("--idle", type=int, default=None, help="seconds of each idle sample (default: --duration)")
     ap.add_argument("--out", default="bench/results/redis_cost.md")
     ap.add_argument("--baseline", default=os.environ.get("TOLLGATE_BASELINE_BIN"),
                     help="a second binary measured the same way in the same run (default: $TOLLGATE_BASELINE_BIN)")
+    ap.add_argument("--no-control", action="store_true",
+                    help="skip the run with no limits (background traffic alone)")
     ap.add_argument("--rounds", type=int, default=1, help="measure every build this many times, alternating the order")
     args = ap.parse_args()
     duration = args.duration or (3 if args.quick else 10)
@@ -345,7 +358,15 @@ def main():
         order = builds if r % 2 == 0 else builds[::-1]
         for label, path in order:
             log(f"round {r + 1}/{args.rounds}: {label} ({path})")
-            results[label].append(measure(path, label, counts, duration, warmup))
+            results[label].append(measure(path, label, counts, duration, warmup, idle_for=args.idle))
+
+    # The same load with no window: analytics and probes only, to split the
+    # lease cost from the background traffic that every build shares.
+    if not args.no_control:
+        log("control: this build with no limits (analytics and probes only)")
+        results[CONTROL] = [measure(binary, CONTROL, counts, duration, warmup, limited=False,
+                                       idle_for=args.idle)]
+        builds.append((CONTROL, binary))
 
     def per_s(field, runs):
         return sum(d[field] for d in runs) / sum(d["seconds"] for d in runs)
@@ -367,6 +388,14 @@ def main():
                 })
         return rows
 
+    control = {r["keys"]: r for r in rows_of(CONTROL)} if CONTROL in results else {}
+
+    def lease_only(r):
+        c = control.get(r["keys"])
+        if c is None:
+            return "–"
+        return f"{r['net'] - c['net']:.4f} ± {r['noise'] + c['noise']:.4f}"
+
     all_idle = [d for label in results for idle, _ in results[label] for d in idle]
     lines = [
         f"Run on {time.strftime('%Y-%m-%d')}{' (--quick)' if args.quick else ''}: one tollgate "
@@ -378,9 +407,10 @@ def main():
         f"(around {per_s('cpu_us', all_idle):.0f} µs/s) times the run's length; "
         f"scripts at Redis = EVAL/EVALSHA (leases, analytics, charges), net of idle.",
         "",
-        "| build | keys | requests/s | Redis CPU µs/request, gross | net of idle | lease scripts/request (tollgate acquire) "
+        "| build | keys | requests/s | Redis CPU µs/request, gross | net of idle | net of idle and of the control "
+        "| lease scripts/request (tollgate acquire) "
         "| scripts/request at Redis (net) | µs per script | utime+stime µs/request (10 ms ticks) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for label, _ in builds:
         for idle, _ in results[label]:
@@ -388,26 +418,38 @@ def main():
                               if sum(d["scripts"] for d in idle) else "–")
             both = lambda field, fmt: " / ".join(format(per_s(field, [d]), fmt) for d in idle)
             lines.append(
-                f"| {label} | idle, no load (before / after, {duration} s each) | 0 | {both('cpu_us', '.0f')} µs/s | – "
+                f"| {label} | idle, no load (before / after, {args.idle or duration} s each) | 0 | {both('cpu_us', '.0f')} µs/s | – | – "
                 f"| {both('acquire', '.2f')} /s | {both('scripts', '.2f')} /s ({both('commands', '.1f')} commands/s) "
                 f"| {idle_script_us} | {both('tick_us', '.0f')} µs/s |")
         for r in sorted(rows_of(label), key=lambda r: r["keys"]):
             lines.append(f"| {label} | {r['keys']} | {r['rps']:.0f} | {r['gross']:.4f} | {r['net']:.4f} ± {r['noise']:.4f} "
+                         f"| {lease_only(r)} "
                          f"| {r['acquire']:.5f} "
                          f"| {r['scripts']:.5f} | {r['us_per_script']} | {r['ticks']:.3f} |")
-    lines += ["", "| target | build | net Redis CPU µs/request | met |", "| --- | --- | ---: | --- |"]
+    lines += ["", "| target | build | net Redis CPU µs/request | met | net of the control too | met |",
+              "| --- | --- | ---: | --- | ---: | --- |"]
     for keys, goal in ((1000, 0.10), (1000, 0.05), (1, 0.03)):
         target = f"≤ {goal:.2f} µs/request at {keys:,} key{'s' if keys > 1 else ''}"
         for label, _ in builds:
+            if label == CONTROL:
+                continue
             found = [r for r in rows_of(label) if r["keys"] == keys]
             if not found:
-                lines.append(f"| {target} | {label} | not measured | - |")
+                lines.append(f"| {target} | {label} | not measured | - | - | - |")
                 continue
             # The worst round counts.
             r = max(found, key=lambda r: r["net"])
+            verdict = lambda net, noise: ("yes" if net + noise <= goal else "no" if net - noise > goal
+                                          else "unclear (within idle noise)")
             net, noise = r["net"], r["noise"]
-            met = "yes" if net + noise <= goal else "no" if net - noise > goal else "unclear (within idle noise)"
-            lines.append(f"| {target} | {label} | {net:.4f} ± {noise:.4f} | {met} |")
+            c = control.get(keys)
+            if c is None:
+                lease, lease_met = "–", "–"
+            else:
+                lease = f"{net - c['net']:.4f} ± {noise + c['noise']:.4f}"
+                lease_met = verdict(net - c["net"], noise + c["noise"])
+            lines.append(f"| {target} | {label} | {net:.4f} ± {noise:.4f} | {verdict(net, noise)} "
+                         f"| {lease} | {lease_met} |")
     report = "\n".join(lines) + "\n"
     print(report, end="")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
