@@ -240,25 +240,14 @@ impl Inner {
     }
 
     /// The lease cap for the next call: the key's rate on this instance
-    /// times a horizon that grows with the headroom of its tightest window.
+    /// times the horizon of its tightest window.
     fn chunk_cap(&self, key_id: &str, leases: &[Lease], now: u64) -> u64 {
         let per_second = self.usage.rate(&key_id).max(0.0);
-        let cap = leases
+        let horizon = leases
             .iter()
-            .map(|l| {
-                let limit = l.window.requests.max(1);
-                let headroom = l.available.min(limit) as f64 / limit as f64;
-                // 0 with half of the limit or less available, 1 with all of it.
-                let far = ((headroom - 0.5) * 2.0).clamp(0.0, 1.0);
-                let rest = if l.expires > now {
-                    (l.expires - now) as f64 / 1e6
-                } else {
-                    l.window.window.as_secs_f64()
-                };
-                let horizon = NEAR_HORIZON_SECS.max(far * rest * FAR_HORIZON_FACTOR);
-                per_second * horizon
-            })
+            .map(|l| horizon_secs(l, now))
             .fold(f64::INFINITY, f64::min);
+        let cap = per_second * horizon;
         if cap.is_finite() {
             (cap as u64).clamp(MIN_CHUNK, MAX_CHUNK)
         } else {
@@ -372,6 +361,21 @@ fn align(state: &mut KeyState, windows: &[Window], now: u64) {
         })
         .collect();
     state.held = Held::from_vec(new);
+}
+
+/// Seconds of the key's rate one lease should cover: the rest of the
+/// window (times FAR_HORIZON_FACTOR) with all of the limit available,
+/// falling linearly to NEAR_HORIZON_SECS with half of it or less.
+fn horizon_secs(l: &Lease, now: u64) -> f64 {
+    let limit = l.window.requests.max(1);
+    let headroom = l.available.min(limit) as f64 / limit as f64;
+    let far = ((headroom - 0.5) * 2.0).clamp(0.0, 1.0);
+    let rest = if l.expires > now {
+        (l.expires - now) as f64 / 1e6
+    } else {
+        l.window.window.as_secs_f64()
+    };
+    NEAR_HORIZON_SECS.max(far * rest * FAR_HORIZON_FACTOR)
 }
 
 fn needs_top_up(leases: &[Lease]) -> bool {
@@ -767,4 +771,84 @@ fn spawn_top_up(
         };
         inner.apply(&key_id, algo, &windows, &grants, &need, &need, true);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(requests: u64, available: u64, left_secs: u64, now: u64) -> Lease {
+        Lease {
+            available,
+            expires: now + left_secs * 1_000_000,
+            ..Lease::fresh(
+                Window {
+                    requests,
+                    window: Duration::from_secs(60),
+                },
+                now,
+            )
+        }
+    }
+
+    #[test]
+    fn horizon_grows_with_headroom() {
+        let now = 5_000_000;
+        // All of the limit available: the rest of the window, with margin.
+        assert_eq!(horizon_secs(&lease(1000, 1000, 40, now), now), 60.0);
+        // Three quarters: half of that.
+        assert_eq!(horizon_secs(&lease(1000, 750, 40, now), now), 30.0);
+        // Half or less: two seconds, as before.
+        assert_eq!(horizon_secs(&lease(1000, 500, 40, now), now), 2.0);
+        assert_eq!(horizon_secs(&lease(1000, 0, 40, now), now), 2.0);
+        // A lease that has ended: a whole window ahead.
+        assert_eq!(horizon_secs(&lease(1000, 1000, 0, now), now), 90.0);
+    }
+
+    #[test]
+    fn cap_is_the_minimum_before_the_rate_is_known() {
+        let leases = Leases::default();
+        let now = leases.inner.now();
+        let l = [lease(1_000_000, 1_000_000, 50, now)];
+        assert_eq!(leases.inner.chunk_cap("k:new", &l, now), MIN_CHUNK);
+    }
+
+    #[tokio::test]
+    async fn keys_whose_leases_ended_are_swept() {
+        let leases = Leases::default();
+        let now = leases.inner.now();
+        for i in 0..5000 {
+            let key = format!("k:{i}");
+            let shard = leases.inner.shard(&key);
+            let ended = i % 2 == 0;
+            lock(&shard.map).insert(
+                key.into(),
+                KeyState {
+                    held: Held::One(lease(100, 100, if ended { 0 } else { 60 }, now)),
+                    last_used: now,
+                    busy: false,
+                },
+            );
+        }
+        assert_eq!(leases.keys(), 5000);
+        leases.inner.sweep();
+        assert_eq!(leases.keys(), 2500);
+        // The live ones: consumed and refunded as before.
+        let w = [Window {
+            requests: 100,
+            window: Duration::from_secs(60),
+        }];
+        assert_eq!(leases.consume("k:1", &w, 3).await, 3);
+        assert_eq!(leases.consume("k:0", &w, 3).await, 3);
+        assert!(leases.drain().await.is_empty());
+    }
+
+    #[test]
+    fn one_window_is_held_inline() {
+        assert!(
+            std::mem::size_of::<KeyState>() <= 96,
+            "{}",
+            std::mem::size_of::<KeyState>()
+        );
+    }
 }
