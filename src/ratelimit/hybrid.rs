@@ -12,6 +12,11 @@
 //! `available / DIVISOR` share rule in the script shrinks chunks to single
 //! units at the end.
 //!
+//! A keeper task (started by the first acquire, one per process) forgets
+//! keys whose leases have all ended, once a second, and hands back to Redis
+//! the leases of keys this instance has not seen for `IDLE`, so budget does
+//! not sit on an instance that stopped seeing a key.
+//!
 //! `sync: exact` is the same path with chunks of exactly the request's cost:
 //! one script call per admitted request.
 
@@ -46,9 +51,13 @@ const PREFETCH_MIN_GRANT: u64 = 8;
 /// How often the keeper sweeps ended keys and hands idle leases back.
 const KEEP_EVERY: Duration = Duration::from_secs(1);
 /// A key this instance has not seen for this long hands its lease back.
-pub const IDLE: Duration = Duration::from_secs(3);
+/// The trade: a key whose requests come further apart than this pays a
+/// hand-back and a new lease per request (when its lease is worth returning,
+/// below), and budget can sit idle on an instance this long.
+pub const IDLE: Duration = Duration::from_secs(5);
 /// Leases smaller than 1/RETURN_SHARE of the limit are not worth a Redis
-/// call to hand back (they end with their window).
+/// call to hand back (they end with their window): far from a large limit
+/// (the common many-keys case) nothing is handed back.
 const RETURN_SHARE: u64 = 256;
 /// A lease whose window ends sooner than this is left to end: the hand-back
 /// could land in the next window.
