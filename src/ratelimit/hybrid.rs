@@ -5,6 +5,18 @@
 //! instances do not sit on budget others need. A key that Redis refused is
 //! refused locally, with no Redis call, until its retry time.
 //!
+//! Lease size: a key's rate on this instance times a horizon that depends on
+//! its headroom. Far from the limit (more than half of it available) the
+//! horizon grows to the rest of the window, so a steady key costs about one
+//! Redis call per window; nearer the limit it falls to two seconds, and the
+//! `available / DIVISOR` share rule in the script shrinks chunks to single
+//! units at the end.
+//!
+//! A keeper task (started by the first acquire, one per process) forgets
+//! keys whose leases have all ended, once a second, and hands back to Redis
+//! the leases of keys this instance has not seen for `IDLE`, so budget does
+//! not sit on an instance that stopped seeing a key.
+//!
 //! `sync: exact` is the same path with chunks of exactly the request's cost:
 //! one script call per admitted request.
 
@@ -12,19 +24,46 @@ use super::algo::Outcome;
 use super::remote;
 use crate::config::{Algorithm, SyncMode, Window};
 use crate::redis_client::{Redis, Unavailable};
+use arc_swap::ArcSwapOption;
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 const SHARDS: usize = 64;
-const SWEEP_AT: usize = 4096;
 /// A lease takes this share of the available units...
 const DIVISOR: u64 = 32;
-/// ...but never more than this many.
-const MAX_CHUNK: u64 = 10_000;
+/// ...but never more than this many (the share rule is the real bound).
+const MAX_CHUNK: u64 = 1 << 40;
+/// Smallest lease cap, so a key starts with chunks before its rate is known.
+const MIN_CHUNK: u64 = 64;
+/// Horizon of a lease near the limit, in seconds of the key's rate.
+const NEAR_HORIZON_SECS: f64 = 2.0;
+/// Far from the limit a lease covers the rest of the window times this, so
+/// a steady key's lease does not fall under the top-up mark (a quarter of
+/// the grant) before its window ends.
+const FAR_HORIZON_FACTOR: f64 = 1.5;
+/// Below this grant size the key is near its limit: no background top-ups,
+/// so no instance sits on budget another one needs.
+const PREFETCH_MIN_GRANT: u64 = 8;
+/// How often the keeper sweeps ended keys and hands idle leases back.
+const KEEP_EVERY: Duration = Duration::from_secs(1);
+/// A key this instance has not seen for this long hands its lease back.
+/// The trade: a key whose requests come further apart than this pays a
+/// hand-back and a new lease per request (when its lease is worth returning,
+/// below), and budget can sit idle on an instance this long.
+pub const IDLE: Duration = Duration::from_secs(5);
+/// Leases smaller than 1/RETURN_SHARE of the limit are not worth a Redis
+/// call to hand back (they end with their window): far from a large limit
+/// (the common many-keys case) nothing is handed back.
+const RETURN_SHARE: u64 = 256;
+/// A lease whose window ends sooner than this is left to end: the hand-back
+/// could land in the next window.
+const RETURN_MARGIN_US: u64 = 1_000_000;
 
+/// One window's lease, in microseconds since `Inner::epoch`.
 #[derive(Clone, Copy)]
 struct Lease {
     window: Window,
@@ -33,54 +72,116 @@ struct Lease {
     /// Units nobody held at the last answer from Redis.
     available: u64,
     /// The lease dies with its window.
-    expires: Instant,
-    /// Refused by Redis: refuse locally until then when the cost exceeds
-    /// `budget + available`.
-    over_until: Option<Instant>,
+    expires: u64,
+    /// Refused by Redis: refuse locally until then (0: not refused) when the
+    /// cost exceeds `budget + available`.
+    over_until: u64,
     /// Size of the last grant: the budget is topped up in the background
     /// when it falls under a quarter of it.
     last_grant: u64,
 }
 
-#[derive(Default)]
-struct KeyLeases {
-    leases: Vec<Lease>,
-    /// A background top-up is under way.
-    prefetching: bool,
+impl Lease {
+    fn fresh(window: Window, now: u64) -> Lease {
+        Lease {
+            window,
+            budget: 0,
+            available: window.requests,
+            expires: now,
+            over_until: 0,
+            last_grant: 0,
+        }
+    }
+
+    fn over(&self, now: u64) -> bool {
+        self.over_until > now
+    }
 }
 
-/// Below this grant size the key is near its limit: no background top-ups,
-/// so no instance sits on budget another one needs.
-const PREFETCH_MIN_GRANT: u64 = 8;
+/// A key's leases inline when it has one window (the common case), boxed
+/// when it has several.
+enum Held {
+    One(Lease),
+    Many(Box<[Lease]>),
+}
 
-type Entry = Arc<tokio::sync::Mutex<KeyLeases>>;
+impl Held {
+    fn from_vec(mut v: Vec<Lease>) -> Held {
+        match v.len() {
+            1 => Held::One(v.remove(0)),
+            _ => Held::Many(v.into_boxed_slice()),
+        }
+    }
 
-/// One shard of the key map, and the size at which it is next swept.
-type Shard = (HashMap<Box<str>, Entry>, usize);
+    fn slice(&self) -> &[Lease] {
+        match self {
+            Held::One(l) => std::slice::from_ref(l),
+            Held::Many(v) => v,
+        }
+    }
+
+    fn slice_mut(&mut self) -> &mut [Lease] {
+        match self {
+            Held::One(l) => std::slice::from_mut(l),
+            Held::Many(v) => v,
+        }
+    }
+}
+
+/// Everything one instance knows about one key (no allocation of its own
+/// beyond the key's name and, for several windows, the lease slice).
+struct KeyState {
+    held: Held,
+    /// Last request for the key (µs since the epoch).
+    last_used: u64,
+    /// A Redis call for this key is under way (hybrid): requests that need
+    /// budget wait for its answer instead of making their own.
+    busy: bool,
+}
+
+struct Shard {
+    map: Mutex<HashMap<Box<str>, KeyState>>,
+    /// Woken when a key of this shard stops being busy.
+    done: tokio::sync::Notify,
+}
+
+struct Inner {
+    shards: Box<[Shard]>,
+    hasher: RandomState,
+    epoch: Instant,
+    /// Units per second each key uses on this instance (a count-min sketch:
+    /// fixed memory, never stores keys).
+    usage: pingora_limits::rate::Rate,
+    /// The Redis handle and algorithm of the latest acquire, for the keeper.
+    redis: ArcSwapOption<Redis>,
+    algo: AtomicU8,
+    keeper_running: AtomicBool,
+}
 
 pub struct Leases {
-    shards: Vec<Mutex<Shard>>,
-    hasher: RandomState,
-    /// Units per second each key uses on this instance (a count-min sketch:
-    /// fixed memory, never stores keys). A lease is sized to about two
-    /// seconds of that, so a quiet key never holds budget a busy instance needs.
-    usage: pingora_limits::rate::Rate,
+    inner: Arc<Inner>,
 }
 
 impl Default for Leases {
     fn default() -> Self {
         Leases {
-            shards: (0..SHARDS)
-                .map(|_| Mutex::new((HashMap::new(), SWEEP_AT)))
-                .collect(),
-            hasher: RandomState::new(),
-            usage: pingora_limits::rate::Rate::new(Duration::from_secs(1)),
+            inner: Arc::new(Inner {
+                shards: (0..SHARDS)
+                    .map(|_| Shard {
+                        map: Mutex::new(HashMap::new()),
+                        done: tokio::sync::Notify::new(),
+                    })
+                    .collect(),
+                hasher: RandomState::new(),
+                epoch: Instant::now(),
+                usage: pingora_limits::rate::Rate::new(Duration::from_secs(1)),
+                redis: ArcSwapOption::empty(),
+                algo: AtomicU8::new(0),
+                keeper_running: AtomicBool::new(false),
+            }),
         }
     }
 }
-
-/// Smallest lease cap, so a key starts with chunks before its rate is known.
-const MIN_CHUNK: u64 = 64;
 
 /// A decision and whether Redis was asked for it.
 pub struct Acquired {
@@ -88,37 +189,220 @@ pub struct Acquired {
     pub asked_redis: bool,
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn us(d: Duration) -> u64 {
-    d.as_micros() as u64
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+fn algo_code(a: Algorithm) -> u8 {
+    match a {
+        Algorithm::FixedWindow => 0,
+        Algorithm::SlidingWindow => 1,
+        Algorithm::Gcra => 2,
+    }
+}
+
+fn algo_from(c: u8) -> Algorithm {
+    match c {
+        1 => Algorithm::SlidingWindow,
+        2 => Algorithm::Gcra,
+        _ => Algorithm::FixedWindow,
+    }
+}
+
+/// Clears a key's busy flag and wakes its waiters, also when the call that
+/// set it is dropped half-way (a client that went away).
+struct Busy<'a> {
+    shard: &'a Shard,
+    key: &'a str,
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        if let Some(k) = lock(&self.shard.map).get_mut(self.key) {
+            k.busy = false;
+        }
+        self.shard.done.notify_waiters();
+    }
+}
+
+enum Step {
+    Done(Acquired),
+    Wait,
+    Ask {
+        need: Vec<u64>,
+        reserved: Vec<u64>,
+        max_chunk: u64,
+    },
+}
+
+impl Inner {
+    fn now(&self) -> u64 {
+        us(self.epoch.elapsed())
+    }
+
+    fn shard(&self, key_id: &str) -> &Shard {
+        &self.shards[(self.hasher.hash_one(key_id) as usize) % SHARDS]
+    }
+
+    /// The lease cap for the next call: the key's rate on this instance
+    /// times the horizon of its tightest window.
+    fn chunk_cap(&self, key_id: &str, leases: &[Lease], now: u64) -> u64 {
+        let per_second = self.usage.rate(&key_id).max(0.0);
+        let horizon = leases
+            .iter()
+            .map(|l| horizon_secs(l, now))
+            .fold(f64::INFINITY, f64::min);
+        let cap = per_second * horizon;
+        if cap.is_finite() {
+            (cap as u64).clamp(MIN_CHUNK, MAX_CHUNK)
+        } else {
+            MIN_CHUNK
+        }
+    }
+
+    /// Applies Redis's answer for `windows` to the key's leases: `need[i]`
+    /// units of the grant pay for the request, `reserved[i]` units were
+    /// taken from the budget for it (given back on a refusal). Returns
+    /// whether every window admitted the request.
+    #[allow(clippy::too_many_arguments)]
+    fn apply(
+        &self,
+        key_id: &str,
+        algo: Algorithm,
+        windows: &[Window],
+        grants: &[remote::Grant],
+        need: &[u64],
+        reserved: &[u64],
+        top_up: bool,
+    ) -> (bool, Vec<Outcome>) {
+        let admitted = grants.iter().zip(need).all(|(g, n)| g.granted >= *n);
+        let mut map = lock(&self.shard(key_id).map);
+        let now = self.now();
+        let mut state = map.get_mut(key_id);
+        let mut outcomes = Vec::with_capacity(windows.len());
+        for (i, (w, g)) in windows.iter().zip(grants).enumerate() {
+            let life = match algo {
+                Algorithm::Gcra => us(w.window),
+                _ => g.reset_us,
+            };
+            let expires = now.saturating_add(life);
+            let lease = state
+                .as_mut()
+                .and_then(|s| s.held.slice_mut().iter_mut().find(|l| l.window == *w));
+            let (need, reserved) = (need[i], reserved[i]);
+            let ok = admitted || g.available >= need;
+            let Some(l) = lease else {
+                // The windows changed during the call: nothing to keep.
+                outcomes.push(Outcome {
+                    allowed: ok,
+                    remaining: g.available,
+                    reset_us: life,
+                    retry_us: if ok { 0 } else { g.retry_us },
+                });
+                continue;
+            };
+            l.available = g.available;
+            if admitted {
+                // GCRA grants are reservations with no window to fall out of;
+                // units of a window that has ended count for nothing.
+                let same_window = algo == Algorithm::Gcra
+                    || (l.expires > now && l.expires.abs_diff(expires) < 500_000);
+                let kept = if same_window { l.budget } else { 0 };
+                l.budget = kept.saturating_add(g.granted - need);
+                l.expires = expires;
+                if !top_up {
+                    l.over_until = 0;
+                }
+                if g.granted > 0 {
+                    l.last_grant = g.granted;
+                }
+            } else {
+                l.budget = l.budget.saturating_add(reserved);
+                if g.available.saturating_add(l.budget) < need + reserved || g.retry_us > 0 {
+                    l.over_until = now.saturating_add(g.retry_us.max(1));
+                    if l.budget == 0 {
+                        l.expires = expires;
+                    }
+                }
+            }
+            outcomes.push(Outcome {
+                allowed: ok,
+                remaining: l.available.saturating_add(l.budget),
+                reset_us: l.expires.saturating_sub(now),
+                retry_us: if ok { 0 } else { g.retry_us },
+            });
+        }
+        (admitted, outcomes)
+    }
+}
+
+/// Lines a key's leases up with the windows that apply now (in place when
+/// they already are: the common case costs no allocation).
+fn align(state: &mut KeyState, windows: &[Window], now: u64) {
+    let leases = state.held.slice_mut();
+    let aligned = leases.len() == windows.len()
+        && leases
+            .iter()
+            .zip(windows)
+            .all(|(l, w)| l.window == *w && l.expires > now);
+    if aligned {
+        for l in leases.iter_mut() {
+            if l.over_until != 0 && l.over_until <= now {
+                l.over_until = 0;
+            }
+        }
+        return;
+    }
+    let old = state.held.slice();
+    let new: Vec<Lease> = windows
+        .iter()
+        .map(|w| {
+            let kept = old.iter().find(|l| l.window == *w && l.expires > now);
+            let mut lease = kept.copied().unwrap_or(Lease::fresh(*w, now));
+            if lease.over_until != 0 && lease.over_until <= now {
+                lease.over_until = 0;
+            }
+            lease
+        })
+        .collect();
+    state.held = Held::from_vec(new);
+}
+
+/// Seconds of the key's rate one lease should cover: the rest of the
+/// window (times FAR_HORIZON_FACTOR) with all of the limit available,
+/// falling linearly to NEAR_HORIZON_SECS with half of it or less.
+fn horizon_secs(l: &Lease, now: u64) -> f64 {
+    let limit = l.window.requests.max(1);
+    let headroom = l.available.min(limit) as f64 / limit as f64;
+    let far = ((headroom - 0.5) * 2.0).clamp(0.0, 1.0);
+    let rest = if l.expires > now {
+        (l.expires - now) as f64 / 1e6
+    } else {
+        l.window.window.as_secs_f64()
+    };
+    NEAR_HORIZON_SECS.max(far * rest * FAR_HORIZON_FACTOR)
+}
+
+fn needs_top_up(leases: &[Lease]) -> bool {
+    leases
+        .iter()
+        .any(|l| l.last_grant >= PREFETCH_MIN_GRANT && l.budget < l.last_grant / 4)
+}
+
+fn outcome(l: &Lease, now: u64, allowed: bool, retry_us: u64) -> Outcome {
+    Outcome {
+        allowed,
+        remaining: l.available.saturating_add(l.budget),
+        reset_us: l.expires.saturating_sub(now),
+        retry_us,
+    }
 }
 
 impl Leases {
-    fn entry(&self, key_id: &str) -> Entry {
-        let shard = &self.shards[(self.hasher.hash_one(key_id) as usize) % SHARDS];
-        let mut guard = match shard.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        let (map, sweep_at) = &mut *guard;
-        if map.len() >= *sweep_at {
-            let now = Instant::now();
-            // Entries that nobody is using and whose leases have all ended.
-            map.retain(|_, e| {
-                Arc::strong_count(e) > 1
-                    || e.try_lock().map_or(true, |k| {
-                        k.leases
-                            .iter()
-                            .any(|l| l.expires > now || l.over_until.is_some_and(|o| o > now))
-                    })
-            });
-            *sweep_at = (map.len() * 2).max(SWEEP_AT);
-        }
-        if let Some(e) = map.get(key_id) {
-            return e.clone();
-        }
-        map.entry(key_id.into()).or_default().clone()
-    }
-
     pub async fn acquire(
         &self,
         redis: &Arc<Redis>,
@@ -128,68 +412,106 @@ impl Leases {
         windows: &[Window],
         cost: u64,
     ) -> Result<Acquired, Unavailable> {
-        let entry = self.entry(key_id);
-        self.usage
+        let inner = &*self.inner;
+        inner
+            .usage
             .observe(&key_id, cost.min(isize::MAX as u64) as isize);
-        let mut state = entry.lock().await;
-        let now = Instant::now();
-        // Line the leases up with the windows that apply now (in place when
-        // they already are: the common case costs no allocation).
-        let aligned = state.leases.len() == windows.len()
-            && state
-                .leases
-                .iter()
-                .zip(windows)
-                .all(|(l, w)| l.window == *w && l.expires > now);
-        if aligned {
-            for l in state.leases.iter_mut() {
-                if l.over_until.is_some_and(|o| o <= now) {
-                    l.over_until = None;
+        let shard = inner.shard(key_id);
+        let hybrid = sync == SyncMode::Hybrid;
+        // Waits are capped so a lost wake-up can only cost time, never hang.
+        let wait_cap = redis.settings.timeout + Duration::from_millis(50);
+        let (need, reserved, max_chunk) = loop {
+            let done = shard.done.notified();
+            tokio::pin!(done);
+            let step = self.try_local(shard, redis, algo, hybrid, key_id, windows, cost, &mut done);
+            // After the key is in the map, so a keeper that is stopping sees it.
+            self.keep(redis, algo);
+            match step {
+                Step::Done(a) => return Ok(a),
+                Step::Wait => {
+                    let _ = tokio::time::timeout(wait_cap, done).await;
                 }
+                Step::Ask {
+                    need,
+                    reserved,
+                    max_chunk,
+                } => break (need, reserved, max_chunk),
             }
-        } else {
-            let old = std::mem::take(&mut state.leases);
-            state.leases = windows
-                .iter()
-                .map(|w| {
-                    let kept = old.iter().find(|l| l.window == *w && l.expires > now);
-                    let mut lease = kept.copied().unwrap_or(Lease {
-                        window: *w,
-                        budget: 0,
-                        available: w.requests,
-                        expires: now,
-                        over_until: None,
-                        last_grant: 0,
-                    });
-                    if lease.over_until.is_some_and(|o| o <= now) {
-                        lease.over_until = None;
-                    }
-                    lease
-                })
-                .collect();
-        }
-        let outcome = |l: &Lease, allowed: bool, retry: Duration| Outcome {
-            allowed,
-            remaining: l.available.saturating_add(l.budget),
-            reset_us: us(l.expires.saturating_duration_since(now)),
-            retry_us: us(retry),
         };
+        let _busy = hybrid.then_some(Busy { shard, key: key_id });
+        let divisor = if hybrid { DIVISOR } else { u64::MAX / 2 };
+        let grants = match remote::acquire(redis, algo, key_id, windows, &need, divisor, max_chunk)
+            .await
+        {
+            Ok(g) => g,
+            Err(e) => {
+                // The reserved units are still this instance's.
+                let mut map = lock(&shard.map);
+                if let Some(s) = map.get_mut(key_id) {
+                    for (w, r) in windows.iter().zip(&reserved) {
+                        if let Some(l) = s.held.slice_mut().iter_mut().find(|l| l.window == *w) {
+                            l.budget = l.budget.saturating_add(*r);
+                        }
+                    }
+                }
+                return Err(e);
+            }
+        };
+        let (_, outcomes) = inner.apply(key_id, algo, windows, &grants, &need, &reserved, false);
+        Ok(Acquired {
+            outcomes,
+            asked_redis: true,
+        })
+    }
+
+    /// The part of `acquire` under the shard lock: a local decision, a wait
+    /// for the key's call under way, or what to ask Redis for.
+    #[allow(clippy::too_many_arguments)]
+    fn try_local(
+        &self,
+        shard: &Shard,
+        redis: &Arc<Redis>,
+        algo: Algorithm,
+        hybrid: bool,
+        key_id: &str,
+        windows: &[Window],
+        cost: u64,
+        done: &mut std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
+    ) -> Step {
+        let inner = &*self.inner;
+        let mut map = lock(&shard.map);
+        let now = inner.now();
+        if !map.contains_key(key_id) {
+            map.insert(
+                key_id.into(),
+                KeyState {
+                    held: Held::Many(Box::new([])),
+                    last_used: now,
+                    busy: false,
+                },
+            );
+        }
+        let Some(state) = map.get_mut(key_id) else {
+            return Step::Wait;
+        };
+        state.last_used = now;
+        align(state, windows, now);
+        let leases = state.held.slice_mut();
 
         // Known to be over: no Redis call.
-        if state
-            .leases
+        if leases
             .iter()
-            .any(|l| l.over_until.is_some() && cost > l.budget.saturating_add(l.available))
+            .any(|l| l.over(now) && cost > l.budget.saturating_add(l.available))
         {
-            return Ok(Acquired {
-                outcomes: state
-                    .leases
+            return Step::Done(Acquired {
+                outcomes: leases
                     .iter()
-                    .map(|l| match l.over_until {
-                        Some(until) if cost > l.budget.saturating_add(l.available) => {
-                            outcome(l, false, until - now)
+                    .map(|l| {
+                        if l.over(now) && cost > l.budget.saturating_add(l.available) {
+                            outcome(l, now, false, l.over_until - now)
+                        } else {
+                            outcome(l, now, true, 0)
                         }
-                        _ => outcome(l, true, Duration::ZERO),
                     })
                     .collect(),
                 asked_redis: false,
@@ -197,98 +519,87 @@ impl Leases {
         }
 
         // Enough budget held for every window: admit locally.
-        if state.leases.iter().all(|l| l.budget >= cost) {
-            for l in state.leases.iter_mut() {
+        if leases.iter().all(|l| l.budget >= cost) {
+            for l in leases.iter_mut() {
                 l.budget -= cost;
             }
-            if sync == SyncMode::Hybrid && !state.prefetching && needs_top_up(&state.leases) {
-                state.prefetching = true;
-                let cap = self.chunk_cap(key_id);
+            let outcomes = leases.iter().map(|l| outcome(l, now, true, 0)).collect();
+            if hybrid && !state.busy && needs_top_up(state.held.slice()) {
+                state.busy = true;
+                let cap = inner.chunk_cap(key_id, state.held.slice(), now);
                 spawn_top_up(
+                    self.inner.clone(),
                     redis.clone(),
-                    entry.clone(),
                     algo,
                     key_id.to_string(),
                     windows.to_vec(),
                     cap,
                 );
             }
-            return Ok(Acquired {
-                outcomes: state
-                    .leases
-                    .iter()
-                    .map(|l| outcome(l, true, Duration::ZERO))
-                    .collect(),
+            return Step::Done(Acquired {
+                outcomes,
                 asked_redis: false,
             });
         }
 
-        let need: Vec<u64> = state
-            .leases
-            .iter()
-            .map(|l| cost.saturating_sub(l.budget))
-            .collect();
-        let (divisor, max_chunk) = match sync {
-            SyncMode::Hybrid => (DIVISOR, self.chunk_cap(key_id)),
-            SyncMode::Exact => (u64::MAX / 2, 0),
-        };
-        let grants =
-            remote::acquire(redis, algo, key_id, windows, &need, divisor, max_chunk).await?;
-        let now = Instant::now();
-        let admitted = grants.iter().zip(&need).all(|(g, n)| g.granted >= *n);
-        for (l, g) in state.leases.iter_mut().zip(&grants) {
-            l.available = g.available;
-            let life = match algo {
-                Algorithm::Gcra => l.window.window,
-                _ => Duration::from_micros(g.reset_us),
-            };
-            if admitted {
-                l.budget = l.budget.saturating_add(g.granted).saturating_sub(cost);
-                l.expires = now + life;
-                l.over_until = None;
-                l.last_grant = g.granted;
-            } else if g.available.saturating_add(l.budget) < cost || g.retry_us > 0 {
-                l.over_until = Some(now + Duration::from_micros(g.retry_us.max(1)));
-                if l.budget == 0 {
-                    l.expires = now + life;
-                }
-            }
+        if hybrid && state.busy {
+            // Registered before the lock is let go: the wake-up cannot be missed.
+            done.as_mut().enable();
+            return Step::Wait;
         }
-        Ok(Acquired {
-            outcomes: state
-                .leases
-                .iter()
-                .zip(&grants)
-                .zip(&need)
-                .map(|((l, g), n)| {
-                    let ok = admitted || g.available >= *n;
-                    outcome(
-                        l,
-                        ok,
-                        Duration::from_micros(if ok { 0 } else { g.retry_us }),
-                    )
-                })
-                .collect(),
-            asked_redis: true,
-        })
+        let reserved: Vec<u64> = leases.iter().map(|l| l.budget.min(cost)).collect();
+        let need: Vec<u64> = reserved.iter().map(|r| cost - r).collect();
+        for (l, r) in leases.iter_mut().zip(&reserved) {
+            l.budget -= r;
+        }
+        let max_chunk = if hybrid {
+            state.busy = true;
+            inner.chunk_cap(key_id, state.held.slice(), now)
+        } else {
+            0
+        };
+        Step::Ask {
+            need,
+            reserved,
+            max_chunk,
+        }
     }
 
-    /// About two seconds of this key's use on this instance.
-    fn chunk_cap(&self, key_id: &str) -> u64 {
-        let per_second = self.usage.rate(&key_id).max(0.0);
-        ((per_second * 2.0) as u64).clamp(MIN_CHUNK, MAX_CHUNK)
+    /// Remembers the Redis handle for the keeper and starts it if needed.
+    fn keep(&self, redis: &Arc<Redis>, algo: Algorithm) {
+        let inner = &*self.inner;
+        let same = inner
+            .redis
+            .load()
+            .as_ref()
+            .is_some_and(|r| Arc::ptr_eq(r, redis));
+        if !same {
+            inner.redis.store(Some(redis.clone()));
+        }
+        if inner.algo.load(Ordering::Relaxed) != algo_code(algo) {
+            inner.algo.store(algo_code(algo), Ordering::Relaxed);
+        }
+        if !inner.keeper_running.load(Ordering::Acquire)
+            && !inner.keeper_running.swap(true, Ordering::AcqRel)
+        {
+            spawn_keeper(Arc::downgrade(&self.inner));
+        }
     }
 
     /// Takes `units` out of the budget held for `windows`; returns what the
     /// budget could not cover (to be charged in Redis).
     pub async fn consume(&self, key_id: &str, windows: &[Window], units: u64) -> u64 {
-        let entry = self.entry(key_id);
-        let mut state = entry.lock().await;
-        let now = Instant::now();
+        let inner = &*self.inner;
+        let mut map = lock(&inner.shard(key_id).map);
+        let now = inner.now();
+        let Some(state) = map.get_mut(key_id) else {
+            return if windows.is_empty() { 0 } else { units };
+        };
         let mut uncovered = 0;
         for w in windows {
             let held = state
-                .leases
+                .held
+                .slice_mut()
                 .iter_mut()
                 .find(|l| l.window == *w && l.expires > now);
             let covered = held.map_or(0, |l| {
@@ -304,109 +615,303 @@ impl Leases {
 
     /// Gives back units charged by `acquire` (a later key refused the request).
     pub async fn refund(&self, key_id: &str, windows: &[Window], cost: u64) {
-        let entry = self.entry(key_id);
-        let mut state = entry.lock().await;
-        let now = Instant::now();
-        for l in state
-            .leases
-            .iter_mut()
-            .filter(|l| windows.contains(&l.window) && l.expires > now)
-        {
-            l.budget = l.budget.saturating_add(cost);
+        let inner = &*self.inner;
+        let mut map = lock(&inner.shard(key_id).map);
+        let now = inner.now();
+        if let Some(state) = map.get_mut(key_id) {
+            for l in state
+                .held
+                .slice_mut()
+                .iter_mut()
+                .filter(|l| windows.contains(&l.window) && l.expires > now)
+            {
+                l.budget = l.budget.saturating_add(cost);
+            }
         }
     }
 
     /// Takes every unused unit of every live lease, for handing back to
     /// Redis when the process stops.
     pub async fn drain(&self) -> Vec<(String, Window, u64)> {
-        let entries: Vec<(String, Entry)> = self
-            .shards
-            .iter()
-            .flat_map(|s| {
-                s.lock()
-                    .map(|s| {
-                        s.0.iter()
-                            .map(|(k, e)| (k.to_string(), e.clone()))
-                            .collect::<Vec<_>>()
-                    })
-                    .unwrap_or_default()
-            })
-            .collect();
-        let now = Instant::now();
+        self.inner.take_unused(|_, _| true)
+    }
+
+    /// Hands back to Redis the leases of keys not seen for `idle` (at least
+    /// 1/RETURN_SHARE of the limit, in a window with time left), so another
+    /// instance can admit them; also forgets keys whose leases have all
+    /// ended. Returns how many leases went back.
+    pub async fn hand_back_idle(&self, redis: &Redis, algo: Algorithm, idle: Duration) -> usize {
+        self.inner.hand_back_idle(redis, algo, idle).await
+    }
+
+    pub fn keys(&self) -> usize {
+        self.inner.keys()
+    }
+}
+
+impl Inner {
+    fn keys(&self) -> usize {
+        self.shards.iter().map(|s| lock(&s.map).len()).sum()
+    }
+
+    /// Zeroes and returns the budget of every live lease `pick` chooses
+    /// (given the key's state and the lease).
+    fn take_unused(&self, pick: impl Fn(&KeyState, &Lease) -> bool) -> Vec<(String, Window, u64)> {
+        let now = self.now();
         let mut unused = Vec::new();
-        for (key, entry) in entries {
-            let mut state = entry.lock().await;
-            for l in state
-                .leases
-                .iter_mut()
-                .filter(|l| l.budget > 0 && l.expires > now)
-            {
-                unused.push((key.clone(), l.window, l.budget));
-                l.budget = 0;
+        for shard in self.shards.iter() {
+            let mut map = lock(&shard.map);
+            for (key, state) in map.iter_mut() {
+                for i in 0..state.held.slice().len() {
+                    let l = &state.held.slice()[i];
+                    if l.budget > 0 && l.expires > now && pick(state, l) {
+                        unused.push((key.to_string(), l.window, l.budget));
+                        state.held.slice_mut()[i].budget = 0;
+                    }
+                }
             }
         }
         unused
     }
 
-    pub fn keys(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().map_or(0, |s| s.0.len()))
-            .sum()
+    /// Forgets keys that nobody is using and whose leases have all ended,
+    /// and gives the memory back.
+    fn sweep(&self) {
+        let now = self.now();
+        for shard in self.shards.iter() {
+            let mut map = lock(&shard.map);
+            let before = map.len();
+            map.retain(|_, k| {
+                k.busy
+                    || k.held
+                        .slice()
+                        .iter()
+                        .any(|l| l.expires > now || l.over(now))
+            });
+            // Shrunk only well below capacity, so a map that empties and
+            // fills again with each window does not reallocate every time.
+            if map.len() < before && map.capacity() > 4 * map.len() + 64 {
+                map.shrink_to_fit();
+            }
+        }
+    }
+
+    async fn hand_back_idle(&self, redis: &Redis, algo: Algorithm, idle: Duration) -> usize {
+        self.sweep();
+        let now = self.now();
+        let idle = us(idle);
+        let unused = self.take_unused(|k, l| {
+            !k.busy
+                && now.saturating_sub(k.last_used) >= idle
+                && l.expires > now.saturating_add(RETURN_MARGIN_US)
+                && l.budget.saturating_mul(RETURN_SHARE) >= l.window.requests
+        });
+        let mut returned = 0;
+        for (key, window, units) in unused {
+            let n = i64::try_from(units).unwrap_or(i64::MAX);
+            if remote::charge(redis, algo, &key, &[window], -n)
+                .await
+                .is_ok()
+            {
+                returned += 1;
+            } else {
+                // Still counted as used in Redis: the units stay this instance's.
+                let mut map = lock(&self.shard(&key).map);
+                if let Some(l) = map
+                    .get_mut(key.as_str())
+                    .and_then(|s| s.held.slice_mut().iter_mut().find(|l| l.window == window))
+                {
+                    l.budget = l.budget.saturating_add(units);
+                }
+            }
+        }
+        returned
     }
 }
 
-fn needs_top_up(leases: &[Lease]) -> bool {
-    leases
-        .iter()
-        .any(|l| l.last_grant >= PREFETCH_MIN_GRANT && l.budget < l.last_grant / 4)
+/// Sweeps ended keys and hands idle leases back every KEEP_EVERY while this
+/// instance holds any key, with the Redis handle of the latest acquire; it
+/// stops when no key is left (the next acquire starts it again) or when the
+/// leases are dropped.
+fn spawn_keeper(inner: Weak<Inner>) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(KEEP_EVERY).await;
+            let Some(inner) = inner.upgrade() else {
+                return;
+            };
+            let redis = inner.redis.load_full();
+            let algo = algo_from(inner.algo.load(Ordering::Relaxed));
+            match redis {
+                Some(redis) => {
+                    inner.hand_back_idle(&redis, algo, IDLE).await;
+                }
+                None => inner.sweep(),
+            }
+            if inner.keys() == 0 {
+                inner.keeper_running.store(false, Ordering::Release);
+                // A key that arrived meanwhile saw the keeper running.
+                if inner.keys() == 0 || inner.keeper_running.swap(true, Ordering::AcqRel) {
+                    return;
+                }
+            }
+        }
+    });
 }
 
 /// Fetches the next lease before the current one runs out, so requests far
 /// from their limit rarely wait on Redis.
 fn spawn_top_up(
+    inner: Arc<Inner>,
     redis: Arc<Redis>,
-    entry: Entry,
     algo: Algorithm,
     key_id: String,
     windows: Vec<Window>,
     max_chunk: u64,
 ) {
     tokio::spawn(async move {
+        let _busy = Busy {
+            shard: inner.shard(&key_id),
+            key: &key_id,
+        };
         let need = vec![0; windows.len()];
-        let grants =
-            remote::acquire(&redis, algo, &key_id, &windows, &need, DIVISOR, max_chunk).await;
-        let mut state = entry.lock().await;
-        state.prefetching = false;
-        let Ok(grants) = grants else {
+        let Ok(grants) =
+            remote::acquire(&redis, algo, &key_id, &windows, &need, DIVISOR, max_chunk).await
+        else {
             return;
         };
-        let now = Instant::now();
-        for (w, g) in windows.iter().zip(grants) {
-            let Some(l) = state.leases.iter_mut().find(|l| l.window == *w) else {
-                continue;
-            };
-            let life = match algo {
-                Algorithm::Gcra => w.window,
-                _ => Duration::from_micros(g.reset_us),
-            };
-            let expires = now + life;
-            // GCRA grants are reservations with no window to fall out of.
-            let same_window = algo == Algorithm::Gcra
-                || (l.expires > now
-                    && l.expires.max(expires) - l.expires.min(expires)
-                        < Duration::from_millis(500));
-            // Units of a window that has ended count for nothing in the new one.
-            l.budget = if same_window {
-                l.budget.saturating_add(g.granted)
-            } else {
-                g.granted
-            };
-            l.available = g.available;
-            l.expires = expires;
-            if g.granted > 0 {
-                l.last_grant = g.granted;
-            }
-        }
+        inner.apply(&key_id, algo, &windows, &grants, &need, &need, true);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(requests: u64, available: u64, left_secs: u64, now: u64) -> Lease {
+        Lease {
+            available,
+            expires: now + left_secs * 1_000_000,
+            ..Lease::fresh(
+                Window {
+                    requests,
+                    window: Duration::from_secs(60),
+                },
+                now,
+            )
+        }
+    }
+
+    #[test]
+    fn horizon_grows_with_headroom() {
+        let now = 5_000_000;
+        // All of the limit available: the rest of the window, with margin.
+        assert_eq!(horizon_secs(&lease(1000, 1000, 40, now), now), 60.0);
+        // Three quarters: half of that.
+        assert_eq!(horizon_secs(&lease(1000, 750, 40, now), now), 30.0);
+        // Half or less: two seconds, as before.
+        assert_eq!(horizon_secs(&lease(1000, 500, 40, now), now), 2.0);
+        assert_eq!(horizon_secs(&lease(1000, 0, 40, now), now), 2.0);
+        // A lease that has ended: a whole window ahead.
+        assert_eq!(horizon_secs(&lease(1000, 1000, 0, now), now), 90.0);
+    }
+
+    #[test]
+    fn cap_is_the_minimum_before_the_rate_is_known() {
+        let leases = Leases::default();
+        let now = leases.inner.now();
+        let l = [lease(1_000_000, 1_000_000, 50, now)];
+        assert_eq!(leases.inner.chunk_cap("k:new", &l, now), MIN_CHUNK);
+    }
+
+    #[tokio::test]
+    async fn keys_whose_leases_ended_are_swept() {
+        let leases = Leases::default();
+        let now = leases.inner.now();
+        for i in 0..5000 {
+            let key = format!("k:{i}");
+            let shard = leases.inner.shard(&key);
+            let ended = i % 2 == 0;
+            lock(&shard.map).insert(
+                key.into(),
+                KeyState {
+                    held: Held::One(lease(100, 100, if ended { 0 } else { 60 }, now)),
+                    last_used: now,
+                    busy: false,
+                },
+            );
+        }
+        assert_eq!(leases.keys(), 5000);
+        leases.inner.sweep();
+        assert_eq!(leases.keys(), 2500);
+        // The live ones: consumed and refunded as before.
+        let w = [Window {
+            requests: 100,
+            window: Duration::from_secs(60),
+        }];
+        assert_eq!(leases.consume("k:1", &w, 3).await, 3);
+        assert_eq!(leases.consume("k:0", &w, 3).await, 3);
+        assert!(leases.drain().await.is_empty());
+    }
+
+    #[test]
+    fn one_window_is_held_inline() {
+        assert!(
+            std::mem::size_of::<KeyState>() <= 96,
+            "{}",
+            std::mem::size_of::<KeyState>()
+        );
+    }
+}
+
+#[cfg(test)]
+mod size_probe {
+    use super::*;
+
+    fn rss() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0)
+            * 1024
+    }
+
+    /// `cargo test --lib size_probe -- --ignored --nocapture`: RSS per key of
+    /// the lease map alone (200k keys, one window each).
+    #[test]
+    #[ignore]
+    fn bytes_per_key() {
+        let leases = Leases::default();
+        let now = leases.inner.now();
+        let before = rss();
+        let n = 200_000u64;
+        for i in 0..n {
+            let key = format!("k:key-{i}");
+            let shard = leases.inner.shard(&key);
+            let mut l = Lease::fresh(
+                Window {
+                    requests: 1_000_000,
+                    window: Duration::from_secs(20),
+                },
+                now,
+            );
+            l.expires = now + 20_000_000;
+            lock(&shard.map).insert(
+                key.into(),
+                KeyState {
+                    held: Held::One(l),
+                    last_used: now,
+                    busy: false,
+                },
+            );
+        }
+        let after = rss();
+        eprintln!(
+            "KeyState {} bytes; {} bytes RSS per key",
+            std::mem::size_of::<KeyState>(),
+            (after - before) / n
+        );
+    }
 }
