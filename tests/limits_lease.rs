@@ -5,6 +5,8 @@
 //! (3 instances × 300 requests against a limit of 200 is
 //! `limits_redis::three_instances_admit_the_limit_and_no_more_with_every_algorithm`.)
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test: failing loudly is the point
+
 mod common;
 use common::*;
 use serde_json::json;

@@ -792,13 +792,7 @@ mod tests {
         Lease {
             available,
             expires: now + left_secs * 1_000_000,
-            ..Lease::fresh(
-                Window {
-                    requests,
-                    window: Duration::from_secs(60),
-                },
-                now,
-            )
+            ..Lease::fresh(Window::every(requests, Duration::from_secs(60)), now)
         }
     }
 
@@ -845,10 +839,7 @@ mod tests {
         leases.inner.sweep();
         assert_eq!(leases.keys(), 2500);
         // The live ones: consumed and refunded as before.
-        let w = [Window {
-            requests: 100,
-            window: Duration::from_secs(60),
-        }];
+        let w = [Window::every(100, Duration::from_secs(60))];
         assert_eq!(leases.consume("k:1", &w, 3).await, 3);
         assert_eq!(leases.consume("k:0", &w, 3).await, 3);
         assert!(leases.drain().await.is_empty());
@@ -890,13 +881,7 @@ mod size_probe {
         for i in 0..n {
             let key = format!("k:key-{i}");
             let shard = leases.inner.shard(&key);
-            let mut l = Lease::fresh(
-                Window {
-                    requests: 1_000_000,
-                    window: Duration::from_secs(20),
-                },
-                now,
-            );
+            let mut l = Lease::fresh(Window::every(1_000_000, Duration::from_secs(20)), now);
             l.expires = now + 20_000_000;
             lock(&shard.map).insert(
                 key.into(),
