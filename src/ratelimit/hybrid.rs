@@ -39,6 +39,12 @@ const DIVISOR: u64 = 32;
 const MAX_CHUNK: u64 = 1 << 40;
 /// Smallest lease cap, so a key starts with chunks before its rate is known.
 const MIN_CHUNK: u64 = 64;
+/// Far from its limit (more than half available) a key's lease is at least
+/// this share of what is available, up to FAR_FLOOR_MAX units: a burst pays
+/// a few calls before the rate estimate catches up, and even a large fleet
+/// holds only a small part of the limit this way.
+const FAR_FLOOR_SHARE: u64 = 1024;
+const FAR_FLOOR_MAX: u64 = 4096;
 /// Horizon of a lease near the limit, in seconds of the key's rate.
 const NEAR_HORIZON_SECS: f64 = 2.0;
 /// Far from the limit a lease covers the rest of the window times this, so
@@ -257,10 +263,11 @@ impl Inner {
             .map(|l| horizon_secs(l, now))
             .fold(f64::INFINITY, f64::min);
         let cap = per_second * horizon;
+        let floor = far_floor(leases);
         if cap.is_finite() {
-            (cap as u64).clamp(MIN_CHUNK, MAX_CHUNK)
+            (cap as u64).clamp(floor, MAX_CHUNK)
         } else {
-            MIN_CHUNK
+            floor
         }
     }
 
@@ -370,6 +377,23 @@ fn align(state: &mut KeyState, windows: &[Window], now: u64) {
         })
         .collect();
     state.held = Held::from_vec(new);
+}
+
+/// The smallest lease cap for these windows: MIN_CHUNK, or more while every
+/// window is far from its limit.
+fn far_floor(leases: &[Lease]) -> u64 {
+    leases
+        .iter()
+        .map(|l| {
+            if l.available.saturating_mul(2) > l.window.requests {
+                (l.available / FAR_FLOOR_SHARE).min(FAR_FLOOR_MAX)
+            } else {
+                0
+            }
+        })
+        .min()
+        .unwrap_or(0)
+        .max(MIN_CHUNK)
 }
 
 /// Seconds of the key's rate one lease should cover: the rest of the
@@ -797,6 +821,29 @@ mod tests {
     }
 
     #[test]
+    fn far_from_the_limit_a_first_lease_is_a_small_share_of_the_limit() {
+        let now = 1_000_000_000;
+        // Limit 10^6, all available: 976 units before any rate is known.
+        assert_eq!(far_floor(&[lease(1_000_000, 1_000_000, 40, now)]), 976);
+        // Capped, and never under MIN_CHUNK.
+        assert_eq!(
+            far_floor(&[lease(u64::MAX / 4, u64::MAX / 4, 40, now)]),
+            4096
+        );
+        assert_eq!(far_floor(&[lease(300, 300, 40, now)]), MIN_CHUNK);
+        // Half or less available: no floor beyond MIN_CHUNK; the tightest
+        // window decides.
+        assert_eq!(far_floor(&[lease(1_000_000, 400_000, 40, now)]), MIN_CHUNK);
+        assert_eq!(
+            far_floor(&[
+                lease(1_000_000, 1_000_000, 40, now),
+                lease(100_000, 100_000, 40, now)
+            ]),
+            97
+        );
+    }
+
+    #[test]
     fn horizon_grows_with_headroom() {
         let now = 5_000_000;
         // All of the limit available: the rest of the window, with margin.
@@ -811,11 +858,13 @@ mod tests {
     }
 
     #[test]
-    fn cap_is_the_minimum_before_the_rate_is_known() {
+    fn cap_is_the_floor_before_the_rate_is_known() {
         let leases = Leases::default();
         let now = leases.inner.now();
         let l = [lease(1_000_000, 1_000_000, 50, now)];
-        assert_eq!(leases.inner.chunk_cap("k:new", &l, now), MIN_CHUNK);
+        assert_eq!(leases.inner.chunk_cap("k:new", &l, now), 976);
+        let near = [lease(1_000, 100, 50, now)];
+        assert_eq!(leases.inner.chunk_cap("k:new", &near, now), MIN_CHUNK);
     }
 
     #[tokio::test]
