@@ -6,11 +6,16 @@
 -- The hour comes from the Redis clock; hourly sets live two hours.
 local t = redis.call('TIME')
 local hour = KEYS[3] .. string.format('%.0f', math.floor(tonumber(t[1]) / 3600))
+local seen = {}
 for i = 1, #ARGV, 2 do
   local key, count = ARGV[i], tonumber(ARGV[i + 1])
   redis.call('ZINCRBY', KEYS[1], count, key)
   redis.call('ZINCRBY', hour, count, key)
-  redis.call('PFADD', KEYS[2], key)
+  seen[#seen + 1] = key
+end
+-- One PFADD for the whole batch (callers send at most a few hundred keys).
+if #seen > 0 then
+  redis.call('PFADD', KEYS[2], unpack(seen))
 end
 redis.call('EXPIRE', hour, 7200)
 return hour

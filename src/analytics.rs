@@ -63,6 +63,9 @@ impl Analytics {
     }
 }
 
+/// Keys per analytics script call.
+const FLUSH_SLICE: usize = 500;
+
 pub struct Flusher {
     pub state: SharedState,
     pub analytics: Arc<Analytics>,
@@ -89,17 +92,27 @@ impl Flusher {
             return;
         }
         let [all, unique, hour] = keys(redis.prefix());
-        let mut invocation = FLUSH.prepare_invoke();
-        invocation.key(all).key(unique).key(hour);
-        for (k, n) in &batch {
-            invocation.arg(k).arg(*n);
+        let batch: Vec<(String, u64)> = batch.into_iter().collect();
+        // In slices, so one script never holds Redis long enough to push a
+        // request's lease call past `redis.timeout` (200,000 keys in one
+        // script took tens of milliseconds).
+        let mut failed = HashMap::new();
+        for slice in batch.chunks(FLUSH_SLICE) {
+            let mut invocation = FLUSH.prepare_invoke();
+            invocation.key(&all).key(&unique).key(&hour);
+            for (k, n) in slice {
+                invocation.arg(k).arg(*n);
+            }
+            if redis
+                .invoke::<String>("analytics", &invocation, Duration::from_secs(2))
+                .await
+                .is_err()
+            {
+                failed.extend(slice.iter().cloned());
+            }
         }
-        if redis
-            .invoke::<String>("analytics", &invocation, Duration::from_secs(2))
-            .await
-            .is_err()
-        {
-            self.analytics.put_back(batch);
+        if !failed.is_empty() {
+            self.analytics.put_back(failed);
         }
     }
 }
@@ -108,8 +121,14 @@ impl Flusher {
 impl BackgroundService for Flusher {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let own = tokio::sync::Mutex::new(OwnConnection::default());
+        let ticks = std::sync::atomic::AtomicU64::new(0);
         crate::background::every(&mut shutdown, Duration::from_secs(1), || async {
             self.tick(&mut *own.lock().await).await;
+            // Every ten seconds, in-process counts whose windows ended go.
+            if ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 10 == 9 {
+                let state = self.state.load();
+                self.limiter.sweep_local(&state.config.limits);
+            }
         })
         .await;
         // A stop has begun: every quarter second, so requests still answered

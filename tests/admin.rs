@@ -291,3 +291,40 @@ fn top_and_unique_after_traffic_and_flushed_on_stop() {
     let score = redis_cli(&redis, &["ZSCORE", "tollgate:{stats}:requests", "light"]);
     assert_eq!(score, "5");
 }
+
+#[test]
+fn a_flush_of_many_keys_is_written_in_slices_and_counts_them_all() {
+    let up = Recorder::start();
+    let redis = Redis::start();
+    let cfg =
+        config(&up.addr(), &redis.url()).replace("require_stored: true", "require_stored: false");
+    let t = Tollgate::start(&cfg);
+    // 1,200 distinct keys: more than two of the flusher's 500-key slices.
+    let mint = |key: &str| {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &json!({"api_key": key, "exp": unix_now() + 600, "allowed_routes": ["/*"]}),
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    for i in 0..1200 {
+        assert_eq!(call(&t, &mint(&format!("many-{i}"))).status, 200);
+    }
+    let busiest = mint("many-busiest");
+    for _ in 0..5 {
+        assert_eq!(call(&t, &busiest).status, 200);
+    }
+    let unique = wait_for("every slice flushed", Duration::from_secs(10), || {
+        let n = admin(&t, "GET", "/admin/stats/unique", None).json()["unique_keys"].as_u64()?;
+        // HyperLogLog: within a few percent of the 1,201 keys.
+        (n >= 1160).then_some(n)
+    });
+    assert!(unique <= 1240, "{unique}");
+    let top = admin(&t, "GET", "/admin/stats/top?n=1", None).json();
+    assert_eq!(
+        top["all_time"][0],
+        json!({"api_key": "many-busiest", "requests": 5})
+    );
+    assert_eq!(up.hits(), 1205);
+}

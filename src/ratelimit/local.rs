@@ -171,6 +171,30 @@ impl LocalStore {
             .collect()
     }
 
+    /// Drops every key whose windows have all ended, and gives the maps'
+    /// spare room back: run now and then, so keys counted here while Redis
+    /// was unreachable do not stay once their windows are over.
+    pub fn sweep(&self, algo: Algorithm, now: u64) -> usize {
+        let mut dropped = 0;
+        for shard in &self.shards {
+            let Ok(mut shard) = shard.lock() else {
+                continue;
+            };
+            let before = shard.keys.len();
+            shard.keys.retain(|_, slots| {
+                !slots
+                    .iter()
+                    .all(|s| algo::is_stale(algo, &s.state, now, period(&s.window)))
+            });
+            dropped += before - shard.keys.len();
+            if shard.keys.capacity() > 2 * shard.keys.len() + 64 {
+                shard.keys.shrink_to_fit();
+            }
+            shard.sweep_at = (shard.keys.len() * 2).max(SWEEP_AT);
+        }
+        dropped
+    }
+
     pub fn len(&self) -> usize {
         self.shards
             .iter()
@@ -244,6 +268,18 @@ mod tests {
             "{} vs {before}",
             store.len()
         );
+    }
+
+    #[test]
+    fn a_sweep_drops_keys_whose_windows_ended() {
+        let store = LocalStore::default();
+        for i in 0..1000 {
+            store.acquire(Algorithm::FixedWindow, &format!("k{i}"), &[w(5, 1)], 1, NOW);
+        }
+        store.acquire(Algorithm::FixedWindow, "long", &[w(5, 60)], 1, NOW);
+        assert_eq!(store.sweep(Algorithm::FixedWindow, NOW), 0);
+        assert_eq!(store.sweep(Algorithm::FixedWindow, NOW + 2_000_000), 1000);
+        assert_eq!(store.len(), 1);
     }
 
     #[test]

@@ -404,6 +404,12 @@ impl Limiter {
         }
     }
 
+    /// Drops in-process counts whose windows have ended (those kept while
+    /// Redis was unreachable, or the whole limiter without Redis).
+    pub fn sweep_local(&self, limits: &LimitSettings) -> usize {
+        self.local.sweep(limits.algorithm, now_us())
+    }
+
     /// Hands leased, unused units back to Redis (graceful stop), so other
     /// instances can admit them.
     pub async fn return_leases(&self, limits: &LimitSettings, redis: &Redis) -> usize {
