@@ -30,7 +30,6 @@ import http.client
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,32 +38,14 @@ import time
 
 import jwt
 
+from common import free_port, require, require_binary, wait_port
+
 SECRET = "bench-memory-secret-0123456789abcdef"
 CONNECTIONS = 32
 
 
 def log(msg):
     print(f"memory: {msg}", file=sys.stderr, flush=True)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, proc, logfile, timeout=30):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            if proc.poll() is not None:
-                raise SystemExit(f"{proc.args[0]} exited with {proc.returncode} before opening "
-                                 f"port {port}:\n{open(logfile).read()[-2000:]}")
-            time.sleep(0.05)
-    raise SystemExit(f"port {port} never opened")
 
 
 def rss_bytes(pid):
@@ -187,11 +168,8 @@ def main():
     if keys < 1:
         raise SystemExit("--keys must be at least 1")
     binary = os.path.abspath(args.bin)
-    if not os.access(binary, os.X_OK):
-        raise SystemExit(f"{binary} not found: cargo build --release --bin tollgate")
-    for tool in ("nginx", "wrk", "redis-server"):
-        if not shutil.which(tool):
-            raise SystemExit(f"{tool} is required (bench/run.sh installs nginx and wrk)")
+    require_binary(binary, "cargo build --release --bin tollgate")
+    require(("nginx", "wrk", "redis-server"), "bench/run.sh installs nginx and wrk")
     # Ctrl-C, SIGTERM and SIGHUP unwind through the finally that stops every
     # process (SIGINT explicitly: a shell starts background jobs ignoring it).
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -216,8 +194,8 @@ http {{ access_log off; server {{ listen 127.0.0.1:{up_port}; location / {{ retu
         up = spawn(["nginx", "-c", f"{work}/up.conf", "-p", work], "up")
         redis = spawn(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
                        "--appendonly", "no", "--dir", work], "redis")
-        wait_port(up_port, up, f"{work}/up.log")
-        wait_port(redis_port, redis, f"{work}/redis.log")
+        wait_port(up_port, proc=up, log=f"{work}/up.log")
+        wait_port(redis_port, proc=redis, log=f"{work}/redis.log")
         timeout = f", timeout: {args.redis_timeout}" if args.redis_timeout else ""
         windows = "" if args.no_limits else f"{{ requests: 1000000, window: {window}s }}"
         cache = f", cache_size: {args.cache_size}" if args.cache_size is not None else ""
@@ -233,8 +211,8 @@ upstreams: {{ backend: {{ peers: ["127.0.0.1:{up_port}"] }} }}
 routes: [{{ name: api, path_prefix: /api/, upstream: backend }}]
 """)
         tg = spawn([binary, "serve", "-c", f"{work}/tollgate.yaml"], "tollgate")
-        wait_port(port, tg, f"{work}/tollgate.log")
-        wait_port(admin, tg, f"{work}/tollgate.log")
+        wait_port(port, proc=tg, log=f"{work}/tollgate.log")
+        wait_port(admin, proc=tg, log=f"{work}/tollgate.log")
         url = f"http://127.0.0.1:{port}/api/x"
 
         log(f"minting {keys} tokens")

@@ -61,6 +61,8 @@ import time
 
 import jwt
 
+from common import free_port, require, require_binary, wait_port
+
 SECRET = "bench-redis-cost-secret-0123456789abcdef"
 CONNECTIONS = 32
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -69,26 +71,6 @@ CONTROL = "no limits (control)"
 
 def log(msg):
     print(f"redis_cost: {msg}", file=sys.stderr, flush=True)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, proc, logfile, timeout=30):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            if proc.poll() is not None:
-                raise SystemExit(f"{proc.args[0]} exited with {proc.returncode} before opening "
-                                 f"port {port}:\n{open(logfile).read()[-2000:]}")
-            time.sleep(0.05)
-    raise SystemExit(f"port {port} never opened")
 
 
 def cpu_ns(pid):
@@ -233,8 +215,8 @@ http {{ access_log off; server {{ listen 127.0.0.1:{up_port}; location / {{ retu
         up = spawn(["nginx", "-c", f"{work}/up.conf", "-p", work], "up")
         redis = spawn(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
                        "--appendonly", "no", "--dir", work], "redis")
-        wait_port(up_port, up, f"{work}/up.log")
-        wait_port(redis_port, redis, f"{work}/redis.log")
+        wait_port(up_port, proc=up, log=f"{work}/up.log")
+        wait_port(redis_port, proc=redis, log=f"{work}/redis.log")
         windows = "{ requests: 1000000000, window: 60s }" if limited else ""
         with open(f"{work}/tollgate.yaml", "w") as f:
             f.write(f"""
@@ -248,8 +230,8 @@ upstreams: {{ backend: {{ peers: ["127.0.0.1:{up_port}"] }} }}
 routes: [{{ name: api, path_prefix: /api/, upstream: backend }}]
 """)
         tg = spawn([binary, "serve", "-c", f"{work}/tollgate.yaml"], "tollgate")
-        wait_port(port, tg, f"{work}/tollgate.log")
-        wait_port(admin, tg, f"{work}/tollgate.log")
+        wait_port(port, proc=tg, log=f"{work}/tollgate.log")
+        wait_port(admin, proc=tg, log=f"{work}/tollgate.log")
         url = f"http://127.0.0.1:{port}/api/x"
 
         scripts = {}
@@ -332,11 +314,8 @@ def main():
     if not counts or min(counts) < 1:
         raise SystemExit("--keys: every count must be at least 1")
     binary = os.path.abspath(args.bin)
-    if not os.access(binary, os.X_OK):
-        raise SystemExit(f"{binary} not found: cargo build --release --bin tollgate")
-    for tool in ("nginx", "wrk", "redis-server"):
-        if not shutil.which(tool):
-            raise SystemExit(f"{tool} is required (bench/run.sh installs nginx and wrk)")
+    require_binary(binary, "cargo build --release --bin tollgate")
+    require(("nginx", "wrk", "redis-server"), "bench/run.sh installs nginx and wrk")
     if not os.path.exists(f"/proc/{os.getpid()}/schedstat"):
         raise SystemExit("/proc/PID/schedstat is missing (kernel without CONFIG_SCHED_INFO): no ns CPU times")
     # Ctrl-C, SIGTERM and SIGHUP unwind through the finally that stops every

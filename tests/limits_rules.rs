@@ -42,42 +42,6 @@ fn token(claims: serde_json::Value) -> String {
     pyjwt(json!({"alg": "HS256", "key": SECRET, "claims": claims}))
 }
 
-/// `per_instance` requests to each instance at once, one keep-alive
-/// connection each, with `headers`; returns (admitted, limited).
-fn hammer_with(
-    instances: &[Tollgate],
-    path: &str,
-    headers: &str,
-    per_instance: usize,
-) -> (usize, usize) {
-    let handles: Vec<_> = instances
-        .iter()
-        .map(|t| {
-            let (port, path, headers) = (t.port, path.to_string(), headers.to_string());
-            std::thread::spawn(move || {
-                let mut c = Client::connect(port).expect("connect");
-                let (mut ok, mut limited) = (0, 0);
-                for _ in 0..per_instance {
-                    let r = c.get(&path, &headers).expect("response");
-                    match r.status {
-                        200 => ok += 1,
-                        429 => {
-                            r.assert_refusal(429, "rate_limited");
-                            limited += 1
-                        }
-                        s => panic!("unexpected status {s}: {}", r.text()),
-                    }
-                }
-                (ok, limited)
-            })
-        })
-        .collect();
-    handles
-        .into_iter()
-        .map(|h| h.join().expect("client thread"))
-        .fold((0, 0), |(a, b), (c, d)| (a + c, b + d))
-}
-
 fn get_with(t: &Tollgate, path: &str, headers: &str) -> Response {
     t.request(&format!(
         "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}Connection: close\r\n\r\n"

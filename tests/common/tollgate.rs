@@ -138,18 +138,34 @@ impl Tollgate {
 /// at once (one keep-alive connection each); returns (admitted, limited).
 pub fn hammer(instances: &[Tollgate], token: &str, per_instance: usize) -> (usize, usize) {
     let header = format!("Authorization: Bearer {token}\r\n");
+    hammer_with(instances, "/api/x", &header, per_instance)
+}
+
+/// `per_instance` requests for `path` with the raw header lines `headers`
+/// to each instance at once (one keep-alive connection each); a 429 must be
+/// a `rate_limited` refusal. Returns (admitted, limited).
+pub fn hammer_with(
+    instances: &[Tollgate],
+    path: &str,
+    headers: &str,
+    per_instance: usize,
+) -> (usize, usize) {
     let handles: Vec<_> = instances
         .iter()
         .map(|t| {
-            let (port, header) = (t.port, header.clone());
+            let (port, path, headers) = (t.port, path.to_string(), headers.to_string());
             std::thread::spawn(move || {
                 let mut c = Client::connect(port).expect("connect");
                 let (mut ok, mut limited) = (0, 0);
                 for _ in 0..per_instance {
-                    match c.get("/api/x", &header).expect("response").status {
+                    let r = c.get(&path, &headers).expect("response");
+                    match r.status {
                         200 => ok += 1,
-                        429 => limited += 1,
-                        s => panic!("unexpected status {s}"),
+                        429 => {
+                            r.assert_refusal(429, "rate_limited");
+                            limited += 1
+                        }
+                        s => panic!("unexpected status {s}: {}", r.text()),
                     }
                 }
                 (ok, limited)
