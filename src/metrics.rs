@@ -146,8 +146,12 @@ pub fn init() {
     LazyLock::force(&UPSTREAM_PEERS_HEALTHY);
     LazyLock::force(&JWKS_FETCHES);
     LazyLock::force(&UPSTREAM_TOKEN_FETCHES);
-    // Families with labels show up only once a series exists; start the
-    // well-known series at zero so dashboards and alerts have a line to draw.
+}
+
+/// Called once SIGHUP is handled: the reload series appear at zero, so
+/// dashboards and alerts have a line to draw, and whoever starts the process
+/// can tell from `/metrics` when a SIGHUP will reload rather than be ignored.
+pub fn reloads_handled() {
     for result in ["success", "failure"] {
         CONFIG_RELOADS.with_label_values(&[result]);
     }
@@ -169,6 +173,7 @@ mod tests {
     #[test]
     fn every_family_is_exported() {
         super::init();
+        super::reloads_handled();
         let text = String::from_utf8(super::render()).unwrap();
         for name in [
             "tollgate_build_info",

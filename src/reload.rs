@@ -110,6 +110,7 @@ impl BackgroundService for Reloader {
                 return;
             }
         };
+        metrics::reloads_handled();
         loop {
             tokio::select! {
                 got = hup.recv() => {

@@ -61,11 +61,13 @@ fn uneven_load_admits_the_limit_and_refuses_only_at_the_end() {
             "Authorization: Bearer {}\r\n",
             token(&format!("split-{algorithm}"))
         );
+        // Wait for the window first: a connection that sends nothing for
+        // server.header_timeout (10 s) is closed, as it should be.
+        avoid_window_edge(60, Duration::from_secs(20));
         let mut clients: Vec<Client> = instances
             .iter()
             .map(|t| Client::connect(t.port).expect("connect"))
             .collect();
-        avoid_window_edge(60, Duration::from_secs(20));
         let schedule = [0, 0, 0, 0, 0, 0, 0, 0, 1, 2];
         let (mut admitted, mut first_refusal) = (0usize, None);
         let mut per_instance = [0usize; 3];

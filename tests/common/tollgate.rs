@@ -79,8 +79,11 @@ impl Tollgate {
             if let Ok(Some(status)) = proc.child.try_wait() {
                 return Err(format!("({status})\n{}", proc.log_text()));
             }
-            let up = get(admin, "/metrics").is_ok_and(|r| r.status == 200)
-                && TcpStream::connect(("127.0.0.1", port)).is_ok();
+            // The reload series appear once SIGHUP reloads (before that it
+            // is ignored), so a test may send one as soon as this returns.
+            let up = get(admin, "/metrics").is_ok_and(|r| {
+                r.status == 200 && r.text().contains("tollgate_config_reloads_total{")
+            }) && TcpStream::connect(("127.0.0.1", port)).is_ok();
             // Serving, and still alive (not someone else on a port it lost).
             if up && proc.child.try_wait().is_ok_and(|s| s.is_none()) {
                 return Ok(());
@@ -111,17 +114,21 @@ impl Tollgate {
 
     /// Waits until a series reaches `value` (request metrics are recorded
     /// just after the answer is sent, so a scrape can beat them).
+    /// The deadline is generous: on a loaded machine a reload or a scrape
+    /// can take seconds, and waiting ends as soon as the value is there.
     pub fn wait_metric(&self, series: &str, value: f64) {
-        let mut last = String::new();
-        let found = (0..250).any(|_| {
-            last = self.metrics();
-            let hit = metric_value(&last, series) == Some(value);
-            if !hit {
-                std::thread::sleep(Duration::from_millis(20));
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let last = self.metrics();
+            if metric_value(&last, series) == Some(value) {
+                return;
             }
-            hit
-        });
-        assert!(found, "{series} never reached {value}:\n{last}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{series} never reached {value}:\n{last}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Writes a new config (same ports) and sends SIGHUP.
