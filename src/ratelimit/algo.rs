@@ -254,7 +254,10 @@ pub fn refund(
         }
         Algorithm::Gcra => {
             let interval = (window / limit.max(1)).max(1);
-            s.tat = s.tat.saturating_sub(cost.saturating_mul(interval)).max(now.min(s.tat));
+            s.tat = s
+                .tat
+                .saturating_sub(cost.saturating_mul(interval))
+                .max(now.min(s.tat));
         }
     }
 }
