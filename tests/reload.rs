@@ -92,16 +92,21 @@ fn a_reload_with_the_identity_provider_down_keeps_the_key_set() {
         false,
     );
     reload(&t, &changed, "success", 1.0);
+    let mut slowest = Duration::ZERO;
     for tok in &tokens {
         let started = Instant::now();
         let r = call(&t, tok);
         let took = started.elapsed();
         assert_eq!(r.status, 200, "{}", r.text());
-        // Before the key set was kept, each of these waited 1-2 s for a
-        // fetch and got a 503; no fetch is tried now (asserted below), so
-        // none comes near that wait even on a loaded machine.
-        assert!(took < Duration::from_secs(1), "a request took {took:?}");
+        slowest = slowest.max(took);
     }
+    // Before the key set was kept, each of these waited 1-2 s for a fetch
+    // and got a 503; no fetch is tried now (asserted below).
+    eprintln!("20 requests after the reload, slowest {slowest:?}");
+    assert!(
+        slowest < Duration::from_millis(200),
+        "a request took {slowest:?}"
+    );
     assert_eq!(t.get("/extra/x").status, 200, "the reload took effect");
     assert_eq!(
         jwks_attempts(&t),
