@@ -260,14 +260,18 @@ impl Concurrency {
         }
     }
 
+    /// The keys this instance holds slots for, as they are now.
+    fn key_names(&self) -> Vec<String> {
+        self.keys
+            .lock()
+            .map(|k| k.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Renews every holding (so only a dead instance's slots expire) and
     /// hands back what is held and not needed; run well within [`LEASE`].
     pub async fn renew(&self, redis: &Redis) {
-        let keys: Vec<String> = self
-            .keys
-            .lock()
-            .map(|k| k.keys().cloned().collect())
-            .unwrap_or_default();
+        let keys = self.key_names();
         for key in keys {
             let asking = self.asking(&key);
             let _turn = asking.lock().await;
@@ -281,11 +285,7 @@ impl Concurrency {
 
     /// Gives every slot back (graceful stop).
     pub async fn give_back(&self, redis: &Redis) {
-        let keys: Vec<String> = self
-            .keys
-            .lock()
-            .map(|k| k.keys().cloned().collect())
-            .unwrap_or_default();
+        let keys = self.key_names();
         for key in keys {
             let _ = self.hold(redis, &key, 0, 0).await;
         }
