@@ -5,13 +5,13 @@
 //! never cost a request a Redis call.
 //! On shutdown the same task hands unused rate-limit leases back to Redis.
 
+use crate::cache::KeyMap;
 use crate::redis_client::{OwnConnection, Redis};
 use crate::state::{SharedState, State};
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use redis::Script;
-use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
@@ -31,7 +31,7 @@ pub fn keys(prefix: &str) -> [String; 3] {
 
 #[derive(Default)]
 pub struct Analytics {
-    pending: Mutex<HashMap<String, u64>>,
+    pending: Mutex<KeyMap<String, u64>>,
 }
 
 impl Analytics {
@@ -45,14 +45,14 @@ impl Analytics {
         }
     }
 
-    fn take(&self) -> HashMap<String, u64> {
+    fn take(&self) -> KeyMap<String, u64> {
         self.pending
             .lock()
             .map(|mut p| std::mem::take(&mut *p))
             .unwrap_or_default()
     }
 
-    fn put_back(&self, batch: HashMap<String, u64>) {
+    fn put_back(&self, batch: KeyMap<String, u64>) {
         if let Ok(mut p) = self.pending.lock() {
             for (k, n) in batch {
                 if p.len() < MAX_PENDING || p.contains_key(&k) {
@@ -96,7 +96,7 @@ impl Flusher {
         // In slices, so one script never holds Redis long enough to push a
         // request's lease call past `redis.timeout` (200,000 keys in one
         // script took tens of milliseconds).
-        let mut failed = HashMap::new();
+        let mut failed = KeyMap::default();
         for slice in batch.chunks(FLUSH_SLICE) {
             let mut invocation = FLUSH.prepare_invoke();
             invocation.key(&all).key(&unique).key(&hour);

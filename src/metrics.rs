@@ -4,9 +4,9 @@
 
 use pingora_prometheus::prometheus::{
     self, register_histogram_vec, register_int_counter, register_int_counter_vec,
-    register_int_gauge_vec, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec,
+    register_int_gauge_vec, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec,
 };
-use std::sync::LazyLock;
+use std::sync::{LazyLock, OnceLock};
 
 // Registration only fails on a duplicate name or a malformed definition, both
 // programming errors caught by the unit test below, never by user input.
@@ -23,6 +23,87 @@ pub static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         &["route", "status", "protocol"]
     ))
 });
+
+/// Protocols of `tollgate_requests_total`, in the order of [`RouteMetrics`]' slots.
+pub const PROTOCOLS: [&str; 4] = ["http1", "h2", "grpc", "ws"];
+
+/// Statuses whose `tollgate_requests_total` series a route keeps a handle
+/// for; any other status is looked up on each request.
+const STATUSES: [u16; 21] = [
+    200, 201, 204, 206, 301, 302, 304, 400, 401, 403, 404, 405, 408, 413, 429, 431, 500, 502, 503,
+    504, 101,
+];
+
+/// One route's request metrics, resolved when the config is loaded (the
+/// duration) or on the first request with a given status and protocol (the
+/// counters): `with_label_values` hashes every label and takes a lock, on
+/// each request, for the same few series.
+pub struct RouteMetrics {
+    name: String,
+    duration: Histogram,
+    requests: Box<[OnceLock<IntCounter>]>,
+}
+
+impl RouteMetrics {
+    pub fn new(route: &str) -> Self {
+        RouteMetrics {
+            name: route.to_string(),
+            duration: REQUEST_DURATION.with_label_values(&[route]),
+            requests: (0..STATUSES.len() * PROTOCOLS.len())
+                .map(|_| OnceLock::new())
+                .collect(),
+        }
+    }
+
+    /// Counts one answered request (`protocol` indexes [`PROTOCOLS`]).
+    pub fn answered(&self, status: u16, protocol: usize, seconds: f64) {
+        self.duration.observe(seconds);
+        let protocol = protocol.min(PROTOCOLS.len() - 1);
+        match STATUSES.iter().position(|s| *s == status) {
+            Some(i) => self.requests[i * PROTOCOLS.len() + protocol]
+                .get_or_init(|| {
+                    REQUESTS.with_label_values(&[
+                        &self.name,
+                        itoa::Buffer::new().format(status),
+                        PROTOCOLS[protocol],
+                    ])
+                })
+                .inc(),
+            None => REQUESTS
+                .with_label_values(&[
+                    &self.name,
+                    itoa::Buffer::new().format(status),
+                    PROTOCOLS[protocol],
+                ])
+                .inc(),
+        }
+    }
+}
+
+/// Counts one `tollgate_ratelimit_decisions_total`, through handles resolved
+/// once for the decisions and sources the limiter reports.
+pub fn count_ratelimit_decision(decision: &str, source: &str) {
+    const DECISIONS: [&str; 3] = ["allowed", "limited", "shadow_limited"];
+    const SOURCES: [&str; 2] = ["local", "redis"];
+    static HANDLES: LazyLock<Vec<IntCounter>> = LazyLock::new(|| {
+        DECISIONS
+            .iter()
+            .flat_map(|d| {
+                SOURCES
+                    .iter()
+                    .map(move |s| RATELIMIT_DECISIONS.with_label_values(&[d, s]))
+            })
+            .collect()
+    });
+    let d = DECISIONS.iter().position(|d| *d == decision);
+    let s = SOURCES.iter().position(|s| *s == source);
+    match (d, s) {
+        (Some(d), Some(s)) => HANDLES[d * SOURCES.len() + s].inc(),
+        _ => RATELIMIT_DECISIONS
+            .with_label_values(&[decision, source])
+            .inc(),
+    }
+}
 
 pub static REQUEST_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
     must!(register_histogram_vec!(

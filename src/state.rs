@@ -22,6 +22,8 @@ use std::sync::Arc;
 pub struct State {
     pub config: Arc<Config>,
     pub routes: RouteTable,
+    /// Request metrics of each route (same order as `config.routes`).
+    pub route_metrics: Box<[crate::metrics::RouteMetrics]>,
     pub upstreams: Vec<Arc<Upstream>>,
     pub verifier: Option<Arc<Verifier>>,
     /// Connected lazily, inside the proxy's runtime, on first use.
@@ -121,6 +123,11 @@ impl State {
         }
         Ok(State {
             routes: RouteTable::new(&config.routes),
+            route_metrics: config
+                .routes
+                .iter()
+                .map(|r| crate::metrics::RouteMetrics::new(&r.name))
+                .collect(),
             upstreams,
             verifier,
             redis,

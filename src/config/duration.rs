@@ -67,8 +67,10 @@ pub fn format_duration(d: Duration) -> String {
 
 /// `format_duration` appended to `out`, with no allocation of its own.
 pub fn write_duration(out: &mut String, d: Duration) {
-    let ms = d.as_millis();
-    const UNITS: [(u128, &str); 5] = [
+    // In u64: u128 division is a library call, and this runs for every
+    // rate-limit header (no configurable duration comes near u64::MAX ms).
+    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    const UNITS: [(u64, &str); 5] = [
         (86_400_000, "d"),
         (3_600_000, "h"),
         (60_000, "m"),

@@ -167,7 +167,10 @@ pub fn upstream_request(
         return Ok(());
     };
     forwarded_for(req, peer, &state.config.server.trusted_proxies)?;
-    req.insert_header("x-forwarded-proto", if tls { "https" } else { "http" })?;
+    req.insert_header(
+        "x-forwarded-proto",
+        http::HeaderValue::from_static(if tls { "https" } else { "http" }),
+    )?;
     if let Some(token) = &ctx.upstream_token {
         // The upstream sees tollgate's credentials, never the client's.
         req.insert_header(http::header::AUTHORIZATION, token.as_str())?;

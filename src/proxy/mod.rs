@@ -329,9 +329,7 @@ impl Proxy {
         let Some(d) = decision else {
             return Ok(());
         };
-        metrics::RATELIMIT_DECISIONS
-            .with_label_values(&[d.label(), d.source])
-            .inc();
+        metrics::count_ratelimit_decision(d.label(), d.source);
         if !limits.rules.is_empty() || !d.allowed || d.shadow_limited {
             count_by_rule_and_policy(&d, &scopes);
         }
@@ -622,22 +620,36 @@ impl ProxyHttp for Proxy {
             .map_or(ctx.status, |r| r.status.as_u16());
         let route = ctx.route_name();
         let elapsed = ctx.start.elapsed();
-        let mut buf = itoa::Buffer::new();
+        // Indexes of `metrics::PROTOCOLS`.
         let protocol = if ctx.websocket {
-            "ws"
+            3
         } else if respond::is_grpc(session) {
-            "grpc"
+            2
         } else if session.as_downstream().is_http2() {
-            "h2"
+            1
         } else {
-            "http1"
+            0
         };
-        metrics::REQUESTS
-            .with_label_values(&[route, buf.format(status), protocol])
-            .inc();
-        metrics::REQUEST_DURATION
-            .with_label_values(&[route])
-            .observe(elapsed.as_secs_f64());
+        let handles = ctx
+            .state
+            .as_deref()
+            .zip(ctx.route)
+            .and_then(|(state, i)| state.route_metrics.get(i));
+        match handles {
+            Some(m) => m.answered(status, protocol, elapsed.as_secs_f64()),
+            None => {
+                metrics::REQUESTS
+                    .with_label_values(&[
+                        route,
+                        itoa::Buffer::new().format(status),
+                        metrics::PROTOCOLS[protocol],
+                    ])
+                    .inc();
+                metrics::REQUEST_DURATION
+                    .with_label_values(&[route])
+                    .observe(elapsed.as_secs_f64());
+            }
+        }
         if !logging::access_enabled() {
             return;
         }

@@ -22,11 +22,10 @@
 
 use super::algo::Outcome;
 use super::remote;
+use crate::cache::{KeyHasher, KeyMap};
 use crate::config::{Algorithm, SyncMode, Window};
 use crate::redis_client::{Redis, Unavailable};
 use arc_swap::ArcSwapOption;
-use std::collections::hash_map::RandomState;
-use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -146,14 +145,14 @@ struct KeyState {
 }
 
 struct Shard {
-    map: Mutex<HashMap<Box<str>, KeyState>>,
+    map: Mutex<KeyMap<Box<str>, KeyState>>,
     /// Woken when a key of this shard stops being busy.
     done: tokio::sync::Notify,
 }
 
 struct Inner {
     shards: Box<[Shard]>,
-    hasher: RandomState,
+    hasher: KeyHasher,
     epoch: Instant,
     /// Units per second each key uses on this instance (a count-min sketch:
     /// fixed memory, never stores keys).
@@ -174,11 +173,11 @@ impl Default for Leases {
             inner: Arc::new(Inner {
                 shards: (0..SHARDS)
                     .map(|_| Shard {
-                        map: Mutex::new(HashMap::new()),
+                        map: Mutex::new(KeyMap::default()),
                         done: tokio::sync::Notify::new(),
                     })
                     .collect(),
-                hasher: RandomState::new(),
+                hasher: KeyHasher::default(),
                 epoch: Instant::now(),
                 usage: pingora_limits::rate::Rate::new(Duration::from_secs(1)),
                 redis: ArcSwapOption::empty(),

@@ -5,9 +5,8 @@
 //! by (limit, window) so a reload that keeps a window keeps its count.
 
 use super::algo::{self, Outcome, Period, WindowState};
+use crate::cache::{KeyHasher, KeyMap};
 use crate::config::{Algorithm, Window};
-use std::collections::hash_map::RandomState;
-use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::Mutex;
 
@@ -22,13 +21,13 @@ struct Slot {
 }
 
 struct Shard {
-    keys: HashMap<Box<str>, Vec<Slot>>,
+    keys: KeyMap<Box<str>, Vec<Slot>>,
     sweep_at: usize,
 }
 
 pub struct LocalStore {
     shards: Vec<Mutex<Shard>>,
-    hasher: RandomState,
+    hasher: KeyHasher,
 }
 
 impl Default for LocalStore {
@@ -37,12 +36,12 @@ impl Default for LocalStore {
             shards: (0..SHARDS)
                 .map(|_| {
                     Mutex::new(Shard {
-                        keys: HashMap::new(),
+                        keys: KeyMap::default(),
                         sweep_at: SWEEP_AT,
                     })
                 })
                 .collect(),
-            hasher: RandomState::new(),
+            hasher: KeyHasher::default(),
         }
     }
 }
