@@ -268,4 +268,42 @@ mod tests {
             env!("CARGO_PKG_VERSION")
         )));
     }
+
+    #[test]
+    fn route_handles_count_the_series_a_label_lookup_names() {
+        use super::{RouteMetrics, REQUESTS, REQUEST_DURATION};
+        let route = "unit-route-handles";
+        let count = |status: &str, protocol: &str| {
+            REQUESTS.with_label_values(&[route, status, protocol]).get()
+        };
+        let m = RouteMetrics::new(route);
+        m.answered(200, 0, 0.001);
+        m.answered(200, 0, 0.001);
+        m.answered(418, 1, 0.002); // not among the kept statuses
+        m.answered(503, 3, 0.0);
+        m.answered(429, 2, 0.0);
+        assert_eq!(count("200", "http1"), 2);
+        assert_eq!(count("418", "h2"), 1);
+        assert_eq!(count("503", "ws"), 1);
+        assert_eq!(count("429", "grpc"), 1);
+        assert_eq!(count("200", "h2"), 0);
+        let duration = REQUEST_DURATION.with_label_values(&[route]);
+        assert_eq!(duration.get_sample_count(), 5);
+    }
+
+    #[test]
+    fn ratelimit_decisions_count_through_resolved_handles() {
+        use super::{count_ratelimit_decision, RATELIMIT_DECISIONS};
+        for (decision, source) in [
+            ("allowed", "local"),
+            ("limited", "redis"),
+            ("shadow_limited", "redis"),
+            ("unlisted", "elsewhere"),
+        ] {
+            let series = RATELIMIT_DECISIONS.with_label_values(&[decision, source]);
+            let before = series.get();
+            count_ratelimit_decision(decision, source);
+            assert_eq!(series.get(), before + 1, "{decision} {source}");
+        }
+    }
 }
