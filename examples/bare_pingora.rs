@@ -33,6 +33,8 @@ impl ProxyHttp for Bare {
 }
 
 fn main() {
+    // The same allocator settings as tollgate.
+    tollgate::server::no_transparent_huge_pages();
     let mut args = std::env::args().skip(1);
     let (Some(listen), Some(upstream)) = (args.next(), args.next()) else {
         eprintln!("usage: bare_pingora LISTEN UPSTREAM");

@@ -11,6 +11,7 @@ use tollgate::state::State;
 use tollgate::{config, server};
 
 fn main() -> ExitCode {
+    tollgate::server::no_transparent_huge_pages();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve {

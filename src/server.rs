@@ -257,6 +257,22 @@ pub fn serve(opts: ServeOptions<'_>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Transparent huge pages off for this process (Linux), before its threads
+/// start. With them, the allocator's regions were backed by 2 MiB pages
+/// that one live object keeps resident: RSS at rest was 31 MB instead of
+/// 18, memory per limited key about 60 bytes higher, and freed memory came
+/// back less (README, "Memory per key"); CPU per request was unchanged in
+/// an A/B run. mimalloc is also built not to ask for them (`no_thp`); this
+/// covers systems where the kernel gives them unasked
+/// (`/sys/kernel/mm/transparent_hugepage/enabled` = `always`).
+pub fn no_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
+        // Only memory is at stake; the proxy runs the same.
+        eprintln!("tollgate: cannot turn transparent huge pages off ({e})");
+    }
+}
+
 /// SIGHUP's default action kills the process. Until the reload service takes
 /// it over, a SIGHUP (say, from `systemctl reload` during start) is ignored.
 #[allow(unsafe_code)] // the one unsafe call in the crate

@@ -23,10 +23,11 @@
 use super::algo::Outcome;
 use super::remote;
 use crate::cache::{KeyHasher, KeyMap};
-use crate::config::{Algorithm, SyncMode, Window};
+use crate::config::{Algorithm, Calendar, SyncMode, Window};
 use crate::redis_client::{Redis, Unavailable};
 use arc_swap::ArcSwapOption;
 use std::hash::BuildHasher;
+use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -68,10 +69,58 @@ const RETURN_SHARE: u64 = 256;
 /// could land in the next window.
 const RETURN_MARGIN_US: u64 = 1_000_000;
 
+/// A window as the lease map keeps it: 16 bytes instead of `Window`'s 32
+/// (the map holds one per key and window). Lossless for every window a
+/// config can name (at most 366 days): the length in nanoseconds below
+/// 2^62, the calendar in the two bits above, plus one so the value is never
+/// zero (which lets `Held` keep its tag inside a lease).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct LeaseWindow {
+    requests: u64,
+    span: NonZeroU64,
+}
+
+const SPAN_BITS: u32 = 62;
+
+impl LeaseWindow {
+    fn of(w: &Window) -> LeaseWindow {
+        let nanos = u64::try_from(w.window.as_nanos())
+            .unwrap_or(u64::MAX)
+            .min((1 << SPAN_BITS) - 1);
+        let calendar: u64 = match w.calendar {
+            None => 0,
+            Some(Calendar::Day) => 1,
+            Some(Calendar::Month) => 2,
+        };
+        LeaseWindow {
+            requests: w.requests,
+            span: NonZeroU64::MIN.saturating_add((calendar << SPAN_BITS) | nanos),
+        }
+    }
+
+    fn is(&self, w: &Window) -> bool {
+        *self == LeaseWindow::of(w)
+    }
+
+    fn window(&self) -> Window {
+        let span = self.span.get() - 1;
+        let length = Duration::from_nanos(span & ((1 << SPAN_BITS) - 1));
+        match span >> SPAN_BITS {
+            1 => Window::calendar(self.requests, Calendar::Day),
+            2 => Window::calendar(self.requests, Calendar::Month),
+            _ => Window::every(self.requests, length),
+        }
+    }
+
+    fn secs_f64(&self) -> f64 {
+        self.window().window.as_secs_f64()
+    }
+}
+
 /// One window's lease, in microseconds since `Inner::epoch`.
 #[derive(Clone, Copy)]
 struct Lease {
-    window: Window,
+    window: LeaseWindow,
     /// Units this instance holds.
     budget: u64,
     /// Units nobody held at the last answer from Redis.
@@ -89,7 +138,7 @@ struct Lease {
 impl Lease {
     fn fresh(window: Window, now: u64) -> Lease {
         Lease {
-            window,
+            window: LeaseWindow::of(&window),
             budget: 0,
             available: window.requests,
             expires: now,
@@ -137,11 +186,42 @@ impl Held {
 /// beyond the key's name and, for several windows, the lease slice).
 struct KeyState {
     held: Held,
-    /// Last request for the key (µs since the epoch).
-    last_used: u64,
-    /// A Redis call for this key is under way (hybrid): requests that need
-    /// budget wait for its answer instead of making their own.
-    busy: bool,
+    /// Last request for the key (µs since the epoch) in the low 63 bits;
+    /// the top bit: a Redis call for this key is under way (hybrid), and
+    /// requests that need budget wait for its answer instead of making
+    /// their own. One word for both keeps the state at 64 bytes.
+    stamp: u64,
+}
+
+const BUSY: u64 = 1 << 63;
+
+impl KeyState {
+    fn new(now: u64) -> KeyState {
+        KeyState {
+            held: Held::Many(Box::new([])),
+            stamp: now & !BUSY,
+        }
+    }
+
+    fn last_used(&self) -> u64 {
+        self.stamp & !BUSY
+    }
+
+    fn used_at(&mut self, now: u64) {
+        self.stamp = (self.stamp & BUSY) | (now & !BUSY);
+    }
+
+    fn busy(&self) -> bool {
+        self.stamp & BUSY != 0
+    }
+
+    fn set_busy(&mut self, busy: bool) {
+        if busy {
+            self.stamp |= BUSY;
+        } else {
+            self.stamp &= !BUSY;
+        }
+    }
 }
 
 struct Shard {
@@ -228,7 +308,7 @@ struct Busy<'a> {
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
         if let Some(k) = lock(&self.shard.map).get_mut(self.key) {
-            k.busy = false;
+            k.set_busy(false);
         }
         self.shard.done.notify_waiters();
     }
@@ -298,7 +378,7 @@ impl Inner {
             let expires = now.saturating_add(life);
             let lease = state
                 .as_mut()
-                .and_then(|s| s.held.slice_mut().iter_mut().find(|l| l.window == *w));
+                .and_then(|s| s.held.slice_mut().iter_mut().find(|l| l.window.is(w)));
             let (need, reserved) = (need[i], reserved[i]);
             let ok = admitted || g.available >= need;
             let Some(l) = lease else {
@@ -354,7 +434,7 @@ fn align(state: &mut KeyState, windows: &[Window], now: u64) {
         && leases
             .iter()
             .zip(windows)
-            .all(|(l, w)| l.window == *w && l.expires > now);
+            .all(|(l, w)| l.window.is(w) && l.expires > now);
     if aligned {
         for l in leases.iter_mut() {
             if l.over_until != 0 && l.over_until <= now {
@@ -367,7 +447,7 @@ fn align(state: &mut KeyState, windows: &[Window], now: u64) {
     let new: Vec<Lease> = windows
         .iter()
         .map(|w| {
-            let kept = old.iter().find(|l| l.window == *w && l.expires > now);
+            let kept = old.iter().find(|l| l.window.is(w) && l.expires > now);
             let mut lease = kept.copied().unwrap_or(Lease::fresh(*w, now));
             if lease.over_until != 0 && lease.over_until <= now {
                 lease.over_until = 0;
@@ -405,7 +485,7 @@ fn horizon_secs(l: &Lease, now: u64) -> f64 {
     let rest = if l.expires > now {
         (l.expires - now) as f64 / 1e6
     } else {
-        l.window.window.as_secs_f64()
+        l.window.secs_f64()
     };
     NEAR_HORIZON_SECS.max(far * rest * FAR_HORIZON_FACTOR)
 }
@@ -472,7 +552,7 @@ impl Leases {
                 let mut map = lock(&shard.map);
                 if let Some(s) = map.get_mut(key_id) {
                     for (w, r) in windows.iter().zip(&reserved) {
-                        if let Some(l) = s.held.slice_mut().iter_mut().find(|l| l.window == *w) {
+                        if let Some(l) = s.held.slice_mut().iter_mut().find(|l| l.window.is(w)) {
                             l.budget = l.budget.saturating_add(*r);
                         }
                     }
@@ -505,20 +585,14 @@ impl Leases {
         let mut map = lock(&shard.map);
         let now = inner.now();
         if !map.contains_key(key_id) {
-            map.insert(
-                key_id.into(),
-                KeyState {
-                    held: Held::Many(Box::new([])),
-                    last_used: now,
-                    busy: false,
-                },
-            );
+            map.insert(key_id.into(), KeyState::new(now));
         }
         let Some(state) = map.get_mut(key_id) else {
             return Step::Wait;
         };
-        state.last_used = now;
+        state.used_at(now);
         align(state, windows, now);
+        let busy = state.busy();
         let leases = state.held.slice_mut();
 
         // Known to be over: no Redis call.
@@ -547,8 +621,8 @@ impl Leases {
                 l.budget -= cost;
             }
             let outcomes = leases.iter().map(|l| outcome(l, now, true, 0)).collect();
-            if hybrid && !state.busy && needs_top_up(state.held.slice()) {
-                state.busy = true;
+            if hybrid && !busy && needs_top_up(state.held.slice()) {
+                state.set_busy(true);
                 let cap = inner.chunk_cap(key_id, state.held.slice(), now);
                 spawn_top_up(
                     self.inner.clone(),
@@ -565,7 +639,7 @@ impl Leases {
             });
         }
 
-        if hybrid && state.busy {
+        if hybrid && busy {
             // Registered before the lock is let go: the wake-up cannot be missed.
             done.as_mut().enable();
             return Step::Wait;
@@ -576,7 +650,7 @@ impl Leases {
             l.budget -= r;
         }
         let max_chunk = if hybrid {
-            state.busy = true;
+            state.set_busy(true);
             inner.chunk_cap(key_id, state.held.slice(), now)
         } else {
             0
@@ -624,7 +698,7 @@ impl Leases {
                 .held
                 .slice_mut()
                 .iter_mut()
-                .find(|l| l.window == *w && l.expires > now);
+                .find(|l| l.window.is(w) && l.expires > now);
             let covered = held.map_or(0, |l| {
                 let take = l.budget.min(units);
                 l.budget -= take;
@@ -646,7 +720,7 @@ impl Leases {
                 .held
                 .slice_mut()
                 .iter_mut()
-                .filter(|l| windows.contains(&l.window) && l.expires > now)
+                .filter(|l| windows.iter().any(|w| l.window.is(w)) && l.expires > now)
             {
                 l.budget = l.budget.saturating_add(cost);
             }
@@ -688,7 +762,7 @@ impl Inner {
                 for i in 0..state.held.slice().len() {
                     let l = &state.held.slice()[i];
                     if l.budget > 0 && l.expires > now && pick(state, l) {
-                        unused.push((key.to_string(), l.window, l.budget));
+                        unused.push((key.to_string(), l.window.window(), l.budget));
                         state.held.slice_mut()[i].budget = 0;
                     }
                 }
@@ -705,7 +779,7 @@ impl Inner {
             let mut map = lock(&shard.map);
             let before = map.len();
             map.retain(|_, k| {
-                k.busy
+                k.busy()
                     || k.held
                         .slice()
                         .iter()
@@ -724,8 +798,8 @@ impl Inner {
         let now = self.now();
         let idle = us(idle);
         let unused = self.take_unused(|k, l| {
-            !k.busy
-                && now.saturating_sub(k.last_used) >= idle
+            !k.busy()
+                && now.saturating_sub(k.last_used()) >= idle
                 && l.expires > now.saturating_add(RETURN_MARGIN_US)
                 && l.budget.saturating_mul(RETURN_SHARE) >= l.window.requests
         });
@@ -742,7 +816,7 @@ impl Inner {
                 let mut map = lock(&self.shard(&key).map);
                 if let Some(l) = map
                     .get_mut(key.as_str())
-                    .and_then(|s| s.held.slice_mut().iter_mut().find(|l| l.window == window))
+                    .and_then(|s| s.held.slice_mut().iter_mut().find(|l| l.window.is(&window)))
                 {
                     l.budget = l.budget.saturating_add(units);
                 }
@@ -811,6 +885,40 @@ fn spawn_top_up(
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_key_state_is_64_bytes_and_its_window_round_trips() {
+        // Memory per key (README, bench/memory.py): one state per key.
+        assert_eq!(std::mem::size_of::<Lease>(), 56);
+        assert_eq!(std::mem::size_of::<Held>(), 56);
+        assert_eq!(std::mem::size_of::<KeyState>(), 64);
+        let windows = [
+            Window::every(1, Duration::from_millis(1)),
+            Window::every(100, Duration::from_secs(1)),
+            Window::every(100, Duration::from_millis(1500)),
+            Window::every(u64::MAX, Duration::from_secs(366 * 86_400)),
+            Window::every(100, Duration::from_secs(86_400)),
+            Window::calendar(100, Calendar::Day),
+            Window::calendar(100, Calendar::Month),
+            Window::calendar(101, Calendar::Month),
+        ];
+        for (i, w) in windows.iter().enumerate() {
+            let compact = LeaseWindow::of(w);
+            assert_eq!(compact.window(), *w, "{w:?}");
+            assert!(compact.is(w));
+            for (j, other) in windows.iter().enumerate() {
+                assert_eq!(compact.is(other), i == j, "{w:?} against {other:?}");
+            }
+        }
+        let mut k = KeyState::new(12_345);
+        k.set_busy(true);
+        k.used_at(99_999);
+        assert!(k.busy());
+        assert_eq!(k.last_used(), 99_999);
+        k.set_busy(false);
+        assert!(!k.busy());
+        assert_eq!(k.last_used(), 99_999);
+    }
+
     fn lease(requests: u64, available: u64, left_secs: u64, now: u64) -> Lease {
         Lease {
             available,
@@ -878,8 +986,7 @@ mod tests {
                 key.into(),
                 KeyState {
                     held: Held::One(lease(100, 100, if ended { 0 } else { 60 }, now)),
-                    last_used: now,
-                    busy: false,
+                    stamp: now,
                 },
             );
         }
