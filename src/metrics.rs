@@ -61,23 +61,27 @@ impl RouteMetrics {
         let protocol = protocol.min(PROTOCOLS.len() - 1);
         match STATUSES.iter().position(|s| *s == status) {
             Some(i) => self.requests[i * PROTOCOLS.len() + protocol]
-                .get_or_init(|| {
-                    REQUESTS.with_label_values(&[
-                        &self.name,
-                        itoa::Buffer::new().format(status),
-                        PROTOCOLS[protocol],
-                    ])
-                })
+                .get_or_init(|| requests(&self.name, status, protocol))
                 .inc(),
-            None => REQUESTS
-                .with_label_values(&[
-                    &self.name,
-                    itoa::Buffer::new().format(status),
-                    PROTOCOLS[protocol],
-                ])
-                .inc(),
+            None => requests(&self.name, status, protocol).inc(),
         }
     }
+}
+
+/// The `tollgate_requests_total` series of a route, status and protocol
+/// (an index of [`PROTOCOLS`]), looked up by its labels.
+fn requests(route: &str, status: u16, protocol: usize) -> IntCounter {
+    let protocol = PROTOCOLS[protocol.min(PROTOCOLS.len() - 1)];
+    REQUESTS.with_label_values(&[route, itoa::Buffer::new().format(status), protocol])
+}
+
+/// Counts one answered request that matched no route (`route` is its label,
+/// such as `_unmatched`): no handles are kept for those.
+pub fn answered_unrouted(route: &str, status: u16, protocol: usize, seconds: f64) {
+    requests(route, status, protocol).inc();
+    REQUEST_DURATION
+        .with_label_values(&[route])
+        .observe(seconds);
 }
 
 /// Counts one `tollgate_ratelimit_decisions_total`, through handles resolved

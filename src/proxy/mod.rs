@@ -637,18 +637,7 @@ impl ProxyHttp for Proxy {
             .and_then(|(state, i)| state.route_metrics.get(i));
         match handles {
             Some(m) => m.answered(status, protocol, elapsed.as_secs_f64()),
-            None => {
-                metrics::REQUESTS
-                    .with_label_values(&[
-                        route,
-                        itoa::Buffer::new().format(status),
-                        metrics::PROTOCOLS[protocol],
-                    ])
-                    .inc();
-                metrics::REQUEST_DURATION
-                    .with_label_values(&[route])
-                    .observe(elapsed.as_secs_f64());
-            }
+            None => metrics::answered_unrouted(route, status, protocol, elapsed.as_secs_f64()),
         }
         if !logging::access_enabled() {
             return;

@@ -113,7 +113,7 @@ impl LeaseWindow {
     }
 
     fn secs_f64(&self) -> f64 {
-        self.window().window.as_secs_f64()
+        ((self.span.get() - 1) & ((1 << SPAN_BITS) - 1)) as f64 / 1e9
     }
 }
 
@@ -904,6 +904,7 @@ mod tests {
         for (i, w) in windows.iter().enumerate() {
             let compact = LeaseWindow::of(w);
             assert_eq!(compact.window(), *w, "{w:?}");
+            assert_eq!(compact.secs_f64(), w.window.as_secs_f64(), "{w:?}");
             assert!(compact.is(w));
             for (j, other) in windows.iter().enumerate() {
                 assert_eq!(compact.is(other), i == j, "{w:?} against {other:?}");
