@@ -63,8 +63,11 @@ impl Analytics {
     }
 }
 
-/// Keys per analytics script call.
-const FLUSH_SLICE: usize = 500;
+/// Keys per analytics script call: each holds Redis while it runs, and
+/// lease calls wait behind it. With 200,000 keys in the sorted sets a slice
+/// of 500 took 4.6 ms (median; up to 25 ms on a busy machine, past the
+/// default `redis.timeout`).
+const FLUSH_SLICE: usize = 100;
 
 pub struct Flusher {
     pub state: SharedState,
@@ -127,7 +130,7 @@ impl BackgroundService for Flusher {
             // Every ten seconds, in-process counts whose windows ended go.
             if ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 10 == 9 {
                 let state = self.state.load();
-                self.limiter.sweep_local(&state.config.limits);
+                self.limiter.sweep_local(&state.config.limits).await;
             }
         })
         .await;

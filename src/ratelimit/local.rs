@@ -5,6 +5,7 @@
 //! by (limit, window) so a reload that keeps a window keeps its count.
 
 use super::algo::{self, Outcome, Period, WindowState};
+use super::packed::{PackedWindow, Slots};
 use crate::cache::{KeyHasher, KeyMap};
 use crate::config::{Algorithm, Window};
 use std::hash::BuildHasher;
@@ -14,14 +15,15 @@ const SHARDS: usize = 64;
 /// A shard is swept for stale keys when it grows past this many.
 const SWEEP_AT: usize = 4096;
 
+/// One window of a key: 48 bytes, held inline for a key with one window.
 #[derive(Clone, Copy)]
 struct Slot {
-    window: Window,
+    window: PackedWindow,
     state: WindowState,
 }
 
 struct Shard {
-    keys: KeyMap<Box<str>, Vec<Slot>>,
+    keys: KeyMap<Box<str>, Slots<Slot>>,
     sweep_at: usize,
 }
 
@@ -48,6 +50,14 @@ impl Default for LocalStore {
 
 fn period(w: &Window) -> Period {
     Period::of(w)
+}
+
+/// Every window of the key has ended: the key can go.
+fn all_stale(slots: &Slots<Slot>, algo: Algorithm, now: u64) -> bool {
+    slots
+        .slice()
+        .iter()
+        .all(|s| algo::is_stale(algo, &s.state, now, s.window.period()))
 }
 
 impl LocalStore {
@@ -78,28 +88,27 @@ impl LocalStore {
                 .collect();
         };
         if shard.keys.len() >= shard.sweep_at {
-            shard.keys.retain(|_, slots| {
-                !slots
-                    .iter()
-                    .all(|s| algo::is_stale(algo, &s.state, now, period(&s.window)))
-            });
+            shard.keys.retain(|_, slots| !all_stale(slots, algo, now));
             shard.sweep_at = (shard.keys.len() * 2).max(SWEEP_AT);
         }
         let slots = shard.keys.entry(key.into()).or_default();
         // Keep the state of windows that still apply, start new ones.
-        if slots.len() != windows.len() || slots.iter().zip(windows).any(|(s, w)| s.window != *w) {
-            let old = std::mem::take(slots);
-            slots.extend(windows.iter().map(|w| {
-                Slot {
-                    window: *w,
-                    state: old
+        let held = slots.slice();
+        if held.len() != windows.len() || held.iter().zip(windows).any(|(s, w)| !s.window.is(w)) {
+            let kept = windows
+                .iter()
+                .map(|w| Slot {
+                    window: PackedWindow::of(w),
+                    state: held
                         .iter()
-                        .find(|s| s.window == *w)
+                        .find(|s| s.window.is(w))
                         .map_or(WindowState::EMPTY, |s| s.state),
-                }
-            }));
+                })
+                .collect();
+            *slots = Slots::from_vec(kept);
         }
         let outcomes: Vec<Outcome> = slots
+            .slice_mut()
             .iter_mut()
             .map(|s| {
                 algo::check(
@@ -107,19 +116,19 @@ impl LocalStore {
                     &mut s.state,
                     now,
                     s.window.requests,
-                    period(&s.window),
+                    s.window.period(),
                     cost,
                 )
             })
             .collect();
         if outcomes.iter().all(|o| o.allowed) {
-            for s in slots.iter_mut() {
+            for s in slots.slice_mut() {
                 algo::commit(
                     algo,
                     &mut s.state,
                     now,
                     s.window.requests,
-                    period(&s.window),
+                    s.window.period(),
                     cost,
                 );
             }
@@ -134,8 +143,12 @@ impl LocalStore {
             return;
         };
         if let Some(slots) = shard.keys.get_mut(key) {
-            for s in slots.iter_mut().filter(|s| windows.contains(&s.window)) {
-                f(&mut s.state, s.window.requests, period(&s.window));
+            for s in slots
+                .slice_mut()
+                .iter_mut()
+                .filter(|s| windows.iter().any(|w| s.window.is(w)))
+            {
+                f(&mut s.state, s.window.requests, s.window.period());
             }
         }
     }
@@ -163,7 +176,7 @@ impl LocalStore {
                 let mut state = shard
                     .as_ref()
                     .and_then(|s| s.keys.get(key))
-                    .and_then(|slots| slots.iter().find(|s| s.window == *w))
+                    .and_then(|slots| slots.slice().iter().find(|s| s.window.is(w)))
                     .map_or(WindowState::EMPTY, |s| s.state);
                 algo::check(algo, &mut state, now, w.requests, period(w), 0)
             })
@@ -172,26 +185,29 @@ impl LocalStore {
 
     /// Drops every key whose windows have all ended, and gives the maps'
     /// spare room back: run now and then, so keys counted here while Redis
-    /// was unreachable do not stay once their windows are over.
-    pub fn sweep(&self, algo: Algorithm, now: u64) -> usize {
+    /// was unreachable do not stay once their windows are over. One shard at
+    /// a time, letting other tasks run in between, so freeing many keys at
+    /// once does not hold up the requests on this thread.
+    pub async fn sweep(&self, algo: Algorithm, now: u64) -> usize {
         let mut dropped = 0;
         for shard in &self.shards {
-            let Ok(mut shard) = shard.lock() else {
-                continue;
-            };
-            let before = shard.keys.len();
-            shard.keys.retain(|_, slots| {
-                !slots
-                    .iter()
-                    .all(|s| algo::is_stale(algo, &s.state, now, period(&s.window)))
-            });
-            dropped += before - shard.keys.len();
-            if shard.keys.capacity() > 2 * shard.keys.len() + 64 {
-                shard.keys.shrink_to_fit();
-            }
-            shard.sweep_at = (shard.keys.len() * 2).max(SWEEP_AT);
+            dropped += Self::sweep_shard(shard, algo, now);
+            tokio::task::yield_now().await;
         }
         dropped
+    }
+
+    fn sweep_shard(shard: &Mutex<Shard>, algo: Algorithm, now: u64) -> usize {
+        let Ok(mut shard) = shard.lock() else {
+            return 0;
+        };
+        let before = shard.keys.len();
+        shard.keys.retain(|_, slots| !all_stale(slots, algo, now));
+        if shard.keys.capacity() > 2 * shard.keys.len() + 64 {
+            shard.keys.shrink_to_fit();
+        }
+        shard.sweep_at = (shard.keys.len() * 2).max(SWEEP_AT);
+        before - shard.keys.len()
     }
 
     pub fn len(&self) -> usize {
@@ -269,16 +285,47 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_sweep_drops_keys_whose_windows_ended() {
+    #[tokio::test]
+    async fn a_sweep_drops_keys_whose_windows_ended() {
         let store = LocalStore::default();
         for i in 0..1000 {
             store.acquire(Algorithm::FixedWindow, &format!("k{i}"), &[w(5, 1)], 1, NOW);
         }
         store.acquire(Algorithm::FixedWindow, "long", &[w(5, 60)], 1, NOW);
-        assert_eq!(store.sweep(Algorithm::FixedWindow, NOW), 0);
-        assert_eq!(store.sweep(Algorithm::FixedWindow, NOW + 2_000_000), 1000);
+        assert_eq!(store.sweep(Algorithm::FixedWindow, NOW).await, 0);
+        assert_eq!(
+            store.sweep(Algorithm::FixedWindow, NOW + 2_000_000).await,
+            1000
+        );
         assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn a_key_with_one_window_costs_one_64_byte_entry() {
+        // Memory per key when Redis is away (README): the key's name and
+        // one inline slot, no allocation of its own.
+        assert_eq!(std::mem::size_of::<Slots<Slot>>(), 48);
+        assert_eq!(std::mem::size_of::<(Box<str>, Slots<Slot>)>(), 64);
+        let store = LocalStore::default();
+        store.acquire(Algorithm::FixedWindow, "one", &[w(5, 1)], 1, NOW);
+        store.acquire(Algorithm::FixedWindow, "two", &[w(5, 1), w(9, 60)], 1, NOW);
+        let shard = store.shard("one").lock().unwrap();
+        assert!(matches!(shard.keys.get("one"), Some(Slots::One(_))));
+        drop(shard);
+        let shard = store.shard("two").lock().unwrap();
+        assert!(matches!(shard.keys.get("two"), Some(Slots::Many(s)) if s.len() == 2));
+    }
+
+    #[tokio::test]
+    async fn a_sweep_lets_requests_run_between_shards() {
+        let store = LocalStore::default();
+        for i in 0..SHARDS * 50 {
+            store.acquire(Algorithm::FixedWindow, &format!("k{i}"), &[w(5, 1)], 1, NOW);
+        }
+        let (dropped, turns) =
+            super::super::turns_beside(store.sweep(Algorithm::FixedWindow, NOW + 2_000_000)).await;
+        assert_eq!(dropped, SHARDS * 50);
+        assert!(turns >= SHARDS - 1, "{turns} turns in {SHARDS} shards");
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod algo;
 pub mod concurrency;
 pub mod hybrid;
 pub mod local;
+pub mod packed;
 pub mod remote;
 pub mod rules;
 
@@ -415,8 +416,8 @@ impl Limiter {
 
     /// Drops in-process counts whose windows have ended (those kept while
     /// Redis was unreachable, or the whole limiter without Redis).
-    pub fn sweep_local(&self, limits: &LimitSettings) -> usize {
-        self.local.sweep(limits.algorithm, now_us())
+    pub async fn sweep_local(&self, limits: &LimitSettings) -> usize {
+        self.local.sweep(limits.algorithm, now_us()).await
     }
 
     /// Hands leased, unused units back to Redis (graceful stop), so other
@@ -482,6 +483,32 @@ impl Limiter {
         }
         Ok(out)
     }
+}
+
+/// For tests: how many turns another task on the same thread got while
+/// `work` ran (zero if `work` never let go of the thread).
+#[cfg(test)]
+pub(crate) async fn turns_beside<T>(work: impl std::future::Future<Output = T>) -> (T, usize) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let turns = std::sync::Arc::new(AtomicUsize::new(0));
+    let other = tokio::spawn({
+        let turns = turns.clone();
+        async move {
+            loop {
+                turns.fetch_add(1, Ordering::Relaxed);
+                tokio::task::yield_now().await;
+            }
+        }
+    });
+    // The other task's first turn, so it is running when `work` starts.
+    while turns.load(Ordering::Relaxed) == 0 {
+        tokio::task::yield_now().await;
+    }
+    let before = turns.load(Ordering::Relaxed);
+    let out = work.await;
+    let during = turns.load(Ordering::Relaxed) - before;
+    other.abort();
+    (out, during)
 }
 
 #[cfg(test)]
