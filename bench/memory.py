@@ -16,13 +16,16 @@ window, far from its limit; `auth.jwt.cache_size` stays at its default), then:
   after  waits until every window has ended (window + 5 s after the last
          request), sends a few requests with one fresh key (so a sweep that
          runs on the request path gets its chance), waits 3 s, reads VmRSS.
+Also reports what held Redis for 5 ms or more during the load (Redis' own
+latency monitor): a stall past `redis.timeout` fails the lease calls waiting
+on it, and `on_failure: local` then counts a second's keys in-process.
 Reports bytes per key = (peak - warm) / keys and the share given back =
 (peak - after) / (peak - warm), against the targets (<= 256 bytes per key at
 200,000 keys; >= 50% given back). Markdown on stdout and in
 bench/results/memory.md; progress on stderr. Needs nginx, wrk, redis-server
 and PyJWT.
 
-usage: bench/memory.py [--bin target/release/tollgate] [--keys 200000] [--quick]
+usage: bench/memory.py [--bin target/release/tollgate] [--keys 200000] [--quick] [--redis-rt]
   --quick   20,000 keys, 5 s windows: under a minute
 """
 import argparse
@@ -62,6 +65,22 @@ def rss_bytes(pid):
 def token(api_key):
     claims = {"api_key": api_key, "allowed_routes": ["/api/*"], "exp": int(time.time()) + 7200}
     return jwt.encode(claims, SECRET, algorithm="HS256")
+
+
+def redis_stalls(redis_port):
+    """Redis' own record of what held it for 5 ms or more: {event: (times, max ms)}."""
+    out = subprocess.run(["redis-cli", "-p", str(redis_port), "LATENCY", "LATEST"],
+                         capture_output=True, text=True, timeout=10).stdout
+    fields = out.split()
+    stalls = {}
+    # Four fields per event: name, unix time of the latest, latest ms, max ms.
+    for i in range(0, len(fields) - 3, 4):
+        stalls[fields[i]] = (int(fields[i + 3]),)
+    for event in stalls:
+        hist = subprocess.run(["redis-cli", "-p", str(redis_port), "LATENCY", "HISTORY", event],
+                              capture_output=True, text=True, timeout=10).stdout.split()
+        stalls[event] = (len(hist) // 2, stalls[event][0])
+    return stalls
 
 
 def metrics(admin_port):
@@ -159,6 +178,10 @@ def main():
     ap.add_argument("--redis-timeout", default=None,
                     help="redis.timeout (default: tollgate's, 20ms); a longer one keeps lease calls from timing "
                          "out behind large analytics flushes, so no key falls back to the local store")
+    ap.add_argument("--redis-rt", action="store_true",
+                    help="run redis-server at real-time priority (chrt -r 10; needs root), as if on a core of its "
+                         "own: on a 2-core machine shared with wrk, nginx and tollgate it otherwise waits for "
+                         "CPU longer than the 20 ms redis.timeout now and then")
     ap.add_argument("--no-limits", action="store_true",
                     help="diagnostic: no window at all, so no lease state (what every other part costs per key)")
     ap.add_argument("--cache-size", type=int, default=None, help="auth.jwt.cache_size (default: tollgate's)")
@@ -192,8 +215,10 @@ events {{ worker_connections 4096; }}
 http {{ access_log off; server {{ listen 127.0.0.1:{up_port}; location / {{ return 200 'ok'; }} }} }}
 """)
         up = spawn(["nginx", "-c", f"{work}/up.conf", "-p", work], "up")
-        redis = spawn(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                       "--appendonly", "no", "--dir", work], "redis")
+        # Redis records every event that holds it for 5 ms or more (LATENCY LATEST at the end).
+        rt = ["chrt", "-r", "10"] if args.redis_rt else []
+        redis = spawn(rt + ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                       "--appendonly", "no", "--dir", work, "--latency-monitor-threshold", "5"], "redis")
         wait_port(up_port, proc=up, log=f"{work}/up.log")
         wait_port(redis_port, proc=redis, log=f"{work}/redis.log")
         timeout = f", timeout: {args.redis_timeout}" if args.redis_timeout else ""
@@ -265,6 +290,7 @@ routes: [{{ name: api, path_prefix: /api/, upstream: backend }}]
         acquires = metric_sum(text, "tollgate_redis_calls_total", op="acquire") - acquire_before
         # Each error starts a second of on_failure (local store by default).
         redis_errors = metric_sum(text, "tollgate_redis_errors_total")
+        stalls = redis_stalls(redis_port)
         if allowed < wanted and not args.no_limits:
             raise SystemExit(f"tollgate counted {allowed:.0f} allowed decisions, expected at least {wanted}")
         log(f"peak: RSS {peak / 2**20:.1f} MiB (VmHWM {hwm / 2**20:.1f} MiB); tollgate allowed {allowed:.0f}, "
@@ -308,6 +334,9 @@ routes: [{{ name: api, path_prefix: /api/, upstream: backend }}]
         f"wrk -t1 -c{CONNECTIONS} round robin over {keys} keys, {done} answers (every one 200), "
         f"{acquires:.0f} lease calls, {redis_errors:.0f} Redis errors (each sends the next second to the "
         f"local store){'' if not args.redis_timeout else f', redis.timeout {args.redis_timeout}'}"
+        f"{', redis-server at real-time priority' if args.redis_rt else ''}"
+        f", Redis held for 5 ms or more: "
+        f"{', '.join(f'{e} in {n} s (max {ms} ms)' for e, (n, ms) in sorted(stalls.items())) or 'never'}"
         f"{'' if args.cache_size is None else f', auth.jwt.cache_size {args.cache_size}'}"
         f"{', NO LIMITS (diagnostic: no lease state)' if args.no_limits else ''}; RSS = VmRSS; after = {wait} s past the last request, "
         f"10 requests of a fresh key, 3 s.",

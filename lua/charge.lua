@@ -21,7 +21,7 @@ for i = 1, n do
     redis.call('INCRBY', key, units)
     local life = stop - now
     if algo == 'sliding_window' and window > 0 then life = life + window end
-    redis.call('PEXPIRE', key, math.floor(life / 1000) + 1000)
+    redis.call('PEXPIRE', key, expire_ms(key, life, window))
   end
 end
 return n

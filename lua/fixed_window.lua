@@ -11,7 +11,7 @@
 --          available refuses, and then nothing is granted anywhere.
 -- Returns  4 integers per window: granted, available after the grant,
 --          microseconds to the window's end, microseconds until `need` fits.
--- Needs prelude.lua (now_us, period, period_key) in front.
+-- Needs prelude.lua (now_us, period, period_key, expire_ms) in front.
 local now = now_us()
 local n = tonumber(ARGV[1])
 local plan = {}
@@ -32,7 +32,7 @@ for i = 1, n do
   else
     ok = false
   end
-  plan[i] = { key, grant, avail, reset, need }
+  plan[i] = { key, grant, avail, reset, need, window }
 end
 local out = {}
 for i = 1, n do
@@ -41,8 +41,7 @@ for i = 1, n do
   if ok then grant = p[2] end
   if grant > 0 then
     redis.call('INCRBY', p[1], grant)
-    -- Milliseconds: the period's remaining life plus a second of slack.
-    redis.call('PEXPIRE', p[1], math.floor(p[4] / 1000) + 1000)
+    redis.call('PEXPIRE', p[1], expire_ms(p[1], p[4], p[6]))
   end
   local retry = 0
   if p[3] < p[5] then retry = p[4] end

@@ -43,7 +43,7 @@ for i = 1, n do
       retry = math.min(math.ceil(room * window / math.max(prev, 1)), window - elapsed)
     end
   end
-  plan[i] = { cur_key, grant, avail, window - elapsed, retry, life }
+  plan[i] = { cur_key, grant, avail, window - elapsed, retry, life, window }
 end
 local out = {}
 for i = 1, n do
@@ -52,7 +52,7 @@ for i = 1, n do
   if ok then grant = p[2] end
   if grant > 0 then
     redis.call('INCRBY', p[1], grant)
-    redis.call('PEXPIRE', p[1], math.floor(p[6] / 1000) + 1000)
+    redis.call('PEXPIRE', p[1], expire_ms(p[1], p[6], p[7]))
   end
   out[#out + 1] = grant
   out[#out + 1] = p[3] - grant

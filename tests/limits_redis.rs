@@ -153,7 +153,7 @@ fn a_key_over_its_limit_costs_almost_no_redis_calls() {
 }
 
 #[test]
-fn redis_keys_are_hash_tagged_and_expire() {
+fn redis_keys_are_hash_tagged_and_expire_spread_after_their_window() {
     let up = Recorder::start();
     let redis = Redis::start();
     let t = Tollgate::start(&config(
@@ -162,21 +162,42 @@ fn redis_keys_are_hash_tagged_and_expire() {
         &limits("fixed_window", "exact", 10),
         "local",
     ));
-    let tok = token("keys-1");
-    let r = request(t.port, &format!("GET /api/x HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {tok}\r\nConnection: close\r\n\r\n")).unwrap();
-    assert_eq!(r.status, 200);
+    let names: Vec<String> = (0..12).map(|i| format!("keys-{i}")).collect();
+    for name in &names {
+        let tok = token(name);
+        let r = request(t.port, &format!("GET /api/x HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {tok}\r\nConnection: close\r\n\r\n")).unwrap();
+        assert_eq!(r.status, 200);
+    }
     let cli = |args: &[&str]| redis.cli(args);
     let keys = cli(&["KEYS", "tg:rl:*"]);
-    let key = keys.lines().next().expect("a limit key");
-    let start: u64 = key
-        .strip_prefix("tg:rl:{k:keys-1}:60:")
-        .unwrap_or_else(|| panic!("key {key:?} is not <prefix>rl:{{<key>}}:<window>:<start>"))
-        .parse()
-        .unwrap();
-    assert_eq!(start % 60, 0);
-    assert_eq!(cli(&["GET", key]), "1");
-    let ttl: i64 = cli(&["PTTL", key]).parse().unwrap();
-    assert!((1..=61_000).contains(&ttl), "pttl {ttl}");
+    let mut lingers = Vec::new();
+    for name in &names {
+        let prefix = format!("tg:rl:{{k:{name}}}:60:");
+        let key = keys
+            .lines()
+            .find(|k| k.starts_with(&prefix))
+            .unwrap_or_else(|| {
+                panic!("no key <prefix>rl:{{<key>}}:<window>:<start> for {name} in {keys:?}")
+            });
+        let start: u64 = key[prefix.len()..].parse().unwrap();
+        assert_eq!(start % 60, 0);
+        assert_eq!(cli(&["GET", key]), "1");
+        // Each key outlives its window by a second of slack plus a share of
+        // the window its name picks, so one window's keys do not all expire
+        // at the same instant (Redis would stall deleting them).
+        let expires_ms: u64 = cli(&["PEXPIRETIME", key]).parse().unwrap();
+        let linger = expires_ms as i64 - ((start + 60) * 1000) as i64;
+        assert!(
+            (1000..=61_000).contains(&linger),
+            "{key} expires {linger} ms after its window"
+        );
+        lingers.push(linger);
+    }
+    let spread = lingers.iter().max().unwrap() - lingers.iter().min().unwrap();
+    assert!(
+        spread >= 10_000,
+        "12 keys expire within {spread} ms: {lingers:?}"
+    );
 }
 
 #[test]
