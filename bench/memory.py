@@ -182,6 +182,9 @@ def main():
                     help="run redis-server at real-time priority (chrt -r 10; needs root), as if on a core of its "
                          "own: on a 2-core machine shared with wrk, nginx and tollgate it otherwise waits for "
                          "CPU longer than the 20 ms redis.timeout now and then")
+    ap.add_argument("--no-redis", action="store_true",
+                    help="no redis section: the limits are counted in the in-process store alone (what a key "
+                         "costs there, e.g. while Redis is away with on_failure: local)")
     ap.add_argument("--no-limits", action="store_true",
                     help="diagnostic: no window at all, so no lease state (what every other part costs per key)")
     ap.add_argument("--cache-size", type=int, default=None, help="auth.jwt.cache_size (default: tollgate's)")
@@ -224,13 +227,15 @@ http {{ access_log off; server {{ listen 127.0.0.1:{up_port}; location / {{ retu
         timeout = f", timeout: {args.redis_timeout}" if args.redis_timeout else ""
         windows = "" if args.no_limits else f"{{ requests: 1000000, window: {window}s }}"
         cache = f", cache_size: {args.cache_size}" if args.cache_size is not None else ""
+        redis_section = "" if args.no_redis else \
+            f'redis: {{ url: "redis://127.0.0.1:{redis_port}", key_prefix: "mem:"{timeout} }}\n'
+
         with open(f"{work}/tollgate.yaml", "w") as f:
             f.write(f"""
 server: {{ listen: ["127.0.0.1:{port}"], threads: 1, pid_file: "{work}/tg.pid", upgrade_sock: "{work}/tg.sock" }}
 admin: {{ listen: "127.0.0.1:{admin}" }}
 log: {{ level: warn, access_log: false }}
-redis: {{ url: "redis://127.0.0.1:{redis_port}", key_prefix: "mem:"{timeout} }}
-auth: {{ jwt: {{ algorithms: [HS256], secret: "{SECRET}"{cache} }} }}
+{redis_section}auth: {{ jwt: {{ algorithms: [HS256], secret: "{SECRET}"{cache} }} }}
 limits: {{ sync: hybrid, claim_window: 1m, default: [{windows}] }}
 upstreams: {{ backend: {{ peers: ["127.0.0.1:{up_port}"] }} }}
 routes: [{{ name: api, path_prefix: /api/, upstream: backend }}]
@@ -335,6 +340,7 @@ routes: [{{ name: api, path_prefix: /api/, upstream: backend }}]
         f"{acquires:.0f} lease calls, {redis_errors:.0f} Redis errors (each sends the next second to the "
         f"local store){'' if not args.redis_timeout else f', redis.timeout {args.redis_timeout}'}"
         f"{', redis-server at real-time priority' if args.redis_rt else ''}"
+        f"{', NO REDIS (limits in the in-process store)' if args.no_redis else ''}"
         f", Redis held for 5 ms or more: "
         f"{', '.join(f'{e} in {n} s (max {ms} ms)' for e, (n, ms) in sorted(stalls.items())) or 'never'}"
         f"{'' if args.cache_size is None else f', auth.jwt.cache_size {args.cache_size}'}"
