@@ -25,7 +25,7 @@ Reports bytes per key = (peak - warm) / keys and the share given back =
 bench/results/memory.md; progress on stderr. Needs nginx, wrk, redis-server
 and PyJWT.
 
-usage: bench/memory.py [--bin target/release/tollgate] [--keys 200000] [--quick] [--redis-rt]
+usage: bench/memory.py [--bin target/release/tollgate] [--keys 200000] [--quick] [--redis-rt] [--no-redis]
   --quick   20,000 keys, 5 s windows: under a minute
 """
 import argparse

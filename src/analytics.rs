@@ -129,7 +129,8 @@ impl BackgroundService for Flusher {
             self.tick(&mut *own.lock().await).await;
             // Every ten seconds, in-process counts whose windows ended go.
             if ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 10 == 9 {
-                let state = self.state.load();
+                // Not a guard: the sweep yields, and a reload may come meanwhile.
+                let state = self.state.load_full();
                 self.limiter.sweep_local(&state.config.limits).await;
             }
         })

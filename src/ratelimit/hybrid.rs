@@ -650,9 +650,12 @@ impl Leases {
     }
 
     /// Takes every unused unit of every live lease, for handing back to
-    /// Redis when the process stops.
+    /// Redis when the process stops; a lease whose window ends within
+    /// RETURN_MARGIN_US is left to end (its hand-back could land in the
+    /// next window and let that one admit more than its limit).
     pub async fn drain(&self) -> Vec<(String, Window, u64)> {
-        self.inner.take_unused(|_, _| true).await
+        let keep_until = self.inner.now().saturating_add(RETURN_MARGIN_US);
+        self.inner.take_unused(|_, l| l.expires > keep_until).await
     }
 
     /// Hands back to Redis the leases of keys not seen for `idle` (at least
