@@ -351,33 +351,16 @@ impl Inner {
 /// Lines a key's leases up with the windows that apply now (in place when
 /// they already are: the common case costs no allocation).
 fn align(state: &mut KeyState, windows: &[Window], now: u64) {
-    let leases = state.held.slice_mut();
-    let aligned = leases.len() == windows.len()
-        && leases
-            .iter()
-            .zip(windows)
-            .all(|(l, w)| l.window.is(w) && l.expires > now);
-    if aligned {
-        for l in leases.iter_mut() {
-            if l.over_until != 0 && l.over_until <= now {
-                l.over_until = 0;
-            }
+    state.held.align(
+        windows,
+        |l, w| l.window.is(w) && l.expires > now,
+        |w| Lease::fresh(*w, now),
+    );
+    for l in state.held.slice_mut() {
+        if l.over_until != 0 && l.over_until <= now {
+            l.over_until = 0;
         }
-        return;
     }
-    let old = state.held.slice();
-    let new: Vec<Lease> = windows
-        .iter()
-        .map(|w| {
-            let kept = old.iter().find(|l| l.window.is(w) && l.expires > now);
-            let mut lease = kept.copied().unwrap_or(Lease::fresh(*w, now));
-            if lease.over_until != 0 && lease.over_until <= now {
-                lease.over_until = 0;
-            }
-            lease
-        })
-        .collect();
-    state.held = Slots::from_vec(new);
 }
 
 /// The smallest lease cap for these windows: MIN_CHUNK, or more while every

@@ -93,20 +93,14 @@ impl LocalStore {
         }
         let slots = shard.keys.entry(key.into()).or_default();
         // Keep the state of windows that still apply, start new ones.
-        let held = slots.slice();
-        if held.len() != windows.len() || held.iter().zip(windows).any(|(s, w)| !s.window.is(w)) {
-            let kept = windows
-                .iter()
-                .map(|w| Slot {
-                    window: PackedWindow::of(w),
-                    state: held
-                        .iter()
-                        .find(|s| s.window.is(w))
-                        .map_or(WindowState::EMPTY, |s| s.state),
-                })
-                .collect();
-            *slots = Slots::from_vec(kept);
-        }
+        slots.align(
+            windows,
+            |s, w| s.window.is(w),
+            |w| Slot {
+                window: PackedWindow::of(w),
+                state: WindowState::EMPTY,
+            },
+        );
         let outcomes: Vec<Outcome> = slots
             .slice_mut()
             .iter_mut()

@@ -86,6 +86,33 @@ impl<T> Default for Slots<T> {
     }
 }
 
+impl<T: Copy> Slots<T> {
+    /// Makes the entries one per window, in the windows' order: for each
+    /// window the entry `keep` accepts stays (a window a reload kept keeps
+    /// its state), and `fresh` makes one for any other.
+    pub fn align(
+        &mut self,
+        windows: &[Window],
+        keep: impl Fn(&T, &Window) -> bool,
+        fresh: impl Fn(&Window) -> T,
+    ) {
+        let held = self.slice();
+        if held.len() == windows.len() && held.iter().zip(windows).all(|(e, w)| keep(e, w)) {
+            return;
+        }
+        let aligned = windows
+            .iter()
+            .map(|w| {
+                held.iter()
+                    .find(|e| keep(e, w))
+                    .copied()
+                    .unwrap_or_else(|| fresh(w))
+            })
+            .collect();
+        *self = Slots::from_vec(aligned);
+    }
+}
+
 impl<T> Slots<T> {
     pub fn from_vec(mut v: Vec<T>) -> Slots<T> {
         match v.len() {
@@ -137,6 +164,31 @@ mod tests {
                 assert_eq!(packed.is(other), i == j, "{w:?} against {other:?}");
             }
         }
+    }
+
+    #[test]
+    fn aligning_keeps_the_entries_of_windows_that_stay() {
+        let (a, b, c) = (
+            Window::every(1, Duration::from_secs(1)),
+            Window::every(2, Duration::from_secs(1)),
+            Window::every(3, Duration::from_secs(1)),
+        );
+        // An entry: the window's limit and a count.
+        let keep = |e: &(u64, u64), w: &Window| e.0 == w.requests;
+        let fresh = |w: &Window| (w.requests, 0);
+        let mut slots = Slots::default();
+        slots.align(&[a], keep, fresh);
+        assert!(matches!(slots, Slots::One((1, 0))));
+        slots.slice_mut()[0].1 = 7;
+        slots.align(&[a], keep, fresh);
+        assert_eq!(slots.slice(), &[(1, 7)]);
+        slots.align(&[b, a], keep, fresh);
+        assert_eq!(slots.slice(), &[(2, 0), (1, 7)]);
+        slots.slice_mut()[0].1 = 5;
+        slots.align(&[c, b], keep, fresh);
+        assert_eq!(slots.slice(), &[(3, 0), (2, 5)]);
+        slots.align(&[b], keep, fresh);
+        assert!(matches!(slots, Slots::One((2, 5))));
     }
 
     #[test]
