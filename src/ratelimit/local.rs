@@ -75,9 +75,9 @@ impl LocalStore {
         cost: u64,
         now: u64,
     ) -> Vec<Outcome> {
-        let Ok(mut shard) = self.shard(key).lock() else {
-            // A poisoned lock means a panic elsewhere; admit rather than wedge.
-            return windows
+        // A poisoned lock means a panic elsewhere; admit rather than wedge.
+        let admit = || {
+            windows
                 .iter()
                 .map(|w| Outcome {
                     allowed: true,
@@ -85,13 +85,22 @@ impl LocalStore {
                     reset_us: period(w).length(),
                     retry_us: 0,
                 })
-                .collect();
+                .collect()
+        };
+        let Ok(mut shard) = self.shard(key).lock() else {
+            return admit();
         };
         if shard.keys.len() >= shard.sweep_at {
             shard.keys.retain(|_, slots| !all_stale(slots, algo, now));
             shard.sweep_at = (shard.keys.len() * 2).max(SWEEP_AT);
         }
-        let slots = shard.keys.entry(key.into()).or_default();
+        // The key's name is copied only for a key seen the first time.
+        if !shard.keys.contains_key(key) {
+            shard.keys.insert(key.into(), Slots::default());
+        }
+        let Some(slots) = shard.keys.get_mut(key) else {
+            return admit();
+        };
         // Keep the state of windows that still apply, start new ones.
         slots.align(
             windows,
