@@ -7,9 +7,7 @@
 //! within a second even if a message is lost.
 
 use crate::cache::{Bound, ShardedMap};
-use crate::config::RedisSettings;
 use crate::redis_client::{OwnConnection, Query, Redis, Unavailable};
-use crate::state::{SharedState, State};
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
@@ -92,9 +90,13 @@ impl TokenStore {
     }
 }
 
+/// Yields the Redis whose revocation channel to follow under the current
+/// config: `None` when stored tokens are off (or there is no Redis).
+pub type Follow = Box<dyn Fn() -> Option<Arc<Redis>> + Send + Sync>;
+
 /// Listens on the revocation channel and drops changed keys from the cache.
 pub struct Revocations {
-    pub state: SharedState,
+    pub follow: Follow,
     pub store: Arc<TokenStore>,
 }
 
@@ -107,9 +109,9 @@ impl BackgroundService for Revocations {
         // Subscribes while the config asks for stored tokens; after a lost
         // subscription, tries again a second later.
         crate::background::every(&mut shutdown, Duration::from_secs(1), || async {
-            let state = self.state.load_full();
+            let wanted = (self.follow)();
             let mut own = own.lock().await;
-            let Some(redis) = own.follow(wanted(&state)) else {
+            let Some(redis) = own.follow(wanted.as_ref()) else {
                 return;
             };
             let channel = channel(redis.prefix());
@@ -126,32 +128,22 @@ impl BackgroundService for Revocations {
                 }
                 _ = stop.changed() => {}
                 // A reload may change or drop the Redis section.
-                _ = unwanted(&self.state, &redis.settings) => {}
+                _ = self.unwanted(redis) => {}
             }
         })
         .await
     }
 }
 
-/// The Redis whose channel `state` asks to follow: only stored tokens need it.
-fn wanted(state: &State) -> Option<&Arc<Redis>> {
-    state.redis.as_ref().filter(|_| {
-        state
-            .config
-            .auth
-            .jwt
-            .as_ref()
-            .is_some_and(|j| j.require_stored)
-    })
-}
-
-/// Resolves once the current config no longer follows the channel of the
-/// Redis with `settings` (changed or dropped by a reload).
-async fn unwanted(state: &SharedState, settings: &RedisSettings) {
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        if wanted(&state.load()).is_none_or(|r| r.settings != *settings) {
-            return;
+impl Revocations {
+    /// Resolves once the current config no longer follows the channel of
+    /// `redis` (its settings changed or were dropped by a reload).
+    async fn unwanted(&self, redis: &Redis) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if (self.follow)().is_none_or(|r| r.settings != redis.settings) {
+                return;
+            }
         }
     }
 }
