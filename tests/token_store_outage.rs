@@ -331,3 +331,39 @@ fn a_revocation_evicts_the_confirmation_on_every_instance() {
     stalls.stop();
     assert_eq!(up.hits(), hits);
 }
+
+/// The revocation channel drops and comes back (a gap in which messages
+/// may have been missed): every key is asked of Redis again, but a token
+/// confirmed before still passes while Redis then cannot answer.
+#[test]
+fn a_gap_in_the_channel_does_not_drop_confirmations() {
+    let up = Recorder::start();
+    let redis = debuggable_redis();
+    let t = Tollgate::start(&config(&up.addr(), &redis.url(), "local", "30s"));
+    let token = issue(&t, "gap-1");
+    assert_eq!(call(&t, &token).status, 200);
+    // The id of tollgate's subscriber connection.
+    let subscriber = || {
+        let list = redis.cli(&["CLIENT", "LIST", "TYPE", "pubsub"]);
+        let id = list.split_whitespace().next()?.strip_prefix("id=")?;
+        Some(id.to_string())
+    };
+    let before = wait_for("a subscription", Duration::from_secs(10), subscriber);
+    assert_eq!(redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]), "1");
+    // Subscribed again (and so resynchronised) on a new connection.
+    wait_for("a new subscription", Duration::from_secs(10), || {
+        subscriber().filter(|id| *id != before)
+    });
+    let stalls = Stalls::start(redis.port, "0.5");
+    for _ in 0..5 {
+        let r = call(&t, &token);
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    stalls.stop();
+    let confirmed = metric_value(
+        &t.metrics(),
+        "tollgate_token_store_outage_answers_total{answer=\"confirmed\"}",
+    )
+    .unwrap_or(0.0);
+    assert!(confirmed >= 1.0, "Redis was never asked after the gap");
+}

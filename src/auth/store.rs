@@ -70,6 +70,10 @@ pub struct TokenStore {
     /// Bumped by every eviction: a lookup that was in flight across one
     /// may carry an answer from before a revocation, so it is not kept.
     evictions: AtomicU64,
+    /// Answers older than this (nanoseconds after `created`) are not used
+    /// without asking Redis again: the channel had a gap after them.
+    fresh_from: AtomicU64,
+    created: Instant,
 }
 
 impl Default for TokenStore {
@@ -77,6 +81,8 @@ impl Default for TokenStore {
         TokenStore {
             cache: ShardedMap::new(SHARDS, Bound::SweepAt(SWEEP_AT)),
             evictions: AtomicU64::new(0),
+            fresh_from: AtomicU64::new(0),
+            created: Instant::now(),
         }
     }
 }
@@ -100,7 +106,10 @@ impl TokenStore {
         let seen = self
             .cache
             .get_live(api_key, |s| now.duration_since(s.at) < keep);
-        if let Some(s) = seen.filter(|s| now.duration_since(s.at) < CACHE_FOR) {
+        let fresh_from =
+            self.created + Duration::from_nanos(self.fresh_from.load(Ordering::Acquire));
+        let fresh = |s: &Seen| now.duration_since(s.at) < CACHE_FOR && s.at >= fresh_from;
+        if let Some(s) = seen.filter(fresh) {
             return Ok(s.status);
         }
         let evictions = self.evictions.load(Ordering::Acquire);
@@ -148,9 +157,15 @@ impl TokenStore {
         self.cache.remove(api_key);
     }
 
-    pub fn clear(&self) {
+    /// Subscribed again after a gap in which changes may have been missed:
+    /// every key is asked of Redis again at its next check. What Redis last
+    /// confirmed still stands in while Redis cannot answer, as it would
+    /// have without the gap: dropping it would refuse every active caller
+    /// for as long as the request path's client still backs off.
+    pub fn resync(&self) {
         self.evictions.fetch_add(1, Ordering::AcqRel);
-        self.cache.clear();
+        let since = u64::try_from(self.created.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.fresh_from.fetch_max(since, Ordering::AcqRel);
     }
 }
 
@@ -182,7 +197,7 @@ impl BackgroundService for Revocations {
             let store = &self.store;
             // Messages may have been missed while disconnected.
             let subscription =
-                redis.subscribe(&channel, || store.clear(), |key| store.invalidate(&key));
+                redis.subscribe(&channel, || store.resync(), |key| store.invalidate(&key));
             let mut stop = stop.clone();
             tokio::select! {
                 result = subscription => {
@@ -279,6 +294,27 @@ mod tests {
         seen(&store, "active", Status::Active, ago);
         store.invalidate("active");
         assert!(store.status(&redis, "active", long).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_gap_in_the_channel_forces_lookups_but_keeps_confirmations() {
+        let redis = unreachable();
+        let store = TokenStore::default();
+        seen(&store, "k", Status::Active, Duration::ZERO);
+        seen(&store, "gone", Status::Missing, Duration::ZERO);
+        store.resync();
+        // Not answered from the one-second cache (Redis is asked and fails)...
+        let long = Duration::from_secs(30);
+        assert_eq!(
+            store.status(&redis, "k", long).await.unwrap(),
+            Status::Active
+        );
+        assert_eq!(
+            store.status(&redis, "gone", long).await.unwrap(),
+            Status::Missing
+        );
+        // ...which an outage grace of zero shows: Redis had to be asked.
+        assert!(store.status(&redis, "k", Duration::ZERO).await.is_err());
     }
 
     #[tokio::test]
