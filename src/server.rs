@@ -169,16 +169,18 @@ fn add_background_services(server: &mut Server, shared: Shared, config_path: Pat
         "tollgate upstream credentials",
         CredentialsRefresher::new(state.clone(), shared.credentials),
     ));
+    let current = state.clone();
     server.add_service(background_service(
         "tollgate jwks",
         JwksRefresher {
-            state: state.clone(),
+            current: Box::new(move || current.load().jwks()),
         },
     ));
+    let current = state.clone();
     server.add_service(background_service(
         "tollgate revocations",
         Revocations {
-            state: state.clone(),
+            follow: Box::new(move || current.load().revocations_redis()),
             store: shared.tokens,
         },
     ));

@@ -9,6 +9,7 @@
 //! addresses and health). What is new is made ready before the swap
 //! ([`State::prepare`]): a new JWKS endpoint must answer first.
 
+use crate::auth::jwks::Jwks;
 use crate::auth::{KeyMaterial, Verifier};
 use crate::config::{Config, ConfigProblem};
 use crate::edge::tls::TlsListener;
@@ -157,6 +158,18 @@ impl State {
                 format!("the new key set could not be fetched ({e})"),
             )
         })
+    }
+
+    /// The Redis whose revocation channel this config follows: only stored
+    /// tokens (`auth.jwt.require_stored`) need it.
+    pub fn revocations_redis(&self) -> Option<Arc<Redis>> {
+        let stored = self.verifier.as_ref().is_some_and(|v| v.require_stored());
+        self.redis.clone().filter(|_| stored)
+    }
+
+    /// The JWKS key set this config verifies with, if keys come from one.
+    pub fn jwks(&self) -> Option<Arc<Jwks>> {
+        self.verifier.as_ref().and_then(|v| v.jwks())
     }
 
     /// The HTTPS listener a connection accepted on `local` came in on.

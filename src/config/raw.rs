@@ -187,6 +187,9 @@ pub struct RawJwt {
     pub require_stored: bool,
     /// Verified tokens kept so a repeated token costs a lookup, not a signature check.
     pub cache_size: usize,
+    /// With `require_stored`: how long a token confirmed stored keeps working
+    /// while the store cannot answer.
+    pub store_cache: Checked<Span>,
 }
 
 impl Default for RawJwt {
@@ -205,6 +208,7 @@ impl Default for RawJwt {
             claims: RawClaims::default(),
             require_stored: false,
             cache_size: 10_000,
+            store_cache: span("30s"),
         }
     }
 }

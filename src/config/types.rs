@@ -303,6 +303,9 @@ pub struct JwtSettings {
     pub claims: ClaimNames,
     pub require_stored: bool,
     pub cache_size: usize,
+    /// With `require_stored`: a token confirmed stored this recently is
+    /// still admitted while the store cannot answer.
+    pub store_cache: Duration,
 }
 
 /// How a window counts.

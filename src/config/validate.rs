@@ -327,6 +327,9 @@ fn key_source(
     Some(key)
 }
 
+/// Longest `auth.jwt.store_cache`.
+const MAX_STORE_CACHE: Duration = Duration::from_secs(24 * 3600);
+
 fn jwt(p: &mut Problems, raw: &RawJwt) -> Option<JwtSettings> {
     if raw.algorithms.is_empty() {
         p.add("auth.jwt.algorithms", "list at least one algorithm");
@@ -372,6 +375,13 @@ fn jwt(p: &mut Problems, raw: &RawJwt) -> Option<JwtSettings> {
     }
     let leeway = p.duration("auth.jwt.leeway", &raw.leeway);
     let jwks_refresh = p.positive_duration("auth.jwt.jwks_refresh", &raw.jwks_refresh);
+    let store_cache = p.duration("auth.jwt.store_cache", &raw.store_cache);
+    if store_cache > MAX_STORE_CACHE {
+        p.add(
+            "auth.jwt.store_cache",
+            "at most 24h (a revocation this instance cannot hear of during an outage stays unseen this long)",
+        );
+    }
     Some(JwtSettings {
         algorithms,
         key: key?,
@@ -388,6 +398,7 @@ fn jwt(p: &mut Problems, raw: &RawJwt) -> Option<JwtSettings> {
         },
         require_stored: raw.require_stored,
         cache_size: raw.cache_size,
+        store_cache,
     })
 }
 

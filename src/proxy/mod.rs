@@ -12,7 +12,7 @@ pub mod respond;
 use crate::analytics::Analytics;
 use crate::auth::store::{Status, TokenStore};
 use crate::auth::{bearer_token, Identity, VerifyError};
-use crate::config::{OnFailure, RouteSettings};
+use crate::config::RouteSettings;
 use crate::credentials::Credentials;
 use crate::edge::drain::Drain;
 use crate::error::Refusal;
@@ -261,19 +261,24 @@ impl Proxy {
     }
 
     /// `require_stored`: the key must be stored in Redis and not blocked.
+    /// Fails closed whatever `redis.on_failure` says: when the store cannot
+    /// answer, only a token it confirmed within `store_cache` passes.
     async fn check_stored(&self, state: &State, identity: &Identity) -> Result<(), Refusal> {
-        let required = state.verifier.as_ref().is_some_and(|v| v.require_stored());
-        let Some(redis) = state.redis.as_ref().filter(|_| required) else {
+        let Some(verifier) = state.verifier.as_ref().filter(|v| v.require_stored()) else {
             return Ok(());
         };
-        match self.tokens.status(redis, &identity.key).await {
+        let Some(redis) = state.redis.as_ref() else {
+            return Ok(());
+        };
+        let status = self
+            .tokens
+            .status(redis, &identity.key, verifier.store_cache())
+            .await;
+        match status {
             Ok(Status::Active) => Ok(()),
             Ok(Status::Blocked) => Err(Refusal::KeyBlocked),
-            Ok(Status::Missing) => Err(Refusal::TokenRevoked),
-            Err(_) => match redis.settings.on_failure {
-                OnFailure::Closed => Err(Refusal::AuthUnavailable),
-                OnFailure::Local | OnFailure::Open => Ok(()),
-            },
+            Ok(Status::Missing) => Err(Refusal::TokenNotStored),
+            Err(_) => Err(Refusal::TokenStoreUnavailable),
         }
     }
 
@@ -365,7 +370,9 @@ impl Proxy {
     }
 
     async fn refuse(&self, session: &mut Session, ctx: &mut Ctx, r: Refusal) -> Result<bool> {
-        if matches!(r.status(), 401 | 403) || matches!(r, Refusal::AuthUnavailable) {
+        if matches!(r.status(), 401 | 403)
+            || matches!(r, Refusal::AuthUnavailable | Refusal::TokenStoreUnavailable)
+        {
             metrics::AUTH_FAILURES.with_label_values(&[r.code()]).inc();
         }
         respond::refuse(session, ctx, &r).await?;

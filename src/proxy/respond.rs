@@ -108,6 +108,10 @@ pub async fn refuse(session: &mut Session, ctx: &mut Ctx, refusal: &Refusal) -> 
     {
         h.insert_header(http::header::RETRY_AFTER, retry_after_secs.to_string())?;
     }
+    // The Redis client tries the store again a second after a failure.
+    if let Refusal::TokenStoreUnavailable = refusal {
+        h.insert_header(http::header::RETRY_AFTER, "1")?;
+    }
     send(session, ctx, h, body).await
 }
 
