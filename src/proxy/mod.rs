@@ -57,6 +57,9 @@ pub struct Ctx {
     pub label: &'static str,
     /// Normalised path and query, forwarded upstream.
     pub target: String,
+    /// The path as a lenient backend reads it (`..;`, `\`, escapes
+    /// resolved), when that differs: permissions must allow it too.
+    pub lenient_path: Option<String>,
     pub tried: Vec<SocketAddr>,
     pub status: u16,
     /// Why the request was not answered by the upstream: a refusal code or
@@ -201,20 +204,58 @@ impl Proxy {
         Ok(Step::Continue)
     }
 
+    /// Step 2: the normalised path, the route it names, and that route's
+    /// `path_policy`. The policy of the route the path lands on is applied
+    /// to the whole raw path, and a path that a lenient backend would read
+    /// as another route is refused whatever the policy: choosing a
+    /// permissive route never lets a path out of it.
     fn route(&self, session: &Session, ctx: &mut Ctx, state: &State) -> Result<usize, Refusal> {
         let req = session.req_header();
-        let normalised = path::normalize(req.uri.path()).map_err(|e| {
+        let raw = req.uri.path();
+        let invalid = |ctx: &mut Ctx, r: Refusal| {
             ctx.label = "_invalid";
-            Refusal::BadRequest(e.to_string().into())
-        })?;
+            r
+        };
+        let refused = path::strict_violation(raw);
+        let normalised = match path::normalize(raw) {
+            Ok(n) => n,
+            // Always a `..`: a dot form, refused under either policy.
+            Err(path::PathError::AboveRoot) => {
+                return Err(invalid(
+                    ctx,
+                    Refusal::BadPath(path::BadPath::DotSegment.message()),
+                ))
+            }
+            Err(e) => return Err(invalid(ctx, Refusal::BadRequest(e.to_string().into()))),
+        };
         let host = request::host(req).inspect_err(|_| ctx.label = "_invalid")?;
-        let route = state
-            .routes
-            .find(host, &req.method, &normalised)
-            .ok_or_else(|| {
-                ctx.label = "_unmatched";
-                Refusal::NoRoute
-            })?;
+        let found = state.routes.find(host, &req.method, &normalised);
+        let strict = found.is_none_or(|i| {
+            state.config.routes[i].path_policy == crate::config::PathPolicy::Strict
+        });
+        if let (Some(why), true) = (refused, strict) {
+            return Err(invalid(ctx, Refusal::BadPath(why.message())));
+        }
+        let route = found.ok_or_else(|| {
+            ctx.label = "_unmatched";
+            Refusal::NoRoute
+        })?;
+        if path::may_read_differently(raw) {
+            let other = path::lenient_reading(raw)
+                .ok()
+                .filter(|o| {
+                    *o == normalised || state.routes.find(host, &req.method, o) == Some(route)
+                })
+                .ok_or_else(|| {
+                    invalid(
+                        ctx,
+                        Refusal::BadPath(path::BadPath::ReadsAsAnotherRoute.message()),
+                    )
+                })?;
+            if other != normalised {
+                ctx.lenient_path = Some(other);
+            }
+        }
         ctx.target = match req.uri.query() {
             Some(q) => format!("{normalised}?{q}"),
             None => normalised,
@@ -254,7 +295,8 @@ impl Proxy {
         };
         self.check_stored(state, &identity).await?;
         let path = ctx.target.split('?').next().unwrap_or_default();
-        if !identity.routes.allows(path) {
+        let lenient = ctx.lenient_path.as_deref();
+        if !identity.routes.allows(path) || lenient.is_some_and(|p| !identity.routes.allows(p)) {
             return Err(Refusal::RouteForbidden);
         }
         Ok(Some(identity))
@@ -418,6 +460,7 @@ impl ProxyHttp for Proxy {
             route: None,
             label: "_unmatched",
             target: String::new(),
+            lenient_path: None,
             tried: Vec::new(),
             status: 0,
             error: None,
