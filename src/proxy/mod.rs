@@ -4,6 +4,7 @@
 //! then forwarding. Each step either passes or returns a [`Refusal`] that
 //! `respond::refuse` renders.
 
+pub mod client_ip;
 pub mod forward;
 pub mod limit_headers;
 pub mod request;
@@ -110,10 +111,15 @@ fn caller<'a>(
     let client_ip = if state.config.limits.rules.is_empty() {
         None
     } else {
-        session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| forward::client_address(a.ip(), req, &state.config.server.trusted_proxies))
+        session.client_addr().and_then(|a| a.as_inet()).map(|a| {
+            let server = &state.config.server;
+            forward::client_address(
+                a.ip(),
+                req,
+                &server.trusted_proxies,
+                server.client_ip_header,
+            )
+        })
     };
     rules::Caller {
         client_ip,
