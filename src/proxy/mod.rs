@@ -75,6 +75,9 @@ pub struct Ctx {
     pub slot: Option<Slot>,
     /// Headers added to tollgate's own answers (rate-limit headers, ...).
     pub extra_headers: Vec<(&'static str, String)>,
+    /// A refusal went to a gRPC client as HTTP 200: metrics and the access
+    /// log record `status`, the HTTP status it stands for.
+    pub grpc_refused: bool,
 }
 
 impl Ctx {
@@ -474,6 +477,7 @@ impl ProxyHttp for Proxy {
             websocket: false,
             slot: None,
             extra_headers: Vec::new(),
+            grpc_refused: false,
         }
     }
 
@@ -664,9 +668,12 @@ impl ProxyHttp for Proxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
-        let status = session
-            .response_written()
-            .map_or(ctx.status, |r| r.status.as_u16());
+        // A gRPC refusal is HTTP 200 on the wire; alerts on 401/429/5xx
+        // must still see it, so it counts as the status it stands for.
+        let status = match session.response_written() {
+            Some(r) if !ctx.grpc_refused => r.status.as_u16(),
+            _ => ctx.status,
+        };
         let route = ctx.route_name();
         let elapsed = ctx.start.elapsed();
         // Indexes of `metrics::PROTOCOLS`.
