@@ -471,6 +471,9 @@ pub struct UpstreamAuthSettings {
     pub client_secret: String,
     pub scope: Option<String>,
     pub refresh: Duration,
+    /// Names the token these settings get (`credentials::token_key`): a
+    /// change of endpoint, client, secret or scope is another token.
+    pub token_key: String,
 }
 
 /// `routes[].auth`.

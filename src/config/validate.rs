@@ -748,6 +748,12 @@ fn upstream_auth(
         }
     };
     Some(UpstreamAuthSettings {
+        token_key: crate::credentials::token_key(
+            &token_url,
+            &raw.client_id,
+            &raw.client_secret,
+            raw.scope.as_deref(),
+        ),
         token_url,
         client_id: raw.client_id.clone(),
         client_secret: raw.client_secret.clone(),

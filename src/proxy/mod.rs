@@ -532,8 +532,7 @@ impl ProxyHttp for Proxy {
             return self.refuse(session, ctx, r).await;
         }
         if let Some(auth) = &state.config.routes[route].upstream_auth {
-            let name = &state.config.routes[route].name;
-            match self.credentials.token_for(name, auth).await {
+            match self.credentials.token_for(auth).await {
                 Some(token) => ctx.upstream_token = Some(format!("Bearer {token}")),
                 None => {
                     return self
