@@ -221,8 +221,9 @@ pub fn lenient_reading(raw: &str) -> Result<String, PathError> {
             .position(|&b| b == b';')
             .unwrap_or(segment.len());
         for &b in &segment[..end] {
-            // Kept as written by `normalize`; everything else escaped.
-            if is_unreserved(b) || b"!$&'()*+,=:@".contains(&b) {
+            // What `normalize` takes as written stays so (a route path
+            // compares with it); what it refuses, and `%`, are escaped.
+            if (0x21..0x7f).contains(&b) && b != b'%' {
                 text.push(b as char);
             } else {
                 text.push('%');

@@ -59,8 +59,9 @@ pub struct Ctx {
     /// Normalised path and query, forwarded upstream.
     pub target: String,
     /// The path as a lenient backend reads it (`..;`, `\`, escapes
-    /// resolved), when that differs: permissions must allow it too.
-    pub lenient_path: Option<String>,
+    /// resolved) — as sent and as forwarded — where that differs from
+    /// `target`: permissions must allow these too.
+    pub lenient_paths: Vec<String>,
     pub tried: Vec<SocketAddr>,
     pub status: u16,
     /// Why the request was not answered by the upstream: a refusal code or
@@ -249,20 +250,25 @@ impl Proxy {
             ctx.label = "_unmatched";
             Refusal::NoRoute
         })?;
+        // Read leniently both as the client wrote it and as it is forwarded
+        // (normalising can pop a `..;` with a later `..`): each reading
+        // must stay on this route.
         if path::may_read_differently(raw) {
-            let other = path::lenient_reading(raw)
-                .ok()
-                .filter(|o| {
-                    *o == normalised || state.routes.find(host, &req.method, o) == Some(route)
-                })
-                .ok_or_else(|| {
-                    invalid(
-                        ctx,
-                        Refusal::BadPath(path::BadPath::ReadsAsAnotherRoute.message()),
-                    )
-                })?;
-            if other != normalised {
-                ctx.lenient_path = Some(other);
+            for text in [raw, normalised.as_str()] {
+                let other = path::lenient_reading(text)
+                    .ok()
+                    .filter(|o| {
+                        *o == normalised || state.routes.find(host, &req.method, o) == Some(route)
+                    })
+                    .ok_or_else(|| {
+                        invalid(
+                            ctx,
+                            Refusal::BadPath(path::BadPath::ReadsAsAnotherRoute.message()),
+                        )
+                    })?;
+                if other != normalised && !ctx.lenient_paths.contains(&other) {
+                    ctx.lenient_paths.push(other);
+                }
             }
         }
         ctx.target = match req.uri.query() {
@@ -304,8 +310,8 @@ impl Proxy {
         };
         self.check_stored(state, &identity).await?;
         let path = ctx.target.split('?').next().unwrap_or_default();
-        let lenient = ctx.lenient_path.as_deref();
-        if !identity.routes.allows(path) || lenient.is_some_and(|p| !identity.routes.allows(p)) {
+        let lenient = &ctx.lenient_paths;
+        if !identity.routes.allows(path) || lenient.iter().any(|p| !identity.routes.allows(p)) {
             return Err(Refusal::RouteForbidden);
         }
         Ok(Some(identity))
@@ -469,7 +475,7 @@ impl ProxyHttp for Proxy {
             route: None,
             label: "_unmatched",
             target: String::new(),
-            lenient_path: None,
+            lenient_paths: Vec::new(),
             tried: Vec::new(),
             status: 0,
             error: None,
