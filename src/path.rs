@@ -173,9 +173,15 @@ pub fn strict_violation(raw: &str) -> Option<BadPath> {
     if !bytes.iter().any(|b| matches!(b, b'.' | b'%' | b'\\')) {
         return None;
     }
-    let mut decoded = Vec::new();
+    let mut buffer = Vec::new();
     for segment in bytes.split(|&b| b == b'/') {
-        decode_once(segment, &mut decoded);
+        // Only a segment with an escape needs decoding (and a buffer).
+        let decoded = if segment.contains(&b'%') {
+            decode_once(segment, &mut buffer);
+            buffer.as_slice()
+        } else {
+            segment
+        };
         if decoded.contains(&b'/') {
             return Some(BadPath::EncodedSlash);
         }
@@ -184,7 +190,7 @@ pub fn strict_violation(raw: &str) -> Option<BadPath> {
         }
         let (base, parameter) = match decoded.iter().position(|&b| b == b';') {
             Some(at) => (&decoded[..at], true),
-            None => (&decoded[..], false),
+            None => (decoded, false),
         };
         if base == b"." || base == b".." {
             return Some(if parameter {
