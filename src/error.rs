@@ -44,6 +44,8 @@ pub enum Refusal {
     RedisUnavailable,
     /// Admin API: a request body over the size it reads.
     BodyTooLarge,
+    /// A path form `path_policy: strict` refuses (the sentence says which).
+    BadPath(&'static str),
 }
 
 impl Refusal {
@@ -68,6 +70,7 @@ impl Refusal {
             Refusal::Unconfigured { .. } => 409,
             Refusal::RedisUnavailable => 503,
             Refusal::BodyTooLarge => 413,
+            Refusal::BadPath(_) => 400,
         }
     }
 
@@ -93,6 +96,7 @@ impl Refusal {
             Refusal::Unconfigured { code, .. } => code,
             Refusal::RedisUnavailable => "redis_unavailable",
             Refusal::BodyTooLarge => "body_too_large",
+            Refusal::BadPath(_) => "bad_path",
         }
     }
 
@@ -126,6 +130,7 @@ impl Refusal {
             Refusal::Unconfigured { message, .. } => Cow::Borrowed(message),
             Refusal::RedisUnavailable => "Redis did not answer".into(),
             Refusal::BodyTooLarge => "the request body is too large".into(),
+            Refusal::BadPath(why) => Cow::Borrowed(why),
         }
     }
 

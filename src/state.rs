@@ -63,7 +63,12 @@ fn verifier(
     let material = KeyMaterial::load(&jwt.key)?;
     let forwarded = forwarded_claims(config);
     let old = previous.and_then(|p| p.verifier.as_ref());
-    if let Some(v) = old.filter(|v| v.same_settings(jwt, &material, &forwarded)) {
+    // A CA file rotated in place is a change too: the key set is then
+    // fetched again through the new CAs before the swap.
+    let kept = |v: &&Arc<Verifier>| {
+        v.same_settings(jwt, &material, &forwarded) && v.jwks().is_none_or(|j| j.ca_unchanged())
+    };
+    if let Some(v) = old.filter(kept) {
         return Ok(v.clone());
     }
     let jwks = old.and_then(|v| v.jwks()).filter(|j| j.serves(jwt));
@@ -109,7 +114,9 @@ impl State {
             None => None,
         };
         let redis = match (&config.redis, previous.and_then(|p| p.redis.as_ref())) {
-            (Some(settings), Some(old)) if old.settings == *settings => Some(old.clone()),
+            (Some(settings), Some(old)) if old.settings == *settings && old.ca_unchanged() => {
+                Some(old.clone())
+            }
             (Some(settings), _) => match Redis::new(settings.clone()) {
                 Ok(r) => Some(Arc::new(r)),
                 Err(e) => {

@@ -84,6 +84,12 @@ impl Jwks {
         matches!(&settings.key, crate::config::KeySource::JwksUrl(url) if *url == self.client.url)
             && self.refresh == settings.jwks_refresh
             && self.algorithms == settings.algorithms
+            && self.ca_unchanged()
+    }
+
+    /// Whether `jwks_ca_file` still holds the CAs the client was built with.
+    pub fn ca_unchanged(&self) -> bool {
+        self.client.ca_unchanged()
     }
 
     /// Where the key set comes from (for logs).

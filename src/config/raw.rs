@@ -11,6 +11,7 @@ use super::types::{
     Algorithm, Calendar, HeaderMode, JwtAlgorithm, LogFormat, LogLevel, OnFailure, RouteAuth,
     SyncMode, TlsVersion, UpstreamProtocol,
 };
+use super::types::{ClientIpHeader, PathPolicy};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -63,6 +64,10 @@ pub struct RawServer {
     pub h2c: bool,
     /// HTTPS listeners.
     pub tls: Vec<RawTlsListener>,
+    /// The header that names the client behind a trusted proxy.
+    pub client_ip_header: Checked<ClientIpHeader>,
+    /// Longest a reload may take to make its new parts ready.
+    pub reload_timeout: Checked<Span>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -99,6 +104,8 @@ impl Default for RawServer {
             trusted_proxies: Vec::new(),
             h2c: false,
             tls: Vec::new(),
+            client_ip_header: Checked::default(),
+            reload_timeout: span("10s"),
         }
     }
 }
@@ -367,6 +374,8 @@ pub struct RawRoute {
     /// `Upgrade: websocket` is tunnelled after auth and limits.
     #[serde(default)]
     pub websocket: bool,
+    #[serde(default)]
+    pub path_policy: Checked<PathPolicy>,
 }
 
 fn default_cost() -> u64 {

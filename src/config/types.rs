@@ -40,6 +40,8 @@ pub struct ServerSettings {
     pub trusted_proxies: Vec<Cidr>,
     pub h2c: bool,
     pub tls: Vec<TlsListenerSettings>,
+    pub client_ip_header: ClientIpHeader,
+    pub reload_timeout: Duration,
 }
 
 /// An HTTPS listener: its certificates (chosen by SNI; the first is the
@@ -472,6 +474,9 @@ pub struct UpstreamAuthSettings {
     pub client_secret: String,
     pub scope: Option<String>,
     pub refresh: Duration,
+    /// Names the token these settings get (`credentials::token_key`): a
+    /// change of endpoint, client, secret or scope is another token.
+    pub token_key: String,
 }
 
 /// `routes[].auth`.
@@ -498,6 +503,41 @@ pub struct RouteSettings {
     pub cost_from_response_header: Option<HeaderName>,
     pub upstream_auth: Option<UpstreamAuthSettings>,
     pub websocket: bool,
+    pub path_policy: PathPolicy,
+}
+
+/// `routes[].path_policy`: which path forms reach the route's upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathPolicy {
+    /// Dot segments (also encoded), parameters on them, backslashes and
+    /// encoded slashes are refused with `400 bad_path`.
+    #[default]
+    Strict,
+    /// Those forms pass (dot segments resolved, the rest as written), as
+    /// long as every reading of the path stays on this route.
+    Permissive,
+}
+
+/// `server.client_ip_header`: the one header whose entries name the client
+/// when the peer is a trusted proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientIpHeader {
+    #[default]
+    XForwardedFor,
+    Forwarded,
+    XRealIp,
+}
+
+impl ClientIpHeader {
+    pub fn header_name(self) -> &'static str {
+        match self {
+            ClientIpHeader::XForwardedFor => "x-forwarded-for",
+            ClientIpHeader::Forwarded => "forwarded",
+            ClientIpHeader::XRealIp => "x-real-ip",
+        }
+    }
 }
 
 #[cfg(test)]

@@ -131,6 +131,8 @@ fn server(p: &mut Problems, s: &RawServer) -> ServerSettings {
         max_header_bytes: s.max_header_bytes,
         header_timeout: p.positive_duration("server.header_timeout", &s.header_timeout),
         trusted_proxies,
+        client_ip_header: p.take("server.client_ip_header", &s.client_ip_header),
+        reload_timeout: p.positive_duration("server.reload_timeout", &s.reload_timeout),
     }
 }
 
@@ -757,6 +759,12 @@ fn upstream_auth(
         }
     };
     Some(UpstreamAuthSettings {
+        token_key: crate::credentials::token_key(
+            &token_url,
+            &raw.client_id,
+            &raw.client_secret,
+            raw.scope.as_deref(),
+        ),
         token_url,
         client_id: raw.client_id.clone(),
         client_secret: raw.client_secret.clone(),
@@ -823,6 +831,17 @@ fn route(
         .upstream_auth
         .as_ref()
         .and_then(|ua| upstream_auth(p, &base, ua));
+    let path_policy = p.take(&format!("{base}.path_policy"), &raw.path_policy);
+    if let (PathPolicy::Strict, Some(PathMatch::Exact(v) | PathMatch::Prefix(v))) =
+        (path_policy, &path)
+    {
+        if crate::path::strict_violation(v).is_some() {
+            p.add(
+                format!("{base}.path_policy"),
+                format!("the route's own path {v:?} is a form strict refuses; set path_policy: permissive"),
+            );
+        }
+    }
     Some(RouteSettings {
         name: raw.name.clone(),
         host: route_host(p, &base, raw),
@@ -835,6 +854,7 @@ fn route(
         cost_from_response_header,
         upstream_auth,
         websocket: raw.websocket,
+        path_policy,
     })
 }
 
