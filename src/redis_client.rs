@@ -19,7 +19,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Client, FromRedisValue, TlsCertificates};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use crate::clock::Instant;
+use std::time::Duration;
 use tokio::sync::OnceCell;
 
 /// How long Redis is skipped after a failed call.
@@ -52,12 +53,57 @@ pub struct Redis {
 enum Clients {
     Single(Client),
     Cluster(redis::cluster::ClusterClient),
+    /// A simulated server (the limiter's simulation).
+    #[cfg(test)]
+    Sim(Arc<dyn sim::Link>),
 }
 
 #[derive(Clone)]
 enum Conn {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
+    #[cfg(test)]
+    Sim(sim::Conn),
+}
+
+/// The seam the limiter's simulation plugs a simulated Redis into: every
+/// command of a `Redis` built with [`Redis::simulated`] goes to its `Link`.
+#[cfg(test)]
+pub mod sim {
+    use redis::{Cmd, RedisFuture, Value};
+    use std::sync::Arc;
+
+    pub trait Link: Send + Sync {
+        /// Runs one command (its answer, or the error the connection saw).
+        fn request(&self, cmd: &Cmd) -> RedisFuture<'static, Value>;
+    }
+
+    #[derive(Clone)]
+    pub struct Conn(pub Arc<dyn Link>);
+
+    impl redis::aio::ConnectionLike for Conn {
+        fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+            self.0.request(cmd)
+        }
+
+        fn req_packed_commands<'a>(
+            &'a mut self,
+            _pipeline: &'a redis::Pipeline,
+            _offset: usize,
+            _count: usize,
+        ) -> RedisFuture<'a, Vec<Value>> {
+            Box::pin(async {
+                Err(redis::RedisError::from((
+                    redis::ErrorKind::Client,
+                    "pipelines are not simulated",
+                )))
+            })
+        }
+
+        fn get_db(&self) -> i64 {
+            0
+        }
+    }
 }
 
 /// A command or a pipeline, run with [`Redis::query`].
@@ -116,6 +162,17 @@ impl Redis {
         })
     }
 
+    /// A client whose commands go to a simulated server.
+    #[cfg(test)]
+    pub fn simulated(settings: RedisSettings, link: Arc<dyn sim::Link>) -> Self {
+        Redis {
+            settings,
+            clients: Clients::Sim(link),
+            conn: OnceCell::new(),
+            down_until: Mutex::new(None),
+        }
+    }
+
     /// The same client with a connection of its own (made in the runtime
     /// that first uses it) and a back-off of its own.
     pub fn detached(&self) -> Redis {
@@ -151,6 +208,8 @@ impl Redis {
 
     async fn connect(&self) -> redis::RedisResult<Conn> {
         match &self.clients {
+            #[cfg(test)]
+            Clients::Sim(link) => Ok(Conn::Sim(sim::Conn(link.clone()))),
             Clients::Cluster(client) => Ok(Conn::Cluster(client.get_async_connection().await?)),
             Clients::Single(client) => {
                 let timeout = self.settings.timeout;
@@ -210,6 +269,10 @@ impl Redis {
                 (Conn::Cluster(mut c), Query::Cmd(q)) => q.query_async(&mut c).await,
                 (Conn::Single(mut c), Query::Pipe(p)) => p.query_async(&mut c).await,
                 (Conn::Cluster(mut c), Query::Pipe(p)) => p.query_async(&mut c).await,
+                #[cfg(test)]
+                (Conn::Sim(mut c), Query::Cmd(q)) => q.query_async(&mut c).await,
+                #[cfg(test)]
+                (Conn::Sim(mut c), Query::Pipe(p)) => p.query_async(&mut c).await,
             }
         };
         self.bounded(op, timeout, call).await
@@ -228,6 +291,8 @@ impl Redis {
             match conn {
                 Conn::Single(mut c) => invocation.invoke_async::<T>(&mut c).await,
                 Conn::Cluster(mut c) => invocation.invoke_async::<T>(&mut c).await,
+                #[cfg(test)]
+                Conn::Sim(mut c) => invocation.invoke_async::<T>(&mut c).await,
             }
         };
         self.bounded(op, timeout, call).await
@@ -266,6 +331,13 @@ impl Redis {
         let op = "subscribe";
         let client = match &self.clients {
             Clients::Single(c) => c.clone(),
+            #[cfg(test)]
+            Clients::Sim(_) => {
+                return Err(Unavailable::Failed {
+                    op,
+                    cause: "not simulated".into(),
+                })
+            }
             Clients::Cluster(_) => {
                 let url = self.settings.urls.first().cloned().unwrap_or_default();
                 let certs = certificates(&self.settings)

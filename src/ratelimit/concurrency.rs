@@ -22,7 +22,7 @@ use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use redis::Script;
-use std::collections::HashMap;
+use crate::cache::KeyMap;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
@@ -56,7 +56,7 @@ struct Slots {
 /// This instance's slots per key.
 pub struct Concurrency {
     instance: String,
-    keys: Mutex<HashMap<String, Slots>>,
+    keys: Mutex<KeyMap<String, Slots>>,
 }
 
 impl Default for Concurrency {
@@ -65,7 +65,7 @@ impl Default for Concurrency {
         let _ = getrandom::fill(&mut id);
         Concurrency {
             instance: format!("{}-{}", std::process::id(), u64::from_le_bytes(id)),
-            keys: Mutex::new(HashMap::new()),
+            keys: Mutex::new(KeyMap::default()),
         }
     }
 }

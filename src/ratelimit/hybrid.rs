@@ -30,7 +30,8 @@ use arc_swap::ArcSwapOption;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, Instant};
+use crate::clock::Instant;
+use std::time::Duration;
 
 const SHARDS: usize = 64;
 /// A lease takes this share of the available units...
@@ -156,9 +157,8 @@ struct Inner {
     shards: Box<[Shard]>,
     hasher: KeyHasher,
     epoch: Instant,
-    /// Units per second each key uses on this instance (a count-min sketch:
-    /// fixed memory, never stores keys).
-    usage: pingora_limits::rate::Rate,
+    /// Units per second each key uses on this instance.
+    usage: super::rate::UsageRate,
     /// The Redis handle and algorithm of the latest acquire, for the keeper.
     redis: ArcSwapOption<Redis>,
     algo: AtomicU8,
@@ -181,7 +181,7 @@ impl Default for Leases {
                     .collect(),
                 hasher: KeyHasher::default(),
                 epoch: Instant::now(),
-                usage: pingora_limits::rate::Rate::new(Duration::from_secs(1)),
+                usage: Default::default(),
                 redis: ArcSwapOption::empty(),
                 algo: AtomicU8::new(0),
                 keeper_running: AtomicBool::new(false),
@@ -258,7 +258,7 @@ impl Inner {
     /// The lease cap for the next call: the key's rate on this instance
     /// times the horizon of its tightest window.
     fn chunk_cap(&self, key_id: &str, leases: &[Lease], now: u64) -> u64 {
-        let per_second = self.usage.rate(&key_id).max(0.0);
+        let per_second = self.usage.rate(key_id, now);
         let horizon = leases
             .iter()
             .map(|l| horizon_secs(l, now))
@@ -421,9 +421,7 @@ impl Leases {
         cost: u64,
     ) -> Result<Acquired, Unavailable> {
         let inner = &*self.inner;
-        inner
-            .usage
-            .observe(&key_id, cost.min(isize::MAX as u64) as isize);
+        inner.usage.observe(key_id, cost, inner.now());
         let shard = inner.shard(key_id);
         let hybrid = sync == SyncMode::Hybrid;
         // Waits are capped so a lost wake-up can only cost time, never hang.
@@ -651,6 +649,23 @@ impl Leases {
 
     pub fn keys(&self) -> usize {
         self.inner.keys()
+    }
+
+    /// Unused units this instance holds for `window` of `key_id` (tests).
+    #[cfg(test)]
+    pub fn held(&self, key_id: &str, window: &Window) -> u64 {
+        let inner = &*self.inner;
+        let now = inner.now();
+        let map = lock(&inner.shard(key_id).map);
+        map.get(key_id)
+            .and_then(|s| {
+                s.held
+                    .slice()
+                    .iter()
+                    .find(|l| l.window.is(window) && l.expires > now)
+                    .map(|l| l.budget)
+            })
+            .unwrap_or(0)
     }
 }
 

@@ -9,6 +9,7 @@ pub mod concurrency;
 pub mod hybrid;
 pub mod local;
 pub mod packed;
+pub mod rate;
 pub mod remote;
 pub mod rules;
 
@@ -437,6 +438,12 @@ impl Limiter {
         returned
     }
 
+    /// Unused units this instance holds for a window of a key (tests).
+    #[cfg(test)]
+    pub fn held(&self, key_id: &str, window: &Window) -> u64 {
+        self.leases.held(key_id, window)
+    }
+
     /// Every window of `scopes` with what is left of it, from Redis when
     /// configured (a zero-unit lease: nothing is charged), else from this
     /// process.
@@ -723,3 +730,6 @@ mod tests {
         assert_eq!(names, ["default"]);
     }
 }
+
+#[cfg(test)]
+mod sim;
