@@ -12,6 +12,7 @@
 //! it. A background service whose runtime may outlive or predate the
 //! proxy's takes its own connection with [`Redis::detached`].
 
+use crate::clock::Instant;
 use crate::config::{ConfigProblem, RedisSettings};
 use crate::metrics;
 use futures_util::StreamExt;
@@ -19,7 +20,6 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Client, FromRedisValue, TlsCertificates};
 use std::sync::{Arc, Mutex};
-use crate::clock::Instant;
 use std::time::Duration;
 use tokio::sync::OnceCell;
 
@@ -45,6 +45,8 @@ pub struct Redis {
     clients: Clients,
     conn: OnceCell<Conn>,
     down_until: Mutex<Option<Instant>>,
+    /// Calls that found the connection lost (Redis restarted, or went away).
+    reconnects: std::sync::atomic::AtomicU64,
 }
 
 // One per config: its size does not matter.
@@ -159,6 +161,7 @@ impl Redis {
             clients,
             conn: OnceCell::new(),
             down_until: Mutex::new(None),
+            reconnects: Default::default(),
         })
     }
 
@@ -170,6 +173,7 @@ impl Redis {
             clients: Clients::Sim(link),
             conn: OnceCell::new(),
             down_until: Mutex::new(None),
+            reconnects: Default::default(),
         }
     }
 
@@ -181,6 +185,7 @@ impl Redis {
             clients: self.clients.clone(),
             conn: OnceCell::new(),
             down_until: Mutex::new(None),
+            reconnects: Default::default(),
         }
     }
 
@@ -279,23 +284,55 @@ impl Redis {
     }
 
     /// Runs a prepared script (EVALSHA, falling back to EVAL on NOSCRIPT).
+    /// A call that finds its connection lost (Redis restarted) is made once
+    /// more on a fresh one, within the same timeout, before it fails.
     pub async fn invoke<T: FromRedisValue>(
         &self,
         op: &'static str,
         invocation: &redis::ScriptInvocation<'_>,
         timeout: Duration,
     ) -> Result<T, Unavailable> {
-        let conn = self.connection(op).await?;
-        metrics::REDIS_CALLS.with_label_values(&[op]).inc();
-        let call = async {
-            match conn {
-                Conn::Single(mut c) => invocation.invoke_async::<T>(&mut c).await,
-                Conn::Cluster(mut c) => invocation.invoke_async::<T>(&mut c).await,
-                #[cfg(test)]
-                Conn::Sim(mut c) => invocation.invoke_async::<T>(&mut c).await,
-            }
-        };
-        self.bounded(op, timeout, call).await
+        let deadline = Instant::now() + timeout;
+        let mut again = true;
+        loop {
+            let conn = self.connection(op).await?;
+            metrics::REDIS_CALLS.with_label_values(&[op]).inc();
+            let call = async {
+                match conn {
+                    Conn::Single(mut c) => invocation.invoke_async::<T>(&mut c).await,
+                    Conn::Cluster(mut c) => invocation.invoke_async::<T>(&mut c).await,
+                    #[cfg(test)]
+                    Conn::Sim(mut c) => invocation.invoke_async::<T>(&mut c).await,
+                }
+            };
+            let err = match tokio::time::timeout_at(deadline, call).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => {
+                    let lost =
+                        e.is_connection_dropped() || e.is_io_error() || e.is_connection_refusal();
+                    if lost {
+                        self.reconnects
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if std::mem::take(&mut again) {
+                            continue;
+                        }
+                    }
+                    Unavailable::Failed {
+                        op,
+                        cause: e.to_string(),
+                    }
+                }
+                Err(_) => Unavailable::TimedOut { op },
+            };
+            self.failed(&err);
+            return Err(err);
+        }
+    }
+
+    /// How many calls found the connection lost so far: a change tells the
+    /// limiter that Redis may have restarted and lost counts.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Marks an answer that could not be used as a failure (starts the back-off).

@@ -25,6 +25,8 @@ use std::time::Duration;
 enum Data {
     Str(String),
     Hash(BTreeMap<String, String>),
+    /// Members and scores.
+    ZSet(BTreeMap<String, f64>),
 }
 
 #[derive(Clone, Debug)]
@@ -71,6 +73,8 @@ struct State {
     pub violations: Vec<String>,
     pub executed: Vec<Executed>,
     pub restarts: u64,
+    /// Integer values lost at restarts, by key.
+    lost: HashMap<String, i64>,
     /// Calls on their way to or back from the server.
     in_flight: usize,
     /// Offset of the server's clock from the simulation's wall clock.
@@ -127,6 +131,7 @@ impl Server {
             violations: Vec::new(),
             executed: Vec::new(),
             restarts: 0,
+            lost: HashMap::new(),
             in_flight: 0,
             skew_us: 0,
         })))
@@ -147,14 +152,19 @@ impl Server {
         f(&mut lock(&self.0).faults);
     }
 
-    pub fn faults(&self) -> Faults {
-        lock(&self.0).faults.clone()
-    }
-
     /// Loses every key and script, like a restart without persistence; open
     /// connections fail their next call.
     pub fn restart(&self) {
         let mut s = lock(&self.0);
+        let now = s.now_us();
+        let names: Vec<String> = s.keys.keys().cloned().collect();
+        for k in names {
+            if let Some(Data::Str(v)) = s.get(&k, now).map(|e| e.data.clone()) {
+                if let Ok(n) = v.parse::<i64>() {
+                    *s.lost.entry(k).or_default() += n;
+                }
+            }
+        }
         s.keys.clear();
         s.scripts.clear();
         s.compiled.clear();
@@ -182,33 +192,14 @@ impl Server {
         }
     }
 
-    /// Every live key with its integer value or hash fields.
-    pub fn dump(&self) -> BTreeMap<String, String> {
-        let mut s = lock(&self.0);
-        let now = s.now_us();
-        let names: Vec<String> = s.keys.keys().cloned().collect();
-        let mut out = BTreeMap::new();
-        for k in names {
-            match s.get(&k, now).map(|e| e.data.clone()) {
-                Some(Data::Str(v)) => {
-                    out.insert(k, v);
-                }
-                Some(Data::Hash(h)) => {
-                    out.insert(k, format!("{h:?}"));
-                }
-                None => {}
-            }
-        }
-        out
+    /// What restarts lost of an integer key.
+    pub fn lost(&self, key: &str) -> u64 {
+        lock(&self.0).lost.get(key).copied().unwrap_or(0).max(0) as u64
     }
 
     /// Whether a call is on its way to or back from the server.
     pub fn busy(&self) -> bool {
         lock(&self.0).in_flight > 0
-    }
-
-    pub fn set_skew_us(&self, skew: i64) {
-        lock(&self.0).skew_us = skew;
     }
 
     /// Runs one command as the server would, at its (virtual) now.
@@ -228,7 +219,9 @@ impl Server {
                 let Some(source) = args.get(2) else {
                     return Ok(server_error("ERR wrong number of arguments for 'script'"));
                 };
-                let sha = sha1_smol::Sha1::from(source.as_bytes()).digest().to_string();
+                let sha = sha1_smol::Sha1::from(source.as_bytes())
+                    .digest()
+                    .to_string();
                 s.scripts.insert(sha.clone(), source.clone());
                 Ok(Value::BulkString(sha.into_bytes()))
             }
@@ -248,7 +241,9 @@ impl Server {
 
 impl State {
     fn now_us(&self) -> u64 {
-        (crate::clock::now_us() as i64).saturating_add(self.skew_us).max(0) as u64
+        (crate::clock::now_us() as i64)
+            .saturating_add(self.skew_us)
+            .max(0) as u64
     }
 
     fn violation(&mut self, what: String) {
@@ -287,7 +282,9 @@ impl State {
             return server_error("ERR value is not an integer or out of range");
         };
         if args.len() < 2 + numkeys {
-            self.violation(format!("script call with fewer keys than it says: {args:?}"));
+            self.violation(format!(
+                "script call with fewer keys than it says: {args:?}"
+            ));
             return server_error("ERR Number of keys can't be greater than number of args");
         }
         let keys = args[2..2 + numkeys].to_vec();
@@ -375,7 +372,9 @@ impl State {
                 }
             })?;
             let sha1hex = scope.create_function(|_, text: mlua::LuaString| {
-                Ok(sha1_smol::Sha1::from(&text.as_bytes()[..]).digest().to_string())
+                Ok(sha1_smol::Sha1::from(&text.as_bytes()[..])
+                    .digest()
+                    .to_string())
             })?;
             let redis = lua.create_table()?;
             redis.set("call", call)?;
@@ -398,7 +397,10 @@ impl State {
 
     /// The commands the scripts and the limiter use, with Redis' checks.
     fn command(&mut self, args: &[String], now: u64) -> Result<Value, String> {
-        let name = args.first().map(|a| a.to_ascii_uppercase()).unwrap_or_default();
+        let name = args
+            .first()
+            .map(|a| a.to_ascii_uppercase())
+            .unwrap_or_default();
         let arity = |n: usize| -> Result<(), String> {
             if args.len() == n {
                 Ok(())
@@ -423,7 +425,9 @@ impl State {
                 match self.get(&args[1], now).map(|e| e.data.clone()) {
                     None => Ok(Value::Nil),
                     Some(Data::Str(v)) => Ok(Value::BulkString(v.into_bytes())),
-                    Some(Data::Hash(_)) => Err("WRONGTYPE Operation against a key holding the wrong kind of value".into()),
+                    Some(_) => Err(
+                        "WRONGTYPE Operation against a key holding the wrong kind of value".into(),
+                    ),
                 }
             }
             "SET" => {
@@ -436,7 +440,11 @@ impl State {
                 while i < args.len() {
                     match args[i].to_ascii_uppercase().as_str() {
                         "PX" | "EX" => {
-                            let unit = if args[i].eq_ignore_ascii_case("PX") { 1_000 } else { 1_000_000 };
+                            let unit = if args[i].eq_ignore_ascii_case("PX") {
+                                1_000
+                            } else {
+                                1_000_000
+                            };
                             let n = integer(args.get(i + 1).map_or("", |s| s.as_str()))?;
                             if n <= 0 {
                                 return Err("ERR invalid expire time in 'set' command".into());
@@ -466,10 +474,16 @@ impl State {
             "INCRBY" | "DECRBY" => {
                 arity(3)?;
                 let by = integer(&args[2])?;
-                let by = if name == "DECRBY" { by.checked_neg().ok_or("ERR overflow")? } else { by };
+                let by = if name == "DECRBY" {
+                    by.checked_neg().ok_or("ERR overflow")?
+                } else {
+                    by
+                };
                 let current = match self.get(&args[1], now) {
                     None => 0,
-                    Some(Entry { data: Data::Str(v), .. }) => integer(v)?,
+                    Some(Entry {
+                        data: Data::Str(v), ..
+                    }) => integer(v)?,
                     Some(_) => return Err("WRONGTYPE".into()),
                 };
                 let next = current
@@ -506,8 +520,13 @@ impl State {
                 arity(2)?;
                 Ok(Value::Int(match self.get(&args[1], now) {
                     None => -2,
-                    Some(Entry { expires_at: None, .. }) => -1,
-                    Some(Entry { expires_at: Some(t), .. }) => ((*t - now) / 1000) as i64,
+                    Some(Entry {
+                        expires_at: None, ..
+                    }) => -1,
+                    Some(Entry {
+                        expires_at: Some(t),
+                        ..
+                    }) => ((*t - now) / 1000) as i64,
                 }))
             }
             "DEL" => {
@@ -521,19 +540,95 @@ impl State {
                 Ok(Value::Int(n))
             }
             "HGET" | "HGETALL" | "HSET" | "HDEL" | "HINCRBY" => self.hash_command(&name, args, now),
+            "ZADD" | "ZREMRANGEBYSCORE" | "ZCARD" => self.zset_command(&name, args, now),
             _ => Err(format!("ERR unknown command '{name}'")),
         }
     }
 
+    fn zset_command(&mut self, name: &str, args: &[String], now: u64) -> Result<Value, String> {
+        let wrong = || {
+            format!(
+                "ERR wrong number of arguments for '{}'",
+                name.to_lowercase()
+            )
+        };
+        let score = |s: &str| -> Result<f64, String> {
+            match s {
+                "-inf" => Ok(f64::NEG_INFINITY),
+                "+inf" | "inf" => Ok(f64::INFINITY),
+                _ => s
+                    .parse::<f64>()
+                    .map_err(|_| "ERR min or max is not a float".to_string()),
+            }
+        };
+        if args.len() < 2 {
+            return Err(wrong());
+        }
+        let key = &args[1];
+        let expires_at = self.get(key, now).and_then(|e| e.expires_at);
+        let mut z = match self.get(key, now) {
+            None => BTreeMap::new(),
+            Some(Entry {
+                data: Data::ZSet(z),
+                ..
+            }) => z.clone(),
+            Some(_) => return Err("WRONGTYPE".into()),
+        };
+        let reply = match name {
+            "ZCARD" => {
+                if args.len() != 2 {
+                    return Err(wrong());
+                }
+                return Ok(Value::Int(z.len() as i64));
+            }
+            "ZADD" => {
+                if args.len() != 4 {
+                    return Err(wrong());
+                }
+                let added = z.insert(args[3].clone(), score(&args[2])?).is_none();
+                Value::Int(added as i64)
+            }
+            _ => {
+                if args.len() != 4 {
+                    return Err(wrong());
+                }
+                let (lo, hi) = (score(&args[2])?, score(&args[3])?);
+                let before = z.len();
+                z.retain(|_, s| *s < lo || *s > hi);
+                Value::Int((before - z.len()) as i64)
+            }
+        };
+        if z.is_empty() {
+            self.keys.remove(key);
+        } else {
+            self.keys.insert(
+                key.clone(),
+                Entry {
+                    data: Data::ZSet(z),
+                    expires_at,
+                },
+            );
+        }
+        Ok(reply)
+    }
+
     fn hash_command(&mut self, name: &str, args: &[String], now: u64) -> Result<Value, String> {
-        let wrong = || format!("ERR wrong number of arguments for '{}'", name.to_lowercase());
+        let wrong = || {
+            format!(
+                "ERR wrong number of arguments for '{}'",
+                name.to_lowercase()
+            )
+        };
         if args.len() < 2 {
             return Err(wrong());
         }
         let key = &args[1];
         let hash = match self.get(key, now) {
             None => None,
-            Some(Entry { data: Data::Hash(h), .. }) => Some(h.clone()),
+            Some(Entry {
+                data: Data::Hash(h),
+                ..
+            }) => Some(h.clone()),
             Some(_) => return Err("WRONGTYPE".into()),
         };
         let expires_at = self.get(key, now).and_then(|e| e.expires_at);
@@ -563,7 +658,7 @@ impl State {
                 ));
             }
             "HSET" => {
-                if args.len() < 4 || args.len() % 2 != 0 {
+                if args.len() < 4 || !args.len().is_multiple_of(2) {
                     return Err(wrong());
                 }
                 let mut added = 0;
@@ -590,7 +685,9 @@ impl State {
                     Some(v) => int_arg(v).ok_or("ERR hash value is not an integer")?,
                     None => 0,
                 };
-                let next = current.checked_add(by).ok_or("ERR increment or decrement would overflow")?;
+                let next = current
+                    .checked_add(by)
+                    .ok_or("ERR increment or decrement would overflow")?;
                 h.insert(args[2].clone(), next.to_string());
                 Value::Int(next)
             }
@@ -687,10 +784,29 @@ impl Link for SimLink {
         if partitioned {
             return Box::pin(std::future::pending());
         }
+        if dropped && std::env::var_os("SIM_TRACE").is_some() {
+            println!(
+                "{:>9.3}   redis i{instance}: connection reset (restarted)",
+                (crate::clock::now_us() % 100_000_000) as f64 / 1e6
+            );
+        }
         if dropped {
-            return Box::pin(async move {
+            // The socket is dead until a caller sees it fail (one that
+            // gave up before the error arrived learned nothing).
+            let (tx, rx) = tokio::sync::oneshot::channel::<Result<Value, RedisError>>();
+            tokio::spawn(async move {
                 tokio::time::sleep(there).await;
-                Err(err(redis::ErrorKind::Io, "connection reset by peer (server restarted)"))
+                let reset = Err(err(
+                    redis::ErrorKind::Io,
+                    "connection reset by peer (server restarted)",
+                ));
+                if tx.send(reset).is_err() {
+                    lock(&server.0).dropped[instance] = true;
+                }
+            });
+            return Box::pin(async move {
+                rx.await
+                    .unwrap_or_else(|_| Err(err(redis::ErrorKind::Io, "connection lost")))
             });
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
