@@ -72,3 +72,42 @@ local function expire_ms(key, life, window)
   local pick = tonumber(string.sub(redis.sha1hex(key), 1, 7), 16)
   return math.ceil(life / 1000) + 1000 + pick % (spread + 1)
 end
+
+-- The ledger of one period: a hash beside the period's count, one field per
+-- instance holding the units the count holds for it (held or admitted), and
+-- `<instance>:u`, the units that instance said it had admitted. It lives as
+-- long as the count.
+--
+-- settle(used, mine, pstart, start, floor, back)
+--                      the count and this instance's ledger after what the
+--                      instance says of the period it names: `floor` units
+--                      it has counted for itself there (admitted or held)
+--                      are counted here too, whether or not they fit (Redis
+--                      lost them in a restart, or the instance admitted them
+--                      while it could not reach Redis: those requests were
+--                      served), and `back` unused units are handed back
+--                      (never below the floor). Nothing applies to a period
+--                      the instance does not name: a late hand-back never
+--                      lands in the next period.
+local function settle(used, mine, pstart, start, floor, back)
+  if pstart ~= start then return used, mine end
+  local target = math.max(mine - back, floor)
+  return math.max(used + target - mine, 0), target
+end
+
+-- Writes what a lease call changed: the count (its delta, with the period's
+-- expiry) and this instance's ledger fields.
+local function store(key, ledger, me, delta, mine, was_mine, consumed, pstart, start, life, window)
+  local ms = expire_ms(key, life, window)
+  if delta ~= 0 then
+    redis.call('INCRBY', key, delta)
+    redis.call('PEXPIRE', key, ms)
+  end
+  if mine ~= was_mine or (pstart == start and consumed >= 0) then
+    redis.call('HSET', ledger, me, mine)
+    if pstart == start and consumed >= 0 then
+      redis.call('HSET', ledger, me .. ':u', consumed)
+    end
+    redis.call('PEXPIRE', ledger, ms)
+  end
+end

@@ -141,17 +141,14 @@ impl BackgroundService for Flusher {
         let mut own = own.into_inner();
         let mut leases_returned = false;
         loop {
-            if let Some((state, redis)) = self.tick(&mut own).await {
+            if self.tick(&mut own).await.is_some() {
                 // Unused leases go back once no request can take from them any more.
                 let drained = tokio::time::timeout(Duration::ZERO, self.drain.finished())
                     .await
                     .is_ok();
                 if drained && !leases_returned {
                     leases_returned = true;
-                    let n = self
-                        .limiter
-                        .return_leases(&state.config.limits, redis)
-                        .await;
+                    let n = self.limiter.return_leases().await;
                     log::info!("stopping: handed {n} unused leases back to redis");
                 }
             }

@@ -19,7 +19,11 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 /// about 1,100 instructions a request hashing a token for its shard and its
 /// table (callgrind); the keys that reach these maps are verified tokens or
 /// names tollgate derived, and every map has its own seed.
+#[cfg(not(test))]
 pub type KeyHasher = foldhash::fast::RandomState;
+/// Seeded the same in unit tests, so a simulation replays exactly.
+#[cfg(test)]
+pub type KeyHasher = foldhash::fast::FixedState;
 pub type KeyMap<K, V> = HashMap<K, V, KeyHasher>;
 
 /// How a shard keeps its size in check when an entry is added.

@@ -165,6 +165,21 @@ pub static REDIS_ERRORS: LazyLock<IntCounter> = LazyLock::new(|| {
     ))
 });
 
+pub static RATELIMIT_KEYS_EVICTED: LazyLock<IntCounter> = LazyLock::new(|| {
+    must!(register_int_counter!(
+        "tollgate_ratelimit_keys_evicted_total",
+        "Limiter keys forgotten because limits.max_keys was reached (least recently used first)."
+    ))
+});
+
+pub static RATELIMIT_FALLBACK: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    must!(register_int_counter_vec!(
+        "tollgate_ratelimit_fallback_total",
+        "Limit decisions this instance made on its own while Redis could not be reached (on_failure: local).",
+        &["decision"]
+    ))
+});
+
 pub static UPSTREAM_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     must!(register_int_counter_vec!(
         "tollgate_upstream_errors_total",
@@ -237,6 +252,8 @@ pub fn init() {
     LazyLock::force(&REDIS_CALLS);
     LazyLock::force(&REDIS_ERRORS);
     LazyLock::force(&UPSTREAM_ERRORS);
+    LazyLock::force(&RATELIMIT_KEYS_EVICTED);
+    LazyLock::force(&RATELIMIT_FALLBACK);
     LazyLock::force(&CONFIG_RELOADS);
     LazyLock::force(&UPSTREAM_PEERS_HEALTHY);
     LazyLock::force(&JWKS_FETCHES);

@@ -12,6 +12,7 @@
 //! it. A background service whose runtime may outlive or predate the
 //! proxy's takes its own connection with [`Redis::detached`].
 
+use crate::clock::Instant;
 use crate::config::{ConfigProblem, RedisSettings};
 use crate::metrics;
 use futures_util::StreamExt;
@@ -19,7 +20,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Client, FromRedisValue, TlsCertificates};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::OnceCell;
 
 /// How long Redis is skipped after a failed call.
@@ -47,6 +48,8 @@ pub struct Redis {
     clients: Clients,
     conn: OnceCell<Conn>,
     down_until: Mutex<Option<Instant>>,
+    /// Calls that found the connection lost (Redis restarted, or went away).
+    reconnects: std::sync::atomic::AtomicU64,
 }
 
 // One per config: its size does not matter.
@@ -55,12 +58,57 @@ pub struct Redis {
 enum Clients {
     Single(Client),
     Cluster(redis::cluster::ClusterClient),
+    /// A simulated server (the limiter's simulation).
+    #[cfg(test)]
+    Sim(Arc<dyn sim::Link>),
 }
 
 #[derive(Clone)]
 enum Conn {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
+    #[cfg(test)]
+    Sim(sim::Conn),
+}
+
+/// The seam the limiter's simulation plugs a simulated Redis into: every
+/// command of a `Redis` built with [`Redis::simulated`] goes to its `Link`.
+#[cfg(test)]
+pub mod sim {
+    use redis::{Cmd, RedisFuture, Value};
+    use std::sync::Arc;
+
+    pub trait Link: Send + Sync {
+        /// Runs one command (its answer, or the error the connection saw).
+        fn request(&self, cmd: &Cmd) -> RedisFuture<'static, Value>;
+    }
+
+    #[derive(Clone)]
+    pub struct Conn(pub Arc<dyn Link>);
+
+    impl redis::aio::ConnectionLike for Conn {
+        fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+            self.0.request(cmd)
+        }
+
+        fn req_packed_commands<'a>(
+            &'a mut self,
+            _pipeline: &'a redis::Pipeline,
+            _offset: usize,
+            _count: usize,
+        ) -> RedisFuture<'a, Vec<Value>> {
+            Box::pin(async {
+                Err(redis::RedisError::from((
+                    redis::ErrorKind::Client,
+                    "pipelines are not simulated",
+                )))
+            })
+        }
+
+        fn get_db(&self) -> i64 {
+            0
+        }
+    }
 }
 
 /// A command or a pipeline, run with [`Redis::query`].
@@ -118,6 +166,7 @@ impl Redis {
             clients,
             conn: OnceCell::new(),
             down_until: Mutex::new(None),
+            reconnects: Default::default(),
         })
     }
 
@@ -130,8 +179,21 @@ impl Redis {
     }
 
     /// Whether `other` is built from the same settings and CAs.
-    fn same_as(&self, other: &Redis) -> bool {
+    pub fn same_as(&self, other: &Redis) -> bool {
         self.settings == other.settings && self.ca_pem == other.ca_pem
+    }
+
+    /// A client whose commands go to a simulated server.
+    #[cfg(test)]
+    pub fn simulated(settings: RedisSettings, link: Arc<dyn sim::Link>) -> Self {
+        Redis {
+            settings,
+            ca_pem: None,
+            clients: Clients::Sim(link),
+            conn: OnceCell::new(),
+            down_until: Mutex::new(None),
+            reconnects: Default::default(),
+        }
     }
 
     /// The same client with a connection of its own (made in the runtime
@@ -143,6 +205,7 @@ impl Redis {
             clients: self.clients.clone(),
             conn: OnceCell::new(),
             down_until: Mutex::new(None),
+            reconnects: Default::default(),
         }
     }
 
@@ -170,6 +233,8 @@ impl Redis {
 
     async fn connect(&self) -> redis::RedisResult<Conn> {
         match &self.clients {
+            #[cfg(test)]
+            Clients::Sim(link) => Ok(Conn::Sim(sim::Conn(link.clone()))),
             Clients::Cluster(client) => Ok(Conn::Cluster(client.get_async_connection().await?)),
             Clients::Single(client) => {
                 let timeout = self.settings.timeout;
@@ -229,27 +294,65 @@ impl Redis {
                 (Conn::Cluster(mut c), Query::Cmd(q)) => q.query_async(&mut c).await,
                 (Conn::Single(mut c), Query::Pipe(p)) => p.query_async(&mut c).await,
                 (Conn::Cluster(mut c), Query::Pipe(p)) => p.query_async(&mut c).await,
+                #[cfg(test)]
+                (Conn::Sim(mut c), Query::Cmd(q)) => q.query_async(&mut c).await,
+                #[cfg(test)]
+                (Conn::Sim(mut c), Query::Pipe(p)) => p.query_async(&mut c).await,
             }
         };
         self.bounded(op, timeout, call).await
     }
 
     /// Runs a prepared script (EVALSHA, falling back to EVAL on NOSCRIPT).
+    /// A call that finds its connection lost (Redis restarted) is made once
+    /// more on a fresh one, within the same timeout, before it fails.
     pub async fn invoke<T: FromRedisValue>(
         &self,
         op: &'static str,
         invocation: &redis::ScriptInvocation<'_>,
         timeout: Duration,
     ) -> Result<T, Unavailable> {
-        let conn = self.connection(op).await?;
-        metrics::REDIS_CALLS.with_label_values(&[op]).inc();
-        let call = async {
-            match conn {
-                Conn::Single(mut c) => invocation.invoke_async::<T>(&mut c).await,
-                Conn::Cluster(mut c) => invocation.invoke_async::<T>(&mut c).await,
-            }
-        };
-        self.bounded(op, timeout, call).await
+        let deadline = Instant::now() + timeout;
+        let mut again = true;
+        loop {
+            let conn = self.connection(op).await?;
+            metrics::REDIS_CALLS.with_label_values(&[op]).inc();
+            let call = async {
+                match conn {
+                    Conn::Single(mut c) => invocation.invoke_async::<T>(&mut c).await,
+                    Conn::Cluster(mut c) => invocation.invoke_async::<T>(&mut c).await,
+                    #[cfg(test)]
+                    Conn::Sim(mut c) => invocation.invoke_async::<T>(&mut c).await,
+                }
+            };
+            let err = match tokio::time::timeout_at(deadline, call).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => {
+                    let lost =
+                        e.is_connection_dropped() || e.is_io_error() || e.is_connection_refusal();
+                    if lost {
+                        self.reconnects
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if std::mem::take(&mut again) {
+                            continue;
+                        }
+                    }
+                    Unavailable::Failed {
+                        op,
+                        cause: e.to_string(),
+                    }
+                }
+                Err(_) => Unavailable::TimedOut { op },
+            };
+            self.failed(&err);
+            return Err(err);
+        }
+    }
+
+    /// How many calls found the connection lost so far: a change tells the
+    /// limiter that Redis may have restarted and lost counts.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Marks an answer that could not be used as a failure (starts the back-off).
@@ -285,6 +388,13 @@ impl Redis {
         let op = "subscribe";
         let client = match &self.clients {
             Clients::Single(c) => c.clone(),
+            #[cfg(test)]
+            Clients::Sim(_) => {
+                return Err(Unavailable::Failed {
+                    op,
+                    cause: "not simulated".into(),
+                })
+            }
             Clients::Cluster(_) => {
                 let url = self.settings.urls.first().cloned().unwrap_or_default();
                 let certs = certificates(&self.settings)

@@ -4,12 +4,11 @@
 use super::{json_answer, Answer};
 use crate::analytics;
 use crate::auth::issue::{mint, IssueOptions};
-use crate::auth::permissions::RouteMatcher;
 use crate::auth::store::{channel, record_key};
-use crate::auth::Identity;
 use crate::config::parse_duration;
+use crate::config::KeyPart;
 use crate::error::Refusal;
-use crate::ratelimit::rules::{key_of, Caller, KeyPart};
+use crate::ratelimit::rules::{key_of, Caller, Token};
 use crate::ratelimit::{Limiter, Scope};
 use crate::redis_client::{Query, Redis};
 use crate::state::State;
@@ -232,20 +231,12 @@ impl Api<'_> {
             .as_ref()
             .map(|j| j.claims.clone())
             .unwrap_or_default();
-        let identity = Identity {
-            key: api_key.to_string(),
+        let token = Token {
+            key: api_key,
             rate_limit: claims.get(&names.rate_limit).and_then(|v| v.as_u64()),
-            routes: RouteMatcher::nothing(),
-            tier: claims
-                .get(&names.tier)
-                .and_then(|v| v.as_str())
-                .map(str::to_string),
-            org: claims
-                .get(&names.org)
-                .and_then(|v| v.as_str())
-                .map(str::to_string),
-            valid_until: 0,
-            forwarded: Vec::new(),
+            tier: claims.get(&names.tier).and_then(|v| v.as_str()),
+            org: claims.get(&names.org).and_then(|v| v.as_str()),
+            claims: &[],
         };
         let config = &self.state.config;
         let limits = &config.limits;
@@ -257,7 +248,7 @@ impl Api<'_> {
             usize::MAX,
             &Caller {
                 client_ip: None,
-                identity: Some(&identity),
+                token: Some(token),
                 route: "",
                 request: None,
             },
@@ -277,11 +268,12 @@ impl Api<'_> {
             for route in routes {
                 let caller = Caller {
                     client_ip: None,
-                    identity: Some(&identity),
+                    token: Some(token),
                     route: &config.routes[route].name,
                     request: None,
                 };
-                if let Some(id) = key_of(&rule.name, &rule.key, &caller) {
+                if let Some(id) = key_of(&rule.name, &rule.key, &caller, limits.client_ipv6_prefix)
+                {
                     scopes.push(Scope {
                         id: id.into(),
                         name: &rule.name,
@@ -301,7 +293,7 @@ impl Api<'_> {
             .iter()
             .map(|c| {
                 let scope = &scopes[c.scope];
-                let (w, o) = (c.window, c.outcome);
+                let w = c.window;
                 let kind = match scope.id.get(..2) {
                     Some("o:") => "org",
                     Some("r:") => "rule",
@@ -315,9 +307,10 @@ impl Api<'_> {
                     "window_seconds": crate::ratelimit::window_secs(&w, now),
                     "calendar": w.calendar.is_some(),
                     "shadow": scope.shadow,
-                    "used": w.requests.saturating_sub(o.remaining),
-                    "remaining": o.remaining,
-                    "reset": o.reset_us.div_ceil(1_000_000),
+                    "used": c.used,
+                    "leased": c.leased,
+                    "remaining": c.remaining,
+                    "reset": c.reset_us.div_ceil(1_000_000),
                 })
             })
             .collect();

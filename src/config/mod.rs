@@ -4,11 +4,13 @@
 pub mod checked;
 mod duration;
 pub mod env;
+pub mod keyexpr;
 pub mod raw;
 mod types;
 mod validate;
 
 pub use duration::{format_duration, parse_duration};
+pub use keyexpr::{KeyExpr, KeyExprError, KeyPart};
 pub use types::*;
 pub use validate::{check_peer, MAX_COST, MAX_REQUESTS, MAX_WINDOW};
 

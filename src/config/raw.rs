@@ -255,6 +255,8 @@ pub struct RawLimits {
     pub rules: Vec<RawRule>,
     pub concurrency: RawConcurrency,
     pub headers: Checked<HeaderMode>,
+    pub max_keys: usize,
+    pub client_ipv6_prefix: u8,
 }
 
 #[derive(Debug, Deserialize)]
@@ -292,6 +294,8 @@ impl Default for RawLimits {
             rules: Vec::new(),
             concurrency: RawConcurrency::default(),
             headers: Checked::default(),
+            max_keys: 1_000_000,
+            client_ipv6_prefix: 64,
         }
     }
 }

@@ -409,13 +409,17 @@ pub struct LimitSettings {
     pub rules: Vec<RuleSettings>,
     pub concurrency: ConcurrencySettings,
     pub headers: HeaderMode,
+    /// Keys each limiter store keeps; the least recently used go beyond it.
+    pub max_keys: usize,
+    /// `client_ip` rule keys count an IPv6 client by this many leading bits.
+    pub client_ipv6_prefix: u8,
 }
 
 /// `limits.rules[]`: windows for a key computed from the request.
 #[derive(Debug, Clone)]
 pub struct RuleSettings {
     pub name: String,
-    pub key: crate::ratelimit::rules::KeyExpr,
+    pub key: super::KeyExpr,
     /// Indices into `Config::routes`; `None`: every route.
     pub routes: Option<Vec<usize>>,
     pub windows: Vec<Window>,

@@ -405,7 +405,8 @@ fn jwt(p: &mut Problems, raw: &RawJwt) -> Option<JwtSettings> {
 }
 
 fn windows(p: &mut Problems, path: &str, raw: &[RawWindow]) -> Vec<Window> {
-    raw.iter()
+    let list: Vec<Window> = raw
+        .iter()
         .enumerate()
         .map(|(i, w)| {
             let at = format!("{path}[{i}]");
@@ -449,7 +450,29 @@ fn windows(p: &mut Problems, path: &str, raw: &[RawWindow]) -> Vec<Window> {
                 }
             }
         })
-        .collect()
+        .collect();
+    // Redis names a window's counter by its length: two windows of one
+    // length in a list would share one counter and charge it twice.
+    for (i, w) in list.iter().enumerate() {
+        if let Some(j) = list[..i]
+            .iter()
+            .position(|v| v.window == w.window && v.calendar == w.calendar)
+        {
+            let key = if w.calendar.is_some() {
+                "calendar"
+            } else {
+                "window"
+            };
+            p.add(
+                format!("{path}[{i}].{key}"),
+                format!(
+                    "the same {} as {path}[{j}]: windows of one length would share one counter; keep the smaller limit",
+                    if w.calendar.is_some() { "calendar" } else { "length" }
+                ),
+            );
+        }
+    }
+    list
 }
 
 fn limits(p: &mut Problems, raw: &RawLimits) -> LimitSettings {
@@ -460,7 +483,7 @@ fn limits(p: &mut Problems, raw: &RawLimits) -> LimitSettings {
         .collect();
     LimitSettings {
         algorithm: p.take("limits.algorithm", &raw.algorithm),
-        claim_window: p.positive_duration("limits.claim_window", &raw.claim_window),
+        claim_window: claim_window(p, &raw.claim_window),
         default: windows(p, "limits.default", &raw.default),
         tiers,
         org: windows(p, "limits.org", &raw.org),
@@ -469,7 +492,32 @@ fn limits(p: &mut Problems, raw: &RawLimits) -> LimitSettings {
         rules: Vec::new(),
         concurrency: concurrency(p, &raw.concurrency),
         headers: p.take("limits.headers", &raw.headers),
+        max_keys: {
+            if raw.max_keys < 1000 {
+                p.add("limits.max_keys", "must be at least 1000");
+            }
+            raw.max_keys
+        },
+        client_ipv6_prefix: {
+            if !(1..=128).contains(&raw.client_ipv6_prefix) {
+                p.add("limits.client_ipv6_prefix", "must be from 1 to 128");
+            }
+            raw.client_ipv6_prefix
+        },
     }
+}
+
+/// The window of a token's `rate_limit` claim: whole seconds, as every
+/// window (Redis names a window's counters by its start in seconds).
+fn claim_window(p: &mut Problems, raw: &Checked<Span>) -> Duration {
+    let window = p.positive_duration("limits.claim_window", raw);
+    if !window.is_zero() && !window.as_millis().is_multiple_of(1000) {
+        p.add("limits.claim_window", "must be a whole number of seconds");
+    }
+    if window > MAX_WINDOW {
+        p.add("limits.claim_window", "must be at most 366d");
+    }
+    window
 }
 
 /// Calendar windows count requests per period: fixed windows on the
@@ -553,7 +601,7 @@ fn rules(p: &mut Problems, raw: &[RawRule], routes: &[RouteSettings]) -> Vec<Rul
                     })
                     .collect()
             });
-            let key = crate::ratelimit::rules::KeyExpr::parse(&r.key)
+            let key = super::KeyExpr::parse(&r.key)
                 .map_err(|e| p.add(format!("{base}.key"), e.to_string()))
                 .ok()?;
             Some(RuleSettings {

@@ -79,6 +79,9 @@ pub struct Ctx {
     /// A refusal went to a gRPC client as HTTP 200: metrics and the access
     /// log record `status`, the HTTP status it stands for.
     pub grpc_refused: bool,
+    /// Where each window charged the request, kept when the route settles
+    /// the cost the upstream reports.
+    pub charges: Vec<ratelimit::Charge>,
 }
 
 impl Ctx {
@@ -127,9 +130,20 @@ fn caller<'a>(
     };
     rules::Caller {
         client_ip,
-        identity,
+        token: identity.map(token_view),
         route: &route.name,
         request: Some(req),
+    }
+}
+
+/// What the limiter sees of a verified token.
+fn token_view(identity: &Identity) -> ratelimit::Token<'_> {
+    ratelimit::Token {
+        key: &identity.key,
+        rate_limit: identity.rate_limit,
+        tier: identity.tier.as_deref(),
+        org: identity.org.as_deref(),
+        claims: &identity.forwarded,
     }
 }
 
@@ -341,7 +355,7 @@ impl Proxy {
 
     /// `cost_from_response_header`: charge what the upstream says the request
     /// cost (a missing or malformed header leaves the route's cost charged).
-    async fn settle_reported_cost(&self, session: &Session, resp: &ResponseHeader, ctx: &Ctx) {
+    fn settle_reported_cost(&self, resp: &ResponseHeader, ctx: &Ctx) {
         let (Some(state), Some(route)) = (&ctx.state, ctx.route) else {
             return;
         };
@@ -355,12 +369,8 @@ impl Proxy {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
         if let Some(actual) = reported {
-            let limits = &state.config.limits;
-            let caller = caller(session, ctx.identity.as_deref(), state, settings);
-            let scopes = ratelimit::scopes(limits, route, &caller);
             self.limiter
-                .settle(limits, state.redis.as_ref(), &scopes, settings.cost, actual)
-                .await;
+                .settle(&state.config.limits, &ctx.charges, settings.cost, actual);
         }
     }
 
@@ -395,6 +405,9 @@ impl Proxy {
         if !limits.rules.is_empty() || !d.allowed || d.shadow_limited {
             count_by_rule_and_policy(&d, &scopes);
         }
+        if d.allowed && settings.cost_from_response_header.is_some() {
+            ctx.charges = d.charges(&scopes);
+        }
         let reported = limit_headers::reported(&d, &scopes, ratelimit::now_us());
         ctx.extra_headers
             .extend(limit_headers::fields(limits.headers, &reported, d.closest));
@@ -420,7 +433,7 @@ impl Proxy {
         let key = crate::ratelimit::key_id(&identity.key);
         ctx.slot = Some(
             self.concurrency
-                .acquire(state.redis.as_ref(), &key, limit)
+                .acquire(state.redis.as_ref(), &key, limit, self.limiter.fleet())
                 .await?,
         );
         Ok(())
@@ -491,6 +504,7 @@ impl ProxyHttp for Proxy {
             slot: None,
             extra_headers: Vec::new(),
             grpc_refused: false,
+            charges: Vec::new(),
         }
     }
 
@@ -625,11 +639,11 @@ impl ProxyHttp for Proxy {
 
     async fn response_filter(
         &self,
-        session: &mut Session,
+        _session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        self.settle_reported_cost(session, resp, ctx).await;
+        self.settle_reported_cost(resp, ctx);
         resp.insert_header(respond::REQUEST_ID, ctx.request_id.as_str())?;
         for (name, value) in ctx.extra_headers.drain(..) {
             resp.insert_header(name, value)?;

@@ -185,10 +185,11 @@ pub fn check(
                 };
                 (window - elapsed) + wait_in_next.min(window)
             } else {
-                // Room appears as the previous window slides out.
-                let room_needed = (used.saturating_add(cost) - limit) as u128;
-                ((room_needed * window as u128).div_ceil(s.prev.max(1) as u128) as u64)
-                    .min(window - elapsed)
+                // Room appears as the previous window slides out: the first
+                // moment its weight, rounded up, fits what is left.
+                let room = (limit - s.count - cost) as u128;
+                let at = window - ((room * window as u128) / s.prev.max(1) as u128) as u64;
+                at.saturating_sub(elapsed).max(1).min(window - elapsed)
             };
             Outcome {
                 allowed,

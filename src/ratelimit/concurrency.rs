@@ -13,6 +13,7 @@
 //! Without Redis (or with `on_failure: local` while it is down) the count
 //! is this instance's alone.
 
+use crate::cache::KeyMap;
 use crate::config::{LimitSettings, OnFailure};
 use crate::error::Refusal;
 use crate::redis_client::OwnConnection;
@@ -22,7 +23,6 @@ use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use redis::Script;
-use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
@@ -56,7 +56,7 @@ struct Slots {
 /// This instance's slots per key.
 pub struct Concurrency {
     instance: String,
-    keys: Mutex<HashMap<String, Slots>>,
+    keys: Mutex<KeyMap<String, Slots>>,
 }
 
 impl Default for Concurrency {
@@ -65,7 +65,7 @@ impl Default for Concurrency {
         let _ = getrandom::fill(&mut id);
         Concurrency {
             instance: format!("{}-{}", std::process::id(), u64::from_le_bytes(id)),
-            keys: Mutex::new(HashMap::new()),
+            keys: Mutex::new(KeyMap::default()),
         }
     }
 }
@@ -104,12 +104,15 @@ fn key_name(prefix: &str, key: &str) -> String {
 
 impl Concurrency {
     /// Takes a slot for `key` (`limit` in flight at most), or refuses with
-    /// 429 `concurrency_limited`. `key` is the limiter's id of the caller.
+    /// 429 `concurrency_limited`. `key` is the limiter's id of the caller;
+    /// `fleet` the instances sharing the Redis (while it cannot be reached,
+    /// this instance runs what Redis granted it or its share of the limit).
     pub async fn acquire(
         self: &Arc<Self>,
         redis: Option<&Arc<Redis>>,
         key: &str,
         limit: u64,
+        fleet: u64,
     ) -> Result<Slot, Refusal> {
         let slot = |redis: Option<&Arc<Redis>>| Slot {
             owner: self.clone(),
@@ -124,6 +127,7 @@ impl Concurrency {
         let Some(redis) = redis else {
             return self.take_local(key, limit).map(|()| slot(None));
         };
+        let share = limit / fleet.max(1);
         let asking = self.asking(key);
         let _turn = asking.lock().await;
         // Someone before us may have brought enough slots.
@@ -135,7 +139,7 @@ impl Concurrency {
             Ok(_) if self.take_held(key) => Ok(slot(Some(redis))),
             Ok(_) => Err(refused(limit)),
             Err(_) => match redis.settings.on_failure {
-                OnFailure::Local => self.take_local(key, limit).map(|()| slot(None)),
+                OnFailure::Local => self.take_local(key, share).map(|()| slot(None)),
                 OnFailure::Open => {
                     self.count_unheld(key);
                     Ok(slot(None))
@@ -159,17 +163,19 @@ impl Concurrency {
         }
     }
 
-    /// Without Redis: this instance's own count against the limit.
-    fn take_local(&self, key: &str, limit: u64) -> Result<(), Refusal> {
+    /// On this instance's own (no Redis, or Redis unreachable): in flight
+    /// against `allowed`, or the slots Redis granted if there are more.
+    /// Slots taken this way are not held: once Redis answers again, the
+    /// next request asks for what is really in flight.
+    fn take_local(&self, key: &str, allowed: u64) -> Result<(), Refusal> {
         let Ok(mut keys) = self.keys.lock() else {
             return Err(Refusal::LimiterUnavailable);
         };
         let s = keys.entry(key.to_string()).or_default();
-        if s.in_flight >= limit {
-            return Err(refused(limit));
+        if s.in_flight >= allowed.max(s.held.min(s.limit)) {
+            return Err(refused(s.limit.max(allowed)));
         }
         s.in_flight += 1;
-        s.held = s.held.max(s.in_flight);
         Ok(())
     }
 
@@ -177,7 +183,6 @@ impl Concurrency {
         if let Ok(mut keys) = self.keys.lock() {
             let s = keys.entry(key.to_string()).or_default();
             s.in_flight += 1;
-            s.held = s.held.max(s.in_flight);
         }
     }
 
@@ -251,13 +256,22 @@ impl Concurrency {
     async fn trim(&self, redis: &Redis, key: &str) {
         let asking = self.asking(key);
         let _turn = asking.lock().await;
-        let Some(s) = self.keys.lock().ok().and_then(|k| k.get(key).cloned()) else {
-            return;
-        };
-        let keep = s.in_flight + spare(s.limit);
-        if s.held > keep {
-            let _ = self.hold(redis, key, keep, s.limit.max(keep)).await;
+        if let Some((keep, limit)) = self.shrink(key, |s| s.in_flight + spare(s.limit)) {
+            let _ = self.hold(redis, key, keep, limit.max(keep)).await;
         }
+    }
+
+    /// Lowers what this instance may hand out for `key` to `keep(slots)`
+    /// (never below what is in flight) *before* Redis is told, so no
+    /// request takes a slot that is on its way back: what Redis records
+    /// for this instance is never less than what it uses. Returns the new
+    /// holding and the limit, or `None` when nothing changes.
+    fn shrink(&self, key: &str, keep: impl Fn(&Slots) -> u64) -> Option<(u64, u64)> {
+        let mut keys = self.keys.lock().ok()?;
+        let s = keys.get_mut(key)?;
+        let keep = keep(s).max(s.in_flight).min(s.held);
+        s.held = keep;
+        Some((keep, s.limit))
     }
 
     /// The keys this instance holds slots for, as they are now.
@@ -275,11 +289,9 @@ impl Concurrency {
         for key in keys {
             let asking = self.asking(&key);
             let _turn = asking.lock().await;
-            let Some(s) = self.keys.lock().ok().and_then(|k| k.get(&key).cloned()) else {
-                continue;
-            };
-            let keep = s.held.min(s.in_flight + spare(s.limit));
-            let _ = self.hold(redis, &key, keep, s.limit.max(keep)).await;
+            if let Some((keep, limit)) = self.shrink(&key, |s| s.in_flight + spare(s.limit)) {
+                let _ = self.hold(redis, &key, keep, limit.max(keep)).await;
+            }
         }
     }
 
@@ -292,27 +304,37 @@ impl Concurrency {
     }
 }
 
-/// Renews this instance's holdings every ten seconds; at a stop, once the
-/// drain is over, gives every slot back.
+/// Renews this instance's holdings every ten seconds, also while a stop
+/// drains (a grace period longer than the lease must not let holdings
+/// expire under requests still running); once the drain is over, gives
+/// every slot back.
 pub struct Renewer {
     pub state: SharedState,
     pub concurrency: Arc<Concurrency>,
     pub drain: Arc<crate::edge::drain::Drain>,
 }
 
+impl Renewer {
+    async fn renew(&self, own: &tokio::sync::Mutex<OwnConnection>) {
+        let state = self.state.load_full();
+        let mut own = own.lock().await;
+        if let Some(redis) = own.follow(state.redis.as_ref()) {
+            self.concurrency.renew(redis).await;
+        }
+    }
+}
+
 #[async_trait]
 impl BackgroundService for Renewer {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let own = tokio::sync::Mutex::new(OwnConnection::default());
-        crate::background::every(&mut shutdown, LEASE / 3, || async {
-            let state = self.state.load_full();
-            let mut own = own.lock().await;
-            if let Some(redis) = own.follow(state.redis.as_ref()) {
-                self.concurrency.renew(redis).await;
+        crate::background::every(&mut shutdown, LEASE / 3, || self.renew(&own)).await;
+        loop {
+            tokio::select! {
+                _ = self.drain.finished() => break,
+                _ = tokio::time::sleep(LEASE / 3) => self.renew(&own).await,
             }
-        })
-        .await;
-        self.drain.finished().await;
+        }
         let state = self.state.load_full();
         let mut own = own.lock().await;
         if let Some(redis) = own.follow(state.redis.as_ref()) {
@@ -332,16 +354,16 @@ mod tests {
     #[tokio::test]
     async fn local_counting_without_redis() {
         let c = Arc::new(Concurrency::default());
-        let a = c.acquire(None, "k", 2).await.unwrap();
-        let b = c.acquire(None, "k", 2).await.unwrap();
+        let a = c.acquire(None, "k", 2, 1).await.unwrap();
+        let b = c.acquire(None, "k", 2, 1).await.unwrap();
         assert!(matches!(
-            c.acquire(None, "k", 2).await,
+            c.acquire(None, "k", 2, 1).await,
             Err(Refusal::ConcurrencyLimited { limit: 2 })
         ));
         drop(a);
-        let c2 = c.acquire(None, "k", 2).await.unwrap();
+        let c2 = c.acquire(None, "k", 2, 1).await.unwrap();
         drop((b, c2));
         assert_eq!(c.in_flight("k"), 0);
-        assert!(c.acquire(None, "other", 1).await.is_ok());
+        assert!(c.acquire(None, "other", 1, 1).await.is_ok());
     }
 }

@@ -3,7 +3,9 @@
 //! fleet can never admit more than the limit; chunks are a share of what is
 //! still available, so they shrink to single units near the limit and
 //! instances do not sit on budget others need. A key that Redis refused is
-//! refused locally, with no Redis call, until its retry time.
+//! refused locally, with no Redis call, until its retry time. The
+//! accounting itself is `lease.rs`; this module keeps the per-key state and
+//! runs the calls.
 //!
 //! Lease size: a key's rate on this instance times a horizon that depends on
 //! its headroom. Far from the limit (more than half of it available) the
@@ -12,49 +14,43 @@
 //! `available / DIVISOR` share rule in the script shrinks chunks to single
 //! units at the end.
 //!
-//! A keeper task (started by the first acquire, one per process) forgets
-//! keys whose leases have all ended, once a second, and hands back to Redis
-//! the leases of keys this instance has not seen for `IDLE`, so budget does
-//! not sit on an instance that stopped seeing a key.
+//! Calls that admit no request — top-ups, hand-backs, syncs — run on a
+//! connection of their own (the namespace's `background` client), so their
+//! failures never back off the request path. A keeper task (started by the
+//! first acquire, one per process) registers the instance (the fleet's size
+//! divides what each instance may admit while Redis is unreachable),
+//! forgets keys whose leases have all ended, syncs keys whose last call
+//! failed or that admitted on their own (so lost grants are found and what
+//! was admitted without Redis gets counted), and hands back the leases of
+//! keys this instance has not seen for `IDLE`.
+//!
+//! Leases belong to the Redis and algorithm they were taken under: a
+//! reload that changes either hands them back there and starts afresh.
 //!
 //! `sync: exact` is the same path with chunks of exactly the request's cost:
 //! one script call per admitted request.
 
 use super::algo::Outcome;
-use super::packed::{PackedWindow, Slots};
-use super::remote;
+use super::lease::{self, Lease};
+use super::packed::Slots;
+use super::remote::{self, Ask, Grant};
 use crate::cache::{KeyHasher, KeyMap};
+use crate::clock::Instant;
 use crate::config::{Algorithm, SyncMode, Window};
+use crate::metrics;
 use crate::redis_client::{Redis, Unavailable};
 use arc_swap::ArcSwapOption;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const SHARDS: usize = 64;
 /// A lease takes this share of the available units...
 const DIVISOR: u64 = 32;
 /// ...but never more than this many (the share rule is the real bound).
 const MAX_CHUNK: u64 = 1 << 40;
-/// Smallest lease cap, so a key starts with chunks before its rate is known.
-const MIN_CHUNK: u64 = 64;
-/// Far from its limit (more than half available) a key's lease is at least
-/// this share of what is available, up to FAR_FLOOR_MAX units: a burst pays
-/// a few calls before the rate estimate catches up, and even a large fleet
-/// holds only a small part of the limit this way.
-const FAR_FLOOR_SHARE: u64 = 1024;
-const FAR_FLOOR_MAX: u64 = 4096;
-/// Horizon of a lease near the limit, in seconds of the key's rate.
-const NEAR_HORIZON_SECS: f64 = 2.0;
-/// Far from the limit a lease covers the rest of the window times this, so
-/// a steady key's lease does not fall under the top-up mark (a quarter of
-/// the grant) before its window ends.
-const FAR_HORIZON_FACTOR: f64 = 1.5;
-/// Below this grant size the key is near its limit: no background top-ups,
-/// so no instance sits on budget another one needs.
-const PREFETCH_MIN_GRANT: u64 = 8;
-/// How often the keeper sweeps ended keys and hands idle leases back.
+/// How often the keeper runs.
 const KEEP_EVERY: Duration = Duration::from_secs(1);
 /// A key this instance has not seen for this long hands its lease back.
 /// The trade: a key whose requests come further apart than this pays a
@@ -65,72 +61,47 @@ pub const IDLE: Duration = Duration::from_secs(5);
 /// call to hand back (they end with their window): far from a large limit
 /// (the common many-keys case) nothing is handed back.
 const RETURN_SHARE: u64 = 256;
-/// A lease whose window ends sooner than this is left to end: the hand-back
-/// could land in the next window.
+/// A lease whose window ends sooner than this is left to end.
 const RETURN_MARGIN_US: u64 = 1_000_000;
-
-/// One window's lease, in microseconds since `Inner::epoch`.
-#[derive(Clone, Copy)]
-struct Lease {
-    window: PackedWindow,
-    /// Units this instance holds.
-    budget: u64,
-    /// Units nobody held at the last answer from Redis.
-    available: u64,
-    /// The lease dies with its window.
-    expires: u64,
-    /// Refused by Redis: refuse locally until then (0: not refused) when the
-    /// cost exceeds `budget + available`.
-    over_until: u64,
-    /// Size of the last grant: the budget is topped up in the background
-    /// when it falls under a quarter of it.
-    last_grant: u64,
-}
-
-impl Lease {
-    fn fresh(window: Window, now: u64) -> Lease {
-        Lease {
-            window: PackedWindow::of(&window),
-            budget: 0,
-            available: window.requests,
-            expires: now,
-            over_until: 0,
-            last_grant: 0,
-        }
-    }
-
-    fn over(&self, now: u64) -> bool {
-        self.over_until > now
-    }
-}
+/// Background calls (syncs, hand-backs) per keeper round; the rest wait
+/// for the next round, and a round stops at the first failure.
+const CALLS_PER_ROUND: usize = 2000;
+/// The instance registers every other round; an instance not seen for
+/// this long no longer counts in the fleet.
+const FLEET_TTL_MS: u64 = 10_000;
+/// Keys kept when no `limits.max_keys` was given.
+pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
 
 /// Everything one instance knows about one key (no allocation of its own
 /// beyond the key's name and, for several windows, the lease slice).
 struct KeyState {
     held: Slots<Lease>,
-    /// Last request for the key (µs since the epoch) in the low 63 bits;
-    /// the top bit: a Redis call for this key is under way (hybrid), and
-    /// requests that need budget wait for its answer instead of making
-    /// their own. One word for both keeps the state at 64 bytes.
+    /// Last request for the key (µs since the epoch) in the low 62 bits;
+    /// bit 63: a Redis call for this key is under way (requests that need
+    /// budget wait for its answer instead of making their own); bit 62: the
+    /// key owes Redis a call (its last call failed, or it admitted units
+    /// Redis does not count yet).
     stamp: u64,
 }
 
 const BUSY: u64 = 1 << 63;
+const SYNC: u64 = 1 << 62;
+const TIME: u64 = SYNC - 1;
 
 impl KeyState {
     fn new(now: u64) -> KeyState {
         KeyState {
             held: Slots::default(),
-            stamp: now & !BUSY,
+            stamp: now & TIME,
         }
     }
 
     fn last_used(&self) -> u64 {
-        self.stamp & !BUSY
+        self.stamp & TIME
     }
 
     fn used_at(&mut self, now: u64) {
-        self.stamp = (self.stamp & BUSY) | (now & !BUSY);
+        self.stamp = (self.stamp & !TIME) | (now & TIME);
     }
 
     fn busy(&self) -> bool {
@@ -138,11 +109,29 @@ impl KeyState {
     }
 
     fn set_busy(&mut self, busy: bool) {
-        if busy {
-            self.stamp |= BUSY;
+        self.flag(BUSY, busy);
+    }
+
+    fn owes_sync(&self) -> bool {
+        self.stamp & SYNC != 0
+    }
+
+    fn set_sync(&mut self, sync: bool) {
+        self.flag(SYNC, sync);
+    }
+
+    fn flag(&mut self, bit: u64, on: bool) {
+        if on {
+            self.stamp |= bit;
         } else {
-            self.stamp &= !BUSY;
+            self.stamp &= !bit;
         }
+    }
+
+    /// The leases line up with `windows` (a reload may change them during a call).
+    fn matches(&self, windows: &[Window]) -> bool {
+        let held = self.held.slice();
+        held.len() == windows.len() && held.iter().zip(windows).all(|(l, w)| l.window.is(w))
     }
 }
 
@@ -152,17 +141,41 @@ struct Shard {
     done: tokio::sync::Notify,
 }
 
+/// Where leases were taken: the Redis (its URL, key prefix) and algorithm.
+struct Namespace {
+    redis: Arc<Redis>,
+    /// A connection of its own for calls that admit no request.
+    background: Arc<Redis>,
+    algo: Algorithm,
+}
+
+impl Namespace {
+    fn same_place(&self, redis: &Redis, algo: Algorithm) -> bool {
+        let (a, b) = (&self.redis.settings, &redis.settings);
+        self.algo == algo
+            && a.urls == b.urls
+            && a.cluster == b.cluster
+            && a.key_prefix == b.key_prefix
+    }
+}
+
 struct Inner {
     shards: Box<[Shard]>,
     hasher: KeyHasher,
     epoch: Instant,
-    /// Units per second each key uses on this instance (a count-min sketch:
-    /// fixed memory, never stores keys).
-    usage: pingora_limits::rate::Rate,
-    /// The Redis handle and algorithm of the latest acquire, for the keeper.
-    redis: ArcSwapOption<Redis>,
-    algo: AtomicU8,
+    /// Units per second each key uses on this instance.
+    usage: super::rate::UsageRate,
+    /// This instance's name in the ledgers and the fleet.
+    instance: String,
+    namespace: ArcSwapOption<Namespace>,
+    switching: Mutex<()>,
+    /// Instances sharing the Redis (1 until the first registration).
+    fleet: AtomicU64,
     keeper_running: AtomicBool,
+    /// Connections to Redis lost so far (a restart may have lost counts).
+    reconnects_seen: AtomicU64,
+    /// Keys kept per shard; beyond it the least recently used go.
+    per_shard: AtomicUsize,
 }
 
 pub struct Leases {
@@ -171,29 +184,23 @@ pub struct Leases {
 
 impl Default for Leases {
     fn default() -> Self {
-        Leases {
-            inner: Arc::new(Inner {
-                shards: (0..SHARDS)
-                    .map(|_| Shard {
-                        map: Mutex::new(KeyMap::default()),
-                        done: tokio::sync::Notify::new(),
-                    })
-                    .collect(),
-                hasher: KeyHasher::default(),
-                epoch: Instant::now(),
-                usage: pingora_limits::rate::Rate::new(Duration::from_secs(1)),
-                redis: ArcSwapOption::empty(),
-                algo: AtomicU8::new(0),
-                keeper_running: AtomicBool::new(false),
-            }),
-        }
+        let mut id = [0u8; 8];
+        let _ = getrandom::fill(&mut id);
+        Leases::new(format!(
+            "{}-{:x}",
+            std::process::id(),
+            u64::from_le_bytes(id)
+        ))
     }
 }
 
-/// A decision and whether Redis was asked for it.
+/// A decision and how it was made.
 pub struct Acquired {
+    pub allowed: bool,
     pub outcomes: Vec<Outcome>,
     pub asked_redis: bool,
+    /// The period each window was charged in.
+    pub periods: Vec<u64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -202,22 +209,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 fn us(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
-}
-
-fn algo_code(a: Algorithm) -> u8 {
-    match a {
-        Algorithm::FixedWindow => 0,
-        Algorithm::SlidingWindow => 1,
-        Algorithm::Gcra => 2,
-    }
-}
-
-fn algo_from(c: u8) -> Algorithm {
-    match c {
-        1 => Algorithm::SlidingWindow,
-        2 => Algorithm::Gcra,
-        _ => Algorithm::FixedWindow,
-    }
 }
 
 /// Clears a key's busy flag and wakes its waiters, also when the call that
@@ -240,10 +231,31 @@ enum Step {
     Done(Acquired),
     Wait,
     Ask {
-        need: Vec<u64>,
+        asks: Vec<Ask>,
         reserved: Vec<u64>,
         max_chunk: u64,
     },
+}
+
+/// Outcomes from an answer that found no state to apply to (the key's
+/// windows changed during the call): the grant is not kept here, and the
+/// key's next call finds it in the ledger.
+fn bare_outcomes(asks: &[Ask], grants: &[Grant]) -> (bool, Vec<Outcome>) {
+    let admitted = grants.iter().zip(asks).all(|(g, a)| g.granted >= a.need);
+    let outcomes = grants
+        .iter()
+        .zip(asks)
+        .map(|(g, a)| {
+            let ok = admitted || g.available >= a.need;
+            Outcome {
+                allowed: ok,
+                remaining: g.available,
+                reset_us: g.reset_us,
+                retry_us: if ok { 0 } else { g.retry_us },
+            }
+        })
+        .collect();
+    (admitted, outcomes)
 }
 
 impl Inner {
@@ -255,16 +267,20 @@ impl Inner {
         &self.shards[(self.hasher.hash_one(key_id) as usize) % SHARDS]
     }
 
+    fn keys(&self) -> usize {
+        self.shards.iter().map(|s| lock(&s.map).len()).sum()
+    }
+
     /// The lease cap for the next call: the key's rate on this instance
     /// times the horizon of its tightest window.
     fn chunk_cap(&self, key_id: &str, leases: &[Lease], now: u64) -> u64 {
-        let per_second = self.usage.rate(&key_id).max(0.0);
+        let per_second = self.usage.rate(key_id, now);
         let horizon = leases
             .iter()
-            .map(|l| horizon_secs(l, now))
+            .map(|l| lease::horizon_secs(l, now))
             .fold(f64::INFINITY, f64::min);
         let cap = per_second * horizon;
-        let floor = far_floor(leases);
+        let floor = lease::far_floor(leases);
         if cap.is_finite() {
             (cap as u64).clamp(floor, MAX_CHUNK)
         } else {
@@ -272,418 +288,76 @@ impl Inner {
         }
     }
 
-    /// Applies Redis's answer for `windows` to the key's leases: `need[i]`
-    /// units of the grant pay for the request, `reserved[i]` units were
-    /// taken from the budget for it (given back on a refusal). Returns
-    /// whether every window admitted the request.
-    #[allow(clippy::too_many_arguments)]
-    fn apply(
-        &self,
-        key_id: &str,
-        algo: Algorithm,
-        windows: &[Window],
-        grants: &[remote::Grant],
-        need: &[u64],
-        reserved: &[u64],
-        top_up: bool,
-    ) -> (bool, Vec<Outcome>) {
-        let admitted = grants.iter().zip(need).all(|(g, n)| g.granted >= *n);
-        let mut map = lock(&self.shard(key_id).map);
+    /// Room for one more key in a full shard: the least recently used
+    /// eighth goes (their unused leases are handed back).
+    fn make_room(&self, map: &mut KeyMap<Box<str>, KeyState>) {
+        let cap = self.per_shard.load(Ordering::Relaxed).max(1);
+        if map.len() < cap {
+            return;
+        }
+        let mut ages: Vec<u64> = map
+            .values()
+            .filter(|k| !k.busy())
+            .map(|k| k.last_used())
+            .collect();
+        let go = (cap / 8).max(1).min(ages.len());
+        if go == 0 {
+            return;
+        }
+        let (_, cut, _) = ages.select_nth_unstable(go - 1);
+        let cut = *cut;
+        let Some(ns) = self.namespace.load_full() else {
+            map.retain(|_, k| k.busy() || k.last_used() > cut);
+            return;
+        };
         let now = self.now();
-        let mut state = map.get_mut(key_id);
-        let mut outcomes = Vec::with_capacity(windows.len());
-        for (i, (w, g)) in windows.iter().zip(grants).enumerate() {
-            let life = match algo {
-                Algorithm::Gcra => us(w.window),
-                _ => g.reset_us,
-            };
-            let expires = now.saturating_add(life);
-            let lease = state
-                .as_mut()
-                .and_then(|s| s.held.slice_mut().iter_mut().find(|l| l.window.is(w)));
-            let (need, reserved) = (need[i], reserved[i]);
-            let ok = admitted || g.available >= need;
-            let Some(l) = lease else {
-                // The windows changed during the call: nothing to keep.
-                outcomes.push(Outcome {
-                    allowed: ok,
-                    remaining: g.available,
-                    reset_us: life,
-                    retry_us: if ok { 0 } else { g.retry_us },
+        let mut returns = Vec::new();
+        let before = map.len();
+        map.retain(|key, k| {
+            if k.busy() || k.last_used() > cut {
+                return true;
+            }
+            if let Some(r) = returnable(key, k, ns.algo, now, |_| true) {
+                returns.push(r);
+            }
+            false
+        });
+        metrics::RATELIMIT_KEYS_EVICTED.inc_by((before - map.len()) as u64);
+        if !returns.is_empty() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let instance = self.instance.clone();
+                runtime.spawn(async move {
+                    for (key, windows, asks) in returns {
+                        let _ = remote::lease(
+                            &ns.background,
+                            ns.algo,
+                            &instance,
+                            &key,
+                            &windows,
+                            &asks,
+                            DIVISOR,
+                            0,
+                        )
+                        .await;
+                    }
                 });
-                continue;
-            };
-            l.available = g.available;
-            if admitted {
-                // GCRA grants are reservations with no window to fall out of;
-                // units of a window that has ended count for nothing.
-                let same_window = algo == Algorithm::Gcra
-                    || (l.expires > now && l.expires.abs_diff(expires) < 500_000);
-                let kept = if same_window { l.budget } else { 0 };
-                l.budget = kept.saturating_add(g.granted - need);
-                l.expires = expires;
-                if !top_up {
-                    l.over_until = 0;
-                }
-                if g.granted > 0 {
-                    l.last_grant = g.granted;
-                }
-            } else {
-                l.budget = l.budget.saturating_add(reserved);
-                if g.available.saturating_add(l.budget) < need + reserved || g.retry_us > 0 {
-                    l.over_until = now.saturating_add(g.retry_us.max(1));
-                    if l.budget == 0 {
-                        l.expires = expires;
-                    }
-                }
-            }
-            outcomes.push(Outcome {
-                allowed: ok,
-                remaining: l.available.saturating_add(l.budget),
-                reset_us: l.expires.saturating_sub(now),
-                retry_us: if ok { 0 } else { g.retry_us },
-            });
-        }
-        (admitted, outcomes)
-    }
-}
-
-/// Lines a key's leases up with the windows that apply now (in place when
-/// they already are: the common case costs no allocation).
-fn align(state: &mut KeyState, windows: &[Window], now: u64) {
-    state.held.align(
-        windows,
-        |l, w| l.window.is(w) && l.expires > now,
-        |w| Lease::fresh(*w, now),
-    );
-    for l in state.held.slice_mut() {
-        if l.over_until != 0 && l.over_until <= now {
-            l.over_until = 0;
-        }
-    }
-}
-
-/// The smallest lease cap for these windows: MIN_CHUNK, or more while every
-/// window is far from its limit.
-fn far_floor(leases: &[Lease]) -> u64 {
-    leases
-        .iter()
-        .map(|l| {
-            if l.available.saturating_mul(2) > l.window.requests {
-                (l.available / FAR_FLOOR_SHARE).min(FAR_FLOOR_MAX)
-            } else {
-                0
-            }
-        })
-        .min()
-        .unwrap_or(0)
-        .max(MIN_CHUNK)
-}
-
-/// Seconds of the key's rate one lease should cover: the rest of the
-/// window (times FAR_HORIZON_FACTOR) with all of the limit available,
-/// falling linearly to NEAR_HORIZON_SECS with half of it or less.
-fn horizon_secs(l: &Lease, now: u64) -> f64 {
-    let limit = l.window.requests.max(1);
-    let headroom = l.available.min(limit) as f64 / limit as f64;
-    let far = ((headroom - 0.5) * 2.0).clamp(0.0, 1.0);
-    let rest = if l.expires > now {
-        (l.expires - now) as f64 / 1e6
-    } else {
-        l.window.secs_f64()
-    };
-    NEAR_HORIZON_SECS.max(far * rest * FAR_HORIZON_FACTOR)
-}
-
-fn needs_top_up(leases: &[Lease]) -> bool {
-    leases
-        .iter()
-        .any(|l| l.last_grant >= PREFETCH_MIN_GRANT && l.budget < l.last_grant / 4)
-}
-
-fn outcome(l: &Lease, now: u64, allowed: bool, retry_us: u64) -> Outcome {
-    Outcome {
-        allowed,
-        remaining: l.available.saturating_add(l.budget),
-        reset_us: l.expires.saturating_sub(now),
-        retry_us,
-    }
-}
-
-impl Leases {
-    pub async fn acquire(
-        &self,
-        redis: &Arc<Redis>,
-        algo: Algorithm,
-        sync: SyncMode,
-        key_id: &str,
-        windows: &[Window],
-        cost: u64,
-    ) -> Result<Acquired, Unavailable> {
-        let inner = &*self.inner;
-        inner
-            .usage
-            .observe(&key_id, cost.min(isize::MAX as u64) as isize);
-        let shard = inner.shard(key_id);
-        let hybrid = sync == SyncMode::Hybrid;
-        // Waits are capped so a lost wake-up can only cost time, never hang.
-        let wait_cap = redis.settings.timeout + Duration::from_millis(50);
-        let (need, reserved, max_chunk) = loop {
-            let done = shard.done.notified();
-            tokio::pin!(done);
-            let step = self.try_local(shard, redis, algo, hybrid, key_id, windows, cost, &mut done);
-            // After the key is in the map, so a keeper that is stopping sees it.
-            self.keep(redis, algo);
-            match step {
-                Step::Done(a) => return Ok(a),
-                Step::Wait => {
-                    let _ = tokio::time::timeout(wait_cap, done).await;
-                }
-                Step::Ask {
-                    need,
-                    reserved,
-                    max_chunk,
-                } => break (need, reserved, max_chunk),
-            }
-        };
-        let _busy = hybrid.then_some(Busy { shard, key: key_id });
-        let divisor = if hybrid { DIVISOR } else { u64::MAX / 2 };
-        let grants = match remote::acquire(redis, algo, key_id, windows, &need, divisor, max_chunk)
-            .await
-        {
-            Ok(g) => g,
-            Err(e) => {
-                // The reserved units are still this instance's.
-                let mut map = lock(&shard.map);
-                if let Some(s) = map.get_mut(key_id) {
-                    for (w, r) in windows.iter().zip(&reserved) {
-                        if let Some(l) = s.held.slice_mut().iter_mut().find(|l| l.window.is(w)) {
-                            l.budget = l.budget.saturating_add(*r);
-                        }
-                    }
-                }
-                return Err(e);
-            }
-        };
-        let (_, outcomes) = inner.apply(key_id, algo, windows, &grants, &need, &reserved, false);
-        Ok(Acquired {
-            outcomes,
-            asked_redis: true,
-        })
-    }
-
-    /// The part of `acquire` under the shard lock: a local decision, a wait
-    /// for the key's call under way, or what to ask Redis for.
-    #[allow(clippy::too_many_arguments)]
-    fn try_local(
-        &self,
-        shard: &Shard,
-        redis: &Arc<Redis>,
-        algo: Algorithm,
-        hybrid: bool,
-        key_id: &str,
-        windows: &[Window],
-        cost: u64,
-        done: &mut std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
-    ) -> Step {
-        let inner = &*self.inner;
-        let mut map = lock(&shard.map);
-        let now = inner.now();
-        if !map.contains_key(key_id) {
-            map.insert(key_id.into(), KeyState::new(now));
-        }
-        let Some(state) = map.get_mut(key_id) else {
-            return Step::Wait;
-        };
-        state.used_at(now);
-        align(state, windows, now);
-        let busy = state.busy();
-        let leases = state.held.slice_mut();
-
-        // Known to be over: no Redis call.
-        if leases
-            .iter()
-            .any(|l| l.over(now) && cost > l.budget.saturating_add(l.available))
-        {
-            return Step::Done(Acquired {
-                outcomes: leases
-                    .iter()
-                    .map(|l| {
-                        if l.over(now) && cost > l.budget.saturating_add(l.available) {
-                            outcome(l, now, false, l.over_until - now)
-                        } else {
-                            outcome(l, now, true, 0)
-                        }
-                    })
-                    .collect(),
-                asked_redis: false,
-            });
-        }
-
-        // Enough budget held for every window: admit locally.
-        if leases.iter().all(|l| l.budget >= cost) {
-            for l in leases.iter_mut() {
-                l.budget -= cost;
-            }
-            let outcomes = leases.iter().map(|l| outcome(l, now, true, 0)).collect();
-            if hybrid && !busy && needs_top_up(state.held.slice()) {
-                state.set_busy(true);
-                let cap = inner.chunk_cap(key_id, state.held.slice(), now);
-                spawn_top_up(
-                    self.inner.clone(),
-                    redis.clone(),
-                    algo,
-                    key_id.to_string(),
-                    windows.to_vec(),
-                    cap,
-                );
-            }
-            return Step::Done(Acquired {
-                outcomes,
-                asked_redis: false,
-            });
-        }
-
-        if hybrid && busy {
-            // Registered before the lock is let go: the wake-up cannot be missed.
-            done.as_mut().enable();
-            return Step::Wait;
-        }
-        let reserved: Vec<u64> = leases.iter().map(|l| l.budget.min(cost)).collect();
-        let need: Vec<u64> = reserved.iter().map(|r| cost - r).collect();
-        for (l, r) in leases.iter_mut().zip(&reserved) {
-            l.budget -= r;
-        }
-        let max_chunk = if hybrid {
-            state.set_busy(true);
-            inner.chunk_cap(key_id, state.held.slice(), now)
-        } else {
-            0
-        };
-        Step::Ask {
-            need,
-            reserved,
-            max_chunk,
-        }
-    }
-
-    /// Remembers the Redis handle for the keeper and starts it if needed.
-    fn keep(&self, redis: &Arc<Redis>, algo: Algorithm) {
-        let inner = &*self.inner;
-        let same = inner
-            .redis
-            .load()
-            .as_ref()
-            .is_some_and(|r| Arc::ptr_eq(r, redis));
-        if !same {
-            inner.redis.store(Some(redis.clone()));
-        }
-        if inner.algo.load(Ordering::Relaxed) != algo_code(algo) {
-            inner.algo.store(algo_code(algo), Ordering::Relaxed);
-        }
-        if !inner.keeper_running.load(Ordering::Acquire)
-            && !inner.keeper_running.swap(true, Ordering::AcqRel)
-        {
-            spawn_keeper(Arc::downgrade(&self.inner));
-        }
-    }
-
-    /// Takes `units` out of the budget held for `windows`; returns what the
-    /// budget could not cover (to be charged in Redis).
-    pub async fn consume(&self, key_id: &str, windows: &[Window], units: u64) -> u64 {
-        let inner = &*self.inner;
-        let mut map = lock(&inner.shard(key_id).map);
-        let now = inner.now();
-        let Some(state) = map.get_mut(key_id) else {
-            return if windows.is_empty() { 0 } else { units };
-        };
-        let mut uncovered = 0;
-        for w in windows {
-            let held = state
-                .held
-                .slice_mut()
-                .iter_mut()
-                .find(|l| l.window.is(w) && l.expires > now);
-            let covered = held.map_or(0, |l| {
-                let take = l.budget.min(units);
-                l.budget -= take;
-                l.available = l.available.saturating_sub(units - take);
-                take
-            });
-            uncovered = uncovered.max(units - covered);
-        }
-        uncovered
-    }
-
-    /// Gives back units charged by `acquire` (a later key refused the request).
-    pub async fn refund(&self, key_id: &str, windows: &[Window], cost: u64) {
-        let inner = &*self.inner;
-        let mut map = lock(&inner.shard(key_id).map);
-        let now = inner.now();
-        if let Some(state) = map.get_mut(key_id) {
-            for l in state
-                .held
-                .slice_mut()
-                .iter_mut()
-                .filter(|l| windows.iter().any(|w| l.window.is(w)) && l.expires > now)
-            {
-                l.budget = l.budget.saturating_add(cost);
             }
         }
     }
 
-    /// Takes every unused unit of every live lease, for handing back to
-    /// Redis when the process stops; a lease whose window ends within
-    /// RETURN_MARGIN_US is left to end (its hand-back could land in the
-    /// next window and let that one admit more than its limit).
-    pub async fn drain(&self) -> Vec<(String, Window, u64)> {
-        let keep_until = self.inner.now().saturating_add(RETURN_MARGIN_US);
-        self.inner.take_unused(|_, l| l.expires > keep_until).await
-    }
-
-    /// Hands back to Redis the leases of keys not seen for `idle` (at least
-    /// 1/RETURN_SHARE of the limit, in a window with time left), so another
-    /// instance can admit them; also forgets keys whose leases have all
-    /// ended. Returns how many leases went back.
-    pub async fn hand_back_idle(&self, redis: &Redis, algo: Algorithm, idle: Duration) -> usize {
-        self.inner.hand_back_idle(redis, algo, idle).await
-    }
-
-    pub fn keys(&self) -> usize {
-        self.inner.keys()
-    }
-}
-
-impl Inner {
-    fn keys(&self) -> usize {
-        self.shards.iter().map(|s| lock(&s.map).len()).sum()
-    }
-
-    /// Zeroes and returns the budget of every live lease `pick` chooses
-    /// (given the key's state and the lease). One shard at a time, letting
-    /// other tasks run in between (see `sweep`).
-    async fn take_unused(
-        &self,
-        pick: impl Fn(&KeyState, &Lease) -> bool,
-    ) -> Vec<(String, Window, u64)> {
-        let now = self.now();
-        let mut unused = Vec::new();
+    /// Every key states its floor again at its next call or sync.
+    fn sync_all(&self) {
         for shard in self.shards.iter() {
-            {
-                let mut map = lock(&shard.map);
-                for (key, state) in map.iter_mut() {
-                    for i in 0..state.held.slice().len() {
-                        let l = &state.held.slice()[i];
-                        if l.budget > 0 && l.expires > now && pick(state, l) {
-                            unused.push((key.to_string(), l.window.window(), l.budget));
-                            state.held.slice_mut()[i].budget = 0;
-                        }
-                    }
+            for k in lock(&shard.map).values_mut() {
+                if k.held
+                    .slice()
+                    .iter()
+                    .any(|l| l.ledger > 0 || l.consumed > 0)
+                {
+                    k.set_sync(true);
                 }
             }
-            tokio::task::yield_now().await;
         }
-        unused
     }
 
     /// Forgets keys that nobody is using and whose leases have all ended,
@@ -703,13 +377,7 @@ impl Inner {
         let now = self.now();
         let mut map = lock(&shard.map);
         let before = map.len();
-        map.retain(|_, k| {
-            k.busy()
-                || k.held
-                    .slice()
-                    .iter()
-                    .any(|l| l.expires > now || l.over(now))
-        });
+        map.retain(|_, k| k.busy() || k.held.slice().iter().any(|l| l.live(now) || l.over(now)));
         // Shrunk only well below capacity, so a map that empties and
         // fills again with each window does not reallocate every time.
         if map.len() < before && map.capacity() > 4 * map.len() + 64 {
@@ -717,59 +385,637 @@ impl Inner {
         }
     }
 
-    async fn hand_back_idle(&self, redis: &Redis, algo: Algorithm, idle: Duration) -> usize {
-        self.sweep().await;
+    /// One keeper round of calls that admit no request: keys that owe a
+    /// sync, and idle keys whose leases are worth handing back. Each key is
+    /// busy while its call runs, so it never races a request's call.
+    async fn background_calls(&self, ns: &Namespace, idle: Duration, stopping: bool) -> usize {
         let now = self.now();
         let idle = us(idle);
-        let unused = self
-            .take_unused(|k, l| {
-                !k.busy()
-                    && now.saturating_sub(k.last_used()) >= idle
-                    && l.expires > now.saturating_add(RETURN_MARGIN_US)
-                    && l.budget.saturating_mul(RETURN_SHARE) >= l.window.requests
-            })
-            .await;
-        let mut returned = 0;
-        for (key, window, units) in unused {
-            let n = i64::try_from(units).unwrap_or(i64::MAX);
-            if remote::charge(redis, algo, &key, &[window], -n)
-                .await
-                .is_ok()
-            {
-                returned += 1;
+        let mut calls = Vec::new();
+        for shard in self.shards.iter() {
+            let mut map = lock(&shard.map);
+            for (key, k) in map.iter_mut() {
+                if calls.len() >= CALLS_PER_ROUND {
+                    break;
+                }
+                if k.busy() {
+                    continue;
+                }
+                let idle_key = stopping || now.saturating_sub(k.last_used()) >= idle;
+                let worth = |l: &Lease| {
+                    l.expires > now.saturating_add(RETURN_MARGIN_US)
+                        && (stopping
+                            || l.budget().saturating_mul(RETURN_SHARE) >= l.window.requests)
+                };
+                let hand_back =
+                    idle_key && k.held.slice().iter().any(|l| l.budget() > 0 && worth(l));
+                if !hand_back && !k.owes_sync() {
+                    continue;
+                }
+                let windows: Vec<Window> =
+                    k.held.slice().iter().map(|l| l.window.window()).collect();
+                let asks: Vec<Ask> = k
+                    .held
+                    .slice_mut()
+                    .iter_mut()
+                    .map(|l| {
+                        if hand_back && l.budget() > 0 && worth(l) {
+                            lease::hand_back(l, ns.algo)
+                        } else {
+                            l.sync(ns.algo)
+                        }
+                    })
+                    .collect();
+                k.set_busy(true);
+                calls.push((key.to_string(), windows, asks));
+            }
+        }
+        let mut made = 0;
+        let mut failed = false;
+        for (key, windows, asks) in calls {
+            let shard = self.shard(&key);
+            let _busy = Busy { shard, key: &key };
+            let answer = if failed {
+                Err(Unavailable::BackingOff)
             } else {
-                // Still counted as used in Redis: the units stay this instance's.
-                let mut map = lock(&self.shard(&key).map);
-                if let Some(l) = map
-                    .get_mut(key.as_str())
-                    .and_then(|s| s.held.slice_mut().iter_mut().find(|l| l.window.is(&window)))
-                {
-                    l.budget = l.budget.saturating_add(units);
+                let sent = self.now();
+                remote::lease(
+                    &ns.background,
+                    ns.algo,
+                    &self.instance,
+                    &key,
+                    &windows,
+                    &asks,
+                    DIVISOR,
+                    0,
+                )
+                .await
+                .map(|g| (g, sent))
+            };
+            let mut map = lock(&shard.map);
+            let Some(k) = map.get_mut(key.as_str()) else {
+                continue;
+            };
+            match answer {
+                Ok((grants, sent)) if k.matches(&windows) => {
+                    let zeros = vec![0; asks.len()];
+                    lease::apply(
+                        k.held.slice_mut(),
+                        ns.algo,
+                        &asks,
+                        &zeros,
+                        &grants,
+                        sent,
+                        self.now(),
+                        true,
+                    );
+                    let owes = owes(k);
+                    k.set_sync(owes);
+                    made += 1;
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    failed = true;
+                    k.set_sync(true);
                 }
             }
         }
-        returned
+        made
     }
 }
 
-/// Sweeps ended keys and hands idle leases back every KEEP_EVERY while this
-/// instance holds any key, with the Redis handle of the latest acquire; it
-/// stops when no key is left (the next acquire starts it again) or when the
-/// leases are dropped.
+/// The windows and hand-back calls of a key about to be forgotten (evicted
+/// or at a stop): its unused units go back, its floor is stated.
+fn returnable(
+    key: &str,
+    k: &mut KeyState,
+    algo: Algorithm,
+    now: u64,
+    worth: impl Fn(&Lease) -> bool,
+) -> Option<(String, Vec<Window>, Vec<Ask>)> {
+    let owes = k.held.slice().iter().any(|l| {
+        l.expires > now.saturating_add(RETURN_MARGIN_US)
+            && (l.budget() > 0 && worth(l) || l.pending() > 0)
+    });
+    if !owes {
+        return None;
+    }
+    let windows = k.held.slice().iter().map(|l| l.window.window()).collect();
+    let asks = k
+        .held
+        .slice_mut()
+        .iter_mut()
+        .map(|l| lease::hand_back(l, algo))
+        .collect();
+    Some((key.to_string(), windows, asks))
+}
+
+impl Leases {
+    pub fn new(instance: String) -> Leases {
+        Leases {
+            inner: Arc::new(Inner {
+                shards: (0..SHARDS)
+                    .map(|_| Shard {
+                        map: Mutex::new(KeyMap::default()),
+                        done: tokio::sync::Notify::new(),
+                    })
+                    .collect(),
+                hasher: KeyHasher::default(),
+                epoch: Instant::now(),
+                usage: Default::default(),
+                instance,
+                namespace: ArcSwapOption::empty(),
+                switching: Mutex::new(()),
+                fleet: AtomicU64::new(1),
+                keeper_running: AtomicBool::new(false),
+                reconnects_seen: AtomicU64::new(0),
+                per_shard: AtomicUsize::new(DEFAULT_MAX_KEYS.div_ceil(SHARDS)),
+            }),
+        }
+    }
+
+    /// `limits.max_keys`: keys kept by this instance.
+    pub fn set_max_keys(&self, max_keys: usize) {
+        self.inner
+            .per_shard
+            .store(max_keys.div_ceil(SHARDS).max(1), Ordering::Relaxed);
+    }
+
+    /// This instance's name in the ledgers and the fleet.
+    pub fn instance(&self) -> &str {
+        &self.inner.instance
+    }
+
+    /// Instances sharing the Redis, as the last registration counted.
+    pub fn fleet(&self) -> u64 {
+        self.inner.fleet.load(Ordering::Relaxed).max(1)
+    }
+
+    /// The namespace of this call; a changed one hands every lease back to
+    /// the old one and starts afresh.
+    fn namespace(&self, redis: &Arc<Redis>, algo: Algorithm) -> Arc<Namespace> {
+        let inner = &*self.inner;
+        if let Some(ns) = &*inner.namespace.load() {
+            if Arc::ptr_eq(&ns.redis, redis) && ns.algo == algo {
+                return ns.clone();
+            }
+        }
+        let _switching = lock(&inner.switching);
+        let current = inner.namespace.load_full();
+        if let Some(ns) = &current {
+            if Arc::ptr_eq(&ns.redis, redis) && ns.algo == algo {
+                return ns.clone();
+            }
+        }
+        let background = match &current {
+            Some(ns) if ns.redis.same_as(redis) => ns.background.clone(),
+            _ => Arc::new(redis.detached()),
+        };
+        let fresh = Arc::new(Namespace {
+            redis: redis.clone(),
+            background,
+            algo,
+        });
+        if let Some(old) = current.filter(|ns| !ns.same_place(redis, algo)) {
+            self.leave(old);
+        }
+        inner.namespace.store(Some(fresh.clone()));
+        fresh
+    }
+
+    /// Hands every lease back to the namespace it was taken in and forgets
+    /// every key.
+    fn leave(&self, old: Arc<Namespace>) {
+        let inner = &*self.inner;
+        let now = inner.now();
+        let mut returns = Vec::new();
+        for shard in inner.shards.iter() {
+            let mut map = lock(&shard.map);
+            for (key, k) in map.iter_mut() {
+                if let Some(r) = returnable(key, k, old.algo, now, |_| true) {
+                    returns.push(r);
+                }
+            }
+            map.clear();
+        }
+        if returns.is_empty() {
+            return;
+        }
+        let instance = inner.instance.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                for (key, windows, asks) in returns {
+                    let _ = remote::lease(
+                        &old.background,
+                        old.algo,
+                        &instance,
+                        &key,
+                        &windows,
+                        &asks,
+                        DIVISOR,
+                        0,
+                    )
+                    .await;
+                }
+            });
+        }
+    }
+
+    pub async fn acquire(
+        &self,
+        redis: &Arc<Redis>,
+        algo: Algorithm,
+        sync: SyncMode,
+        key_id: &str,
+        windows: &[Window],
+        cost: u64,
+    ) -> Result<Acquired, Unavailable> {
+        let inner = &*self.inner;
+        let ns = self.namespace(redis, algo);
+        inner.usage.observe(key_id, cost, inner.now());
+        let shard = inner.shard(key_id);
+        let hybrid = sync == SyncMode::Hybrid;
+        // Waits are capped so a lost wake-up can only cost time, never hang.
+        let wait_cap = redis.settings.timeout + Duration::from_millis(50);
+        let (asks, reserved, max_chunk) = loop {
+            let done = shard.done.notified();
+            tokio::pin!(done);
+            let step = self.try_local(shard, &ns, algo, hybrid, key_id, windows, cost, &mut done);
+            // After the key is in the map, so a keeper that is stopping sees it.
+            self.keep();
+            match step {
+                Step::Done(a) => return Ok(a),
+                Step::Wait => {
+                    let _ = tokio::time::timeout(wait_cap, done).await;
+                }
+                Step::Ask {
+                    asks,
+                    reserved,
+                    max_chunk,
+                } => break (asks, reserved, max_chunk),
+            }
+        };
+        let _busy = hybrid.then_some(Busy { shard, key: key_id });
+        let divisor = if hybrid { DIVISOR } else { u64::MAX / 2 };
+        let sent = inner.now();
+        let answer = remote::lease(
+            redis,
+            algo,
+            &inner.instance,
+            key_id,
+            windows,
+            &asks,
+            divisor,
+            max_chunk,
+        )
+        .await;
+        let mut map = lock(&shard.map);
+        let now = inner.now();
+        let state = map.get_mut(key_id).filter(|k| k.matches(windows));
+        match (answer, state) {
+            (Ok(grants), Some(k)) => {
+                let (allowed, outcomes) = lease::apply(
+                    k.held.slice_mut(),
+                    algo,
+                    &asks,
+                    &reserved,
+                    &grants,
+                    sent,
+                    now,
+                    false,
+                );
+                // A cost reported while the call was on its way is counted
+                // right after it.
+                let owes = owes(k);
+                k.set_sync(owes);
+                if owes {
+                    spawn_top_up(
+                        self.inner.clone(),
+                        ns.clone(),
+                        key_id.to_string(),
+                        windows.to_vec(),
+                        0,
+                        false,
+                    );
+                }
+                Ok(Acquired {
+                    allowed,
+                    outcomes,
+                    asked_redis: true,
+                    periods: k.held.slice().iter().map(|l| l.period).collect(),
+                })
+            }
+            (Ok(grants), None) => {
+                let (allowed, outcomes) = bare_outcomes(&asks, &grants);
+                if let Some(k) = map.get_mut(key_id) {
+                    k.set_sync(true);
+                }
+                Ok(Acquired {
+                    allowed,
+                    outcomes,
+                    asked_redis: true,
+                    periods: grants.iter().map(|g| g.period).collect(),
+                })
+            }
+            (Err(e), state) => {
+                // What the call did is unknown: the reserved units go back,
+                // and the key syncs once Redis answers again.
+                if let Some(k) = state {
+                    lease::undo(k.held.slice_mut(), &reserved);
+                }
+                if let Some(k) = map.get_mut(key_id) {
+                    k.set_sync(true);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The part of `acquire` under the shard lock: a local decision, a wait
+    /// for the key's call under way, or what to ask Redis for.
+    #[allow(clippy::too_many_arguments)]
+    fn try_local(
+        &self,
+        shard: &Shard,
+        ns: &Arc<Namespace>,
+        algo: Algorithm,
+        hybrid: bool,
+        key_id: &str,
+        windows: &[Window],
+        cost: u64,
+        done: &mut std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
+    ) -> Step {
+        let inner = &*self.inner;
+        let mut map = lock(&shard.map);
+        let now = inner.now();
+        if !map.contains_key(key_id) {
+            inner.make_room(&mut map);
+            map.insert(key_id.into(), KeyState::new(now));
+        }
+        let Some(state) = map.get_mut(key_id) else {
+            return Step::Wait;
+        };
+        state.used_at(now);
+        lease::align(&mut state.held, windows, algo, now, crate::clock::now_us());
+        let busy = state.busy();
+        if let Some((allowed, outcomes)) = lease::local(state.held.slice_mut(), cost, now) {
+            if allowed && hybrid && !busy && lease::needs_top_up(state.held.slice()) {
+                state.set_busy(true);
+                let cap = inner.chunk_cap(key_id, state.held.slice(), now);
+                spawn_top_up(
+                    self.inner.clone(),
+                    ns.clone(),
+                    key_id.to_string(),
+                    windows.to_vec(),
+                    cap,
+                    true,
+                );
+            }
+            return Step::Done(Acquired {
+                allowed,
+                periods: state.held.slice().iter().map(|l| l.period).collect(),
+                outcomes,
+                asked_redis: false,
+            });
+        }
+        if hybrid && busy {
+            // Registered before the lock is let go: the wake-up cannot be missed.
+            done.as_mut().enable();
+            return Step::Wait;
+        }
+        let (asks, reserved) = lease::ask(state.held.slice_mut(), algo, cost);
+        let max_chunk = if hybrid {
+            state.set_busy(true);
+            inner.chunk_cap(key_id, state.held.slice(), now)
+        } else {
+            0
+        };
+        Step::Ask {
+            asks,
+            reserved,
+            max_chunk,
+        }
+    }
+
+    /// Redis could not be reached (`on_failure: local`): this instance's
+    /// own decision from what it holds and its share of what was left.
+    pub fn fallback(
+        &self,
+        algo: Algorithm,
+        key_id: &str,
+        windows: &[Window],
+        cost: u64,
+    ) -> Acquired {
+        let inner = &*self.inner;
+        let shard = inner.shard(key_id);
+        let mut map = lock(&shard.map);
+        let now = inner.now();
+        if !map.contains_key(key_id) {
+            inner.make_room(&mut map);
+            map.insert(key_id.into(), KeyState::new(now));
+        }
+        let fleet = self.fleet();
+        let Some(k) = map.get_mut(key_id) else {
+            return Acquired {
+                allowed: false,
+                outcomes: Vec::new(),
+                asked_redis: false,
+                periods: Vec::new(),
+            };
+        };
+        k.used_at(now);
+        lease::align(&mut k.held, windows, algo, now, crate::clock::now_us());
+        let (allowed, outcomes) = lease::fallback(k.held.slice_mut(), cost, fleet, now);
+        if allowed {
+            k.set_sync(true);
+        }
+        metrics::RATELIMIT_FALLBACK
+            .with_label_values(&[if allowed { "allowed" } else { "limited" }])
+            .inc();
+        Acquired {
+            allowed,
+            outcomes,
+            asked_redis: false,
+            periods: k.held.slice().iter().map(|l| l.period).collect(),
+        }
+    }
+
+    /// Gives back `units` charged to `window` of `key_id` in `period`.
+    pub fn refund(&self, key_id: &str, window: &Window, units: u64, period: u64) {
+        let inner = &*self.inner;
+        let mut map = lock(&inner.shard(key_id).map);
+        let now = inner.now();
+        if let Some(l) = map
+            .get_mut(key_id)
+            .and_then(|k| k.held.slice_mut().iter_mut().find(|l| l.window.is(window)))
+        {
+            lease::refund(l, units, period, now);
+        }
+    }
+
+    /// Charges units reported after the answer, in the window's current
+    /// period (a later one than the request's, if that ended meanwhile);
+    /// what the budget does not cover is counted in Redis right away (in
+    /// the background).
+    pub fn extra(&self, key_id: &str, window: &Window, units: u64) {
+        let inner = &*self.inner;
+        let Some(ns) = inner.namespace.load_full() else {
+            return;
+        };
+        let shard = inner.shard(key_id);
+        let mut map = lock(&shard.map);
+        let now = inner.now();
+        if !map.contains_key(key_id) {
+            inner.make_room(&mut map);
+            map.insert(key_id.into(), KeyState::new(now));
+        }
+        let Some(k) = map.get_mut(key_id) else {
+            return;
+        };
+        // The key may have been forgotten, or hold other windows now.
+        if !k.held.slice().iter().any(|l| l.window.is(window)) {
+            let mut windows: Vec<Window> =
+                k.held.slice().iter().map(|l| l.window.window()).collect();
+            windows.push(*window);
+            lease::align(&mut k.held, &windows, ns.algo, now, crate::clock::now_us());
+        }
+        let Some(l) = k.held.slice_mut().iter_mut().find(|l| l.window.is(window)) else {
+            return;
+        };
+        if !l.live(now) {
+            *l = Lease::fresh(window, ns.algo, now, crate::clock::now_us());
+        }
+        if !lease::extra(l, units, now) {
+            return;
+        }
+        k.set_sync(true);
+        let windows = k.held.slice().iter().map(|l| l.window.window()).collect();
+        spawn_top_up(
+            self.inner.clone(),
+            ns,
+            key_id.to_string(),
+            windows,
+            0,
+            false,
+        );
+    }
+
+    /// Remembers that a keeper is needed and starts it.
+    fn keep(&self) {
+        let inner = &*self.inner;
+        if !inner.keeper_running.load(Ordering::Acquire)
+            && !inner.keeper_running.swap(true, Ordering::AcqRel)
+        {
+            spawn_keeper(Arc::downgrade(&self.inner));
+        }
+    }
+
+    /// At a stop: hands every unused unit back and counts what this
+    /// instance admitted on its own, so the fleet can use the rest.
+    /// Returns the number of calls made.
+    pub async fn return_all(&self) -> usize {
+        let Some(ns) = self.inner.namespace.load_full() else {
+            return 0;
+        };
+        let mut made = 0;
+        // Rounds until every key is done (each round takes at most
+        // CALLS_PER_ROUND keys and stops at the first failure).
+        loop {
+            let n = self.inner.background_calls(&ns, Duration::ZERO, true).await;
+            made += n;
+            if n < CALLS_PER_ROUND {
+                return made;
+            }
+        }
+    }
+
+    pub fn keys(&self) -> usize {
+        self.inner.keys()
+    }
+
+    /// This instance's admitted units in `window`'s current period (the
+    /// quota view adds them to what the others reported).
+    pub fn consumed(&self, key_id: &str, window: &Window) -> u64 {
+        let inner = &*self.inner;
+        let now = inner.now();
+        let map = lock(&inner.shard(key_id).map);
+        map.get(key_id)
+            .and_then(|k| {
+                k.held
+                    .slice()
+                    .iter()
+                    .find(|l| l.window.is(window) && l.live(now))
+            })
+            .map_or(0, |l| l.consumed)
+    }
+
+    /// Unused units this instance holds for `window` of `key_id` in the
+    /// period that starts at `period` (tests; a lease may end a little
+    /// before its period: it holds the units, unused, until the period ends).
+    #[cfg(test)]
+    pub fn held(&self, key_id: &str, window: &Window, period: u64) -> u64 {
+        let inner = &*self.inner;
+        let map = lock(&inner.shard(key_id).map);
+        map.get(key_id)
+            .and_then(|k| {
+                k.held
+                    .slice()
+                    .iter()
+                    .find(|l| l.window.is(window) && l.period == period)
+            })
+            .map_or(0, |l| l.budget())
+    }
+}
+
+/// Runs every KEEP_EVERY while this instance holds any key: registers the
+/// instance, starts a resync of every key after a lost connection, sweeps
+/// ended keys and makes the background calls. It stops when no key is left
+/// (the next acquire starts it again) or when the leases are dropped.
 fn spawn_keeper(inner: Weak<Inner>) {
     tokio::spawn(async move {
+        let mut round: u64 = 0;
         loop {
-            tokio::time::sleep(KEEP_EVERY).await;
+            // The first round at once: the instance registers in the fleet
+            // before it may have to decide on its own.
+            if round > 0 {
+                tokio::time::sleep(KEEP_EVERY).await;
+            }
             let Some(inner) = inner.upgrade() else {
                 return;
             };
-            let redis = inner.redis.load_full();
-            let algo = algo_from(inner.algo.load(Ordering::Relaxed));
-            match redis {
-                Some(redis) => {
-                    inner.hand_back_idle(&redis, algo, IDLE).await;
+            round += 1;
+            if let Some(ns) = inner.namespace.load_full() {
+                if round % 2 == 1 {
+                    if let Ok(n) =
+                        remote::register(&ns.background, &inner.instance, FLEET_TTL_MS).await
+                    {
+                        inner.fleet.store(n, Ordering::Relaxed);
+                    }
                 }
-                None => inner.sweep().await,
+                let reconnects = ns.redis.reconnects() + ns.background.reconnects();
+                #[cfg(test)]
+                if std::env::var_os("SIM_TRACE").is_some() {
+                    println!(
+                        "{:>9.3} {} keeper round, reconnects {reconnects}",
+                        (crate::clock::now_us() % 100_000_000) as f64 / 1e6,
+                        inner.instance
+                    );
+                }
+                if inner.reconnects_seen.swap(reconnects, Ordering::Relaxed) != reconnects {
+                    #[cfg(test)]
+                    if std::env::var_os("SIM_TRACE").is_some() {
+                        println!(
+                            "{:>9.3} {} resyncs every key",
+                            (crate::clock::now_us() % 100_000_000) as f64 / 1e6,
+                            inner.instance
+                        );
+                    }
+                    inner.sync_all();
+                }
+                inner.sweep().await;
+                inner.background_calls(&ns, IDLE, false).await;
+            } else {
+                inner.sweep().await;
             }
             if inner.keys() == 0 {
                 inner.keeper_running.store(false, Ordering::Release);
@@ -782,29 +1028,93 @@ fn spawn_keeper(inner: Weak<Inner>) {
     });
 }
 
-/// Fetches the next lease before the current one runs out, so requests far
-/// from their limit rarely wait on Redis.
+/// Fetches the next lease before the current one runs out (so requests far
+/// from their limit rarely wait on Redis), or, with `max_chunk` 0, only
+/// states the key's floor (units admitted that Redis does not count yet).
+/// `taken`: the caller already marked the key busy for this call; else the
+/// call is made only if no other call for the key is under way (that one
+/// states the floor too, or leaves the key owing a sync).
 fn spawn_top_up(
     inner: Arc<Inner>,
-    redis: Arc<Redis>,
-    algo: Algorithm,
+    ns: Arc<Namespace>,
     key_id: String,
     windows: Vec<Window>,
     max_chunk: u64,
+    taken: bool,
 ) {
     tokio::spawn(async move {
+        let shard = inner.shard(&key_id);
+        let asks: Vec<Ask> = {
+            let mut map = lock(&shard.map);
+            let Some(k) = map.get_mut(key_id.as_str()).filter(|k| k.matches(&windows)) else {
+                drop(map);
+                if taken {
+                    drop(Busy {
+                        shard,
+                        key: &key_id,
+                    });
+                }
+                return;
+            };
+            if !taken {
+                if k.busy() {
+                    return;
+                }
+                k.set_busy(true);
+            }
+            k.held.slice().iter().map(|l| l.sync(ns.algo)).collect()
+        };
         let _busy = Busy {
-            shard: inner.shard(&key_id),
+            shard,
             key: &key_id,
         };
-        let need = vec![0; windows.len()];
-        let Ok(grants) =
-            remote::acquire(&redis, algo, &key_id, &windows, &need, DIVISOR, max_chunk).await
-        else {
+        let sent = inner.now();
+        let answer = remote::lease(
+            &ns.background,
+            ns.algo,
+            &inner.instance,
+            &key_id,
+            &windows,
+            &asks,
+            DIVISOR,
+            max_chunk,
+        )
+        .await;
+        let mut map = lock(&shard.map);
+        let Some(k) = map.get_mut(key_id.as_str()).filter(|k| k.matches(&windows)) else {
             return;
         };
-        inner.apply(&key_id, algo, &windows, &grants, &need, &need, true);
+        match answer {
+            Ok(grants) => {
+                let zeros = vec![0; asks.len()];
+                lease::apply(
+                    k.held.slice_mut(),
+                    ns.algo,
+                    &asks,
+                    &zeros,
+                    &grants,
+                    sent,
+                    inner.now(),
+                    true,
+                );
+                let owes = owes(k);
+                k.set_sync(owes);
+                if owes {
+                    // Reported while this call was on its way: counted next.
+                    drop(map);
+                    drop(_busy);
+                    spawn_top_up(inner.clone(), ns, key_id.clone(), windows, 0, false);
+                }
+            }
+            Err(_) => k.set_sync(true),
+        }
     });
+}
+
+/// Units admitted that Redis does not count yet (reported after an answer
+/// that was already on its way, or admitted while Redis was away).
+fn owes(k: &KeyState) -> bool {
+    k.held.slice().iter().any(|l| l.pending() > 0)
 }
 
 #[cfg(test)]
@@ -812,19 +1122,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_key_state_is_64_bytes() {
+    fn a_key_state_is_80_bytes() {
         // Memory per key (README, bench/memory.py): one state per key, its
         // one lease inline.
-        assert_eq!(std::mem::size_of::<Lease>(), 56);
-        assert_eq!(std::mem::size_of::<Slots<Lease>>(), 56);
-        assert_eq!(std::mem::size_of::<KeyState>(), 64);
+        assert_eq!(std::mem::size_of::<Lease>(), 72);
+        assert_eq!(std::mem::size_of::<Slots<Lease>>(), 72);
+        assert_eq!(std::mem::size_of::<KeyState>(), 80);
         let mut k = KeyState::new(12_345);
         k.set_busy(true);
+        k.set_sync(true);
         k.used_at(99_999);
-        assert!(k.busy());
+        assert!(k.busy() && k.owes_sync());
         assert_eq!(k.last_used(), 99_999);
         k.set_busy(false);
-        assert!(!k.busy());
+        assert!(!k.busy() && k.owes_sync());
         assert_eq!(k.last_used(), 99_999);
     }
 
@@ -832,7 +1143,12 @@ mod tests {
         Lease {
             available,
             expires: now + left_secs * 1_000_000,
-            ..Lease::fresh(Window::every(requests, Duration::from_secs(60)), now)
+            ..Lease::fresh(
+                &Window::every(requests, Duration::from_secs(60)),
+                Algorithm::FixedWindow,
+                now,
+                1_780_000_000_000_000,
+            )
         }
     }
 
@@ -840,18 +1156,27 @@ mod tests {
     fn far_from_the_limit_a_first_lease_is_a_small_share_of_the_limit() {
         let now = 1_000_000_000;
         // Limit 10^6, all available: 976 units before any rate is known.
-        assert_eq!(far_floor(&[lease(1_000_000, 1_000_000, 40, now)]), 976);
+        assert_eq!(
+            lease::far_floor(&[lease(1_000_000, 1_000_000, 40, now)]),
+            976
+        );
         // Capped, and never under MIN_CHUNK.
         assert_eq!(
-            far_floor(&[lease(u64::MAX / 4, u64::MAX / 4, 40, now)]),
+            lease::far_floor(&[lease(u64::MAX / 4, u64::MAX / 4, 40, now)]),
             4096
         );
-        assert_eq!(far_floor(&[lease(300, 300, 40, now)]), MIN_CHUNK);
+        assert_eq!(
+            lease::far_floor(&[lease(300, 300, 40, now)]),
+            lease::MIN_CHUNK
+        );
         // Half or less available: no floor beyond MIN_CHUNK; the tightest
         // window decides.
-        assert_eq!(far_floor(&[lease(1_000_000, 400_000, 40, now)]), MIN_CHUNK);
         assert_eq!(
-            far_floor(&[
+            lease::far_floor(&[lease(1_000_000, 400_000, 40, now)]),
+            lease::MIN_CHUNK
+        );
+        assert_eq!(
+            lease::far_floor(&[
                 lease(1_000_000, 1_000_000, 40, now),
                 lease(100_000, 100_000, 40, now)
             ]),
@@ -863,14 +1188,14 @@ mod tests {
     fn horizon_grows_with_headroom() {
         let now = 5_000_000;
         // All of the limit available: the rest of the window, with margin.
-        assert_eq!(horizon_secs(&lease(1000, 1000, 40, now), now), 60.0);
+        assert_eq!(lease::horizon_secs(&lease(1000, 1000, 40, now), now), 60.0);
         // Three quarters: half of that.
-        assert_eq!(horizon_secs(&lease(1000, 750, 40, now), now), 30.0);
+        assert_eq!(lease::horizon_secs(&lease(1000, 750, 40, now), now), 30.0);
         // Half or less: two seconds, as before.
-        assert_eq!(horizon_secs(&lease(1000, 500, 40, now), now), 2.0);
-        assert_eq!(horizon_secs(&lease(1000, 0, 40, now), now), 2.0);
+        assert_eq!(lease::horizon_secs(&lease(1000, 500, 40, now), now), 2.0);
+        assert_eq!(lease::horizon_secs(&lease(1000, 0, 40, now), now), 2.0);
         // A lease that has ended: a whole window ahead.
-        assert_eq!(horizon_secs(&lease(1000, 1000, 0, now), now), 90.0);
+        assert_eq!(lease::horizon_secs(&lease(1000, 1000, 0, now), now), 90.0);
     }
 
     #[test]
@@ -880,7 +1205,21 @@ mod tests {
         let l = [lease(1_000_000, 1_000_000, 50, now)];
         assert_eq!(leases.inner.chunk_cap("k:new", &l, now), 976);
         let near = [lease(1_000, 100, 50, now)];
-        assert_eq!(leases.inner.chunk_cap("k:new", &near, now), MIN_CHUNK);
+        assert_eq!(
+            leases.inner.chunk_cap("k:new", &near, now),
+            lease::MIN_CHUNK
+        );
+    }
+
+    fn insert(leases: &Leases, key: &str, l: Lease, stamp: u64) {
+        let shard = leases.inner.shard(key);
+        lock(&shard.map).insert(
+            key.into(),
+            KeyState {
+                held: Slots::One(l),
+                stamp,
+            },
+        );
     }
 
     #[tokio::test]
@@ -888,25 +1227,17 @@ mod tests {
         let leases = Leases::default();
         let now = leases.inner.now();
         for i in 0..5000 {
-            let key = format!("k:{i}");
-            let shard = leases.inner.shard(&key);
             let ended = i % 2 == 0;
-            lock(&shard.map).insert(
-                key.into(),
-                KeyState {
-                    held: Slots::One(lease(100, 100, if ended { 0 } else { 60 }, now)),
-                    stamp: now,
-                },
+            insert(
+                &leases,
+                &format!("k:{i}"),
+                lease(100, 100, if ended { 0 } else { 60 }, now),
+                now,
             );
         }
         assert_eq!(leases.keys(), 5000);
         leases.inner.sweep().await;
         assert_eq!(leases.keys(), 2500);
-        // The live ones: consumed and refunded as before.
-        let w = [Window::every(100, Duration::from_secs(60))];
-        assert_eq!(leases.consume("k:1", &w, 3).await, 3);
-        assert_eq!(leases.consume("k:0", &w, 3).await, 3);
-        assert!(leases.drain().await.is_empty());
     }
 
     #[tokio::test]
@@ -914,22 +1245,33 @@ mod tests {
         let leases = Leases::default();
         let now = leases.inner.now();
         for i in 0..SHARDS * 50 {
-            let key = format!("k:{i}");
-            let shard = leases.inner.shard(&key);
-            lock(&shard.map).insert(
-                key.into(),
-                KeyState {
-                    held: Slots::One(lease(100, 100, 0, now)),
-                    stamp: now,
-                },
-            );
+            insert(&leases, &format!("k:{i}"), lease(100, 100, 0, now), now);
         }
         let ((), turns) = super::super::turns_beside(leases.inner.sweep()).await;
         assert_eq!(leases.keys(), 0);
         assert!(turns >= SHARDS - 1, "{turns} turns in {SHARDS} shards");
-        let (unused, turns) =
-            super::super::turns_beside(leases.inner.take_unused(|_, _| true)).await;
-        assert!(unused.is_empty());
-        assert!(turns >= SHARDS - 1, "{turns} turns in {SHARDS} shards");
+    }
+
+    #[test]
+    fn a_full_shard_forgets_its_least_recently_used_keys() {
+        let leases = Leases::default();
+        leases.set_max_keys(SHARDS * 16);
+        let now = leases.inner.now();
+        let shard = &leases.inner.shards[0];
+        let mut map = lock(&shard.map);
+        for i in 0..16u64 {
+            map.insert(
+                format!("k:{i}").into(),
+                KeyState {
+                    held: Slots::One(lease(100, 100, 60, now)),
+                    stamp: 1000 + i,
+                },
+            );
+        }
+        leases.inner.make_room(&mut map);
+        // An eighth of 16: the two oldest went.
+        assert_eq!(map.len(), 14);
+        assert!(!map.contains_key("k:0") && !map.contains_key("k:1"));
+        assert!(map.contains_key("k:2"));
     }
 }

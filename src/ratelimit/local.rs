@@ -9,6 +9,7 @@ use super::packed::{PackedWindow, Slots};
 use crate::cache::{KeyHasher, KeyMap};
 use crate::config::{Algorithm, Window};
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 const SHARDS: usize = 64;
@@ -22,14 +23,23 @@ struct Slot {
     state: WindowState,
 }
 
+/// A key's windows and when it was last counted (wall-clock seconds): the
+/// least recently used go first when the store is full.
+struct Entry {
+    slots: Slots<Slot>,
+    used: u32,
+}
+
 struct Shard {
-    keys: KeyMap<Box<str>, Slots<Slot>>,
+    keys: KeyMap<Box<str>, Entry>,
     sweep_at: usize,
 }
 
 pub struct LocalStore {
     shards: Vec<Mutex<Shard>>,
     hasher: KeyHasher,
+    /// Keys kept per shard (`limits.max_keys`).
+    per_shard: AtomicUsize,
 }
 
 impl Default for LocalStore {
@@ -44,6 +54,7 @@ impl Default for LocalStore {
                 })
                 .collect(),
             hasher: KeyHasher::default(),
+            per_shard: AtomicUsize::new(super::hybrid::DEFAULT_MAX_KEYS.div_ceil(SHARDS)),
         }
     }
 }
@@ -60,7 +71,40 @@ fn all_stale(slots: &Slots<Slot>, algo: Algorithm, now: u64) -> bool {
         .all(|s| algo::is_stale(algo, &s.state, now, s.window.period()))
 }
 
+/// Makes room for one more key in a full shard: keys whose windows all
+/// ended go, then, if it is still full, the least recently used eighth.
+fn make_room(shard: &mut Shard, algo: Algorithm, now: u64, cap: usize) {
+    if shard.keys.len() < cap {
+        return;
+    }
+    shard.keys.retain(|_, e| !all_stale(&e.slots, algo, now));
+    if shard.keys.len() < cap {
+        return;
+    }
+    let mut ages: Vec<u32> = shard.keys.values().map(|e| e.used).collect();
+    let go = (cap / 8).max(1).min(ages.len());
+    let (_, cut, _) = ages.select_nth_unstable(go - 1);
+    let cut = *cut;
+    let before = shard.keys.len();
+    let mut left = go;
+    shard.keys.retain(|_, e| {
+        if left > 0 && e.used <= cut {
+            left -= 1;
+            false
+        } else {
+            true
+        }
+    });
+    crate::metrics::RATELIMIT_KEYS_EVICTED.inc_by((before - shard.keys.len()) as u64);
+}
+
 impl LocalStore {
+    /// `limits.max_keys`: keys this store keeps.
+    pub fn set_max_keys(&self, max_keys: usize) {
+        self.per_shard
+            .store(max_keys.div_ceil(SHARDS).max(1), Ordering::Relaxed);
+    }
+
     fn shard(&self, key: &str) -> &Mutex<Shard> {
         &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS]
     }
@@ -91,16 +135,30 @@ impl LocalStore {
             return admit();
         };
         if shard.keys.len() >= shard.sweep_at {
-            shard.keys.retain(|_, slots| !all_stale(slots, algo, now));
+            shard.keys.retain(|_, e| !all_stale(&e.slots, algo, now));
             shard.sweep_at = (shard.keys.len() * 2).max(SWEEP_AT);
         }
         // The key's name is copied only for a key seen the first time.
         if !shard.keys.contains_key(key) {
-            shard.keys.insert(key.into(), Slots::default());
+            make_room(
+                &mut shard,
+                algo,
+                now,
+                self.per_shard.load(Ordering::Relaxed),
+            );
+            shard.keys.insert(
+                key.into(),
+                Entry {
+                    slots: Slots::default(),
+                    used: 0,
+                },
+            );
         }
-        let Some(slots) = shard.keys.get_mut(key) else {
+        let Some(entry) = shard.keys.get_mut(key) else {
             return admit();
         };
+        entry.used = u32::try_from(now / 1_000_000).unwrap_or(u32::MAX);
+        let slots = &mut entry.slots;
         // Keep the state of windows that still apply, start new ones.
         slots.align(
             windows,
@@ -145,8 +203,9 @@ impl LocalStore {
         let Ok(mut shard) = self.shard(key).lock() else {
             return;
         };
-        if let Some(slots) = shard.keys.get_mut(key) {
-            for s in slots
+        if let Some(entry) = shard.keys.get_mut(key) {
+            for s in entry
+                .slots
                 .slice_mut()
                 .iter_mut()
                 .filter(|s| windows.iter().any(|w| s.window.is(w)))
@@ -179,7 +238,7 @@ impl LocalStore {
                 let mut state = shard
                     .as_ref()
                     .and_then(|s| s.keys.get(key))
-                    .and_then(|slots| slots.slice().iter().find(|s| s.window.is(w)))
+                    .and_then(|e| e.slots.slice().iter().find(|s| s.window.is(w)))
                     .map_or(WindowState::EMPTY, |s| s.state);
                 algo::check(algo, &mut state, now, w.requests, period(w), 0)
             })
@@ -205,7 +264,7 @@ impl LocalStore {
             return 0;
         };
         let before = shard.keys.len();
-        shard.keys.retain(|_, slots| !all_stale(slots, algo, now));
+        shard.keys.retain(|_, e| !all_stale(&e.slots, algo, now));
         if shard.keys.capacity() > 2 * shard.keys.len() + 64 {
             shard.keys.shrink_to_fit();
         }
@@ -304,19 +363,24 @@ mod tests {
     }
 
     #[test]
-    fn a_key_with_one_window_costs_one_64_byte_entry() {
-        // Memory per key when Redis is away (README): the key's name and
-        // one inline slot, no allocation of its own.
+    fn a_key_with_one_window_costs_one_72_byte_entry() {
+        // Memory per key without Redis (README): the key's name, one
+        // inline slot and when it was last used, no allocation of its own.
         assert_eq!(std::mem::size_of::<Slots<Slot>>(), 48);
-        assert_eq!(std::mem::size_of::<(Box<str>, Slots<Slot>)>(), 64);
+        assert_eq!(std::mem::size_of::<(Box<str>, Entry)>(), 72);
         let store = LocalStore::default();
         store.acquire(Algorithm::FixedWindow, "one", &[w(5, 1)], 1, NOW);
         store.acquire(Algorithm::FixedWindow, "two", &[w(5, 1), w(9, 60)], 1, NOW);
         let shard = store.shard("one").lock().unwrap();
-        assert!(matches!(shard.keys.get("one"), Some(Slots::One(_))));
+        assert!(matches!(
+            shard.keys.get("one").map(|e| &e.slots),
+            Some(Slots::One(_))
+        ));
         drop(shard);
         let shard = store.shard("two").lock().unwrap();
-        assert!(matches!(shard.keys.get("two"), Some(Slots::Many(s)) if s.len() == 2));
+        assert!(
+            matches!(shard.keys.get("two").map(|e| &e.slots), Some(Slots::Many(s)) if s.len() == 2)
+        );
     }
 
     #[tokio::test]
@@ -329,6 +393,27 @@ mod tests {
             super::super::turns_beside(store.sweep(Algorithm::FixedWindow, NOW + 2_000_000)).await;
         assert_eq!(dropped, SHARDS * 50);
         assert!(turns >= SHARDS - 1, "{turns} turns in {SHARDS} shards");
+    }
+
+    #[test]
+    fn a_full_store_forgets_the_least_recently_used_keys() {
+        let store = LocalStore::default();
+        store.set_max_keys(SHARDS * 8);
+        // A hot key, counted every second, and a flood of keys used once.
+        for i in 0..SHARDS as u64 * 100 {
+            let now = NOW + i * 10_000;
+            store.acquire(Algorithm::FixedWindow, "hot", &[w(1_000_000, 3600)], 1, now);
+            store.acquire(
+                Algorithm::FixedWindow,
+                &format!("r{i}"),
+                &[w(5, 3600)],
+                1,
+                now,
+            );
+        }
+        assert!(store.len() <= SHARDS * 8, "{}", store.len());
+        let o = store.peek(Algorithm::FixedWindow, "hot", &[w(1_000_000, 3600)], NOW);
+        assert_eq!(o[0].remaining, 1_000_000 - SHARDS as u64 * 100);
     }
 
     #[test]

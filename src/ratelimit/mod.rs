@@ -7,18 +7,20 @@
 pub mod algo;
 pub mod concurrency;
 pub mod hybrid;
+pub mod lease;
 pub mod local;
 pub mod packed;
+pub mod rate;
 pub mod remote;
 pub mod rules;
 
-use crate::auth::Identity;
-use crate::config::{LimitSettings, OnFailure, Window};
+use crate::config::{Algorithm, LimitSettings, OnFailure, Window};
 use crate::error::Refusal;
 use crate::redis_client::{Redis, Unavailable};
 use algo::{Outcome, Period};
 use hybrid::Leases;
 use local::LocalStore;
+pub use rules::Token;
 use std::borrow::Cow;
 use std::sync::Arc;
 
@@ -42,6 +44,29 @@ pub struct Counted {
     pub scope: usize,
     pub window: Window,
     pub outcome: Outcome,
+    /// Where the request's units were charged in this window.
+    pub store: Store,
+}
+
+/// Where a window charged a request: a refund or a cost reported after
+/// the answer goes back to exactly that place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    /// The instance's lease of that period (counted in Redis, or to be
+    /// counted there at the next call when admitted while Redis was away).
+    Lease { period: u64 },
+    /// The in-process store (no Redis configured).
+    Local,
+    /// Nothing was charged (a refusal, or a scope that did not count it).
+    Nowhere,
+}
+
+/// One window's charge, kept for settling a cost the upstream reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Charge {
+    pub key: String,
+    pub window: Window,
+    pub store: Store,
 }
 
 /// The result for one request.
@@ -59,6 +84,9 @@ pub struct Decision {
     /// The window that refused, for the 429 message.
     pub refused: Option<Window>,
     pub source: &'static str,
+    /// A scope was decided on this instance's own: Redis could not be
+    /// reached (`on_failure: local`).
+    pub fallback: bool,
 }
 
 impl Decision {
@@ -76,6 +104,21 @@ impl Decision {
     /// The reported window closest to exhaustion (legacy fields).
     pub fn closest(&self) -> Option<&Counted> {
         self.windows.get(self.closest)
+    }
+
+    /// What the request was charged, per window (for `Limiter::settle`).
+    pub fn charges(&self, scopes: &[Scope<'_>]) -> Vec<Charge> {
+        self.windows
+            .iter()
+            .filter(|c| c.store != Store::Nowhere)
+            .filter_map(|c| {
+                Some(Charge {
+                    key: scopes.get(c.scope)?.id.to_string(),
+                    window: c.window,
+                    store: c.store,
+                })
+            })
+            .collect()
     }
 
     /// The decision label of `tollgate_ratelimit_decisions_total`.
@@ -96,19 +139,15 @@ pub use crate::clock::now_us;
 /// default, so the common case costs no allocation per request.
 pub fn key_windows<'a>(
     limits: &'a LimitSettings,
-    identity: &'a Identity,
+    token: &Token<'_>,
 ) -> (&'a str, Cow<'a, [Window]>) {
-    if let Some(requests) = identity.rate_limit {
+    if let Some(requests) = token.rate_limit {
         return (
             "key",
             Cow::Owned(vec![Window::every(requests, limits.claim_window)]),
         );
     }
-    match identity
-        .tier
-        .as_deref()
-        .and_then(|t| limits.tiers.get_key_value(t))
-    {
+    match token.tier.and_then(|t| limits.tiers.get_key_value(t)) {
         Some((tier, windows)) => (tier.as_str(), Cow::Borrowed(windows)),
         None => ("default", Cow::Borrowed(&limits.default)),
     }
@@ -142,15 +181,15 @@ pub fn scopes<'a>(
     caller: &rules::Caller<'a>,
 ) -> Vec<Scope<'a>> {
     let mut out = Vec::with_capacity(2 + limits.rules.len());
-    if let Some(identity) = caller.identity {
-        let (name, windows) = key_windows(limits, identity);
+    if let Some(token) = &caller.token {
+        let (name, windows) = key_windows(limits, token);
         out.push(Scope {
-            id: Cow::Owned(key_id(&identity.key)),
+            id: Cow::Owned(key_id(token.key)),
             name,
             windows,
             shadow: false,
         });
-        if let Some(org) = identity.org.as_deref().filter(|_| !limits.org.is_empty()) {
+        if let Some(org) = token.org.filter(|_| !limits.org.is_empty()) {
             out.push(Scope {
                 id: Cow::Owned(org_id(org)),
                 name: "org",
@@ -163,7 +202,7 @@ pub fn scopes<'a>(
         if rule.routes.as_ref().is_some_and(|r| !r.contains(&route)) {
             continue;
         }
-        if let Some(id) = rules::key_of(&rule.name, &rule.key, caller) {
+        if let Some(id) = rules::key_of(&rule.name, &rule.key, caller, limits.client_ipv6_prefix) {
             out.push(Scope {
                 id: Cow::Owned(id),
                 name: &rule.name,
@@ -205,6 +244,7 @@ fn decide(
             refused: Some(c.window),
             windows,
             source,
+            fallback: false,
         };
     }
     // Closest to exhaustion: least remaining as a share of the limit, among
@@ -228,7 +268,30 @@ fn decide(
         refused: None,
         windows,
         source,
+        fallback: false,
     }
+}
+
+/// Why `count` gave no decision.
+enum NoDecision {
+    /// Redis is unreachable and `on_failure: open`.
+    Open,
+    /// Redis is unreachable and `on_failure: closed`.
+    Closed,
+}
+
+/// What the quota view says of one window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaWindow {
+    pub scope: usize,
+    pub window: Window,
+    /// Units admitted (requests charged), when known: fixed and sliding
+    /// windows, as each instance last reported them and this one now.
+    pub used: Option<u64>,
+    /// Units instances hold and have not admitted yet.
+    pub leased: Option<u64>,
+    pub remaining: u64,
+    pub reset_us: u64,
 }
 
 /// Process-wide limiter state; it outlives config reloads, so counts and
@@ -237,9 +300,28 @@ fn decide(
 pub struct Limiter {
     local: LocalStore,
     leases: Leases,
+    /// `limits.max_keys` as last applied (a reload may change it).
+    max_keys: std::sync::atomic::AtomicUsize,
 }
 
 impl Limiter {
+    /// A limiter whose instance has this name in the ledgers (tests).
+    #[cfg(test)]
+    pub fn named(instance: &str) -> Limiter {
+        Limiter {
+            local: LocalStore::default(),
+            leases: Leases::new(instance.to_string()),
+            max_keys: Default::default(),
+        }
+    }
+
+    /// `limits.max_keys`: keys each store keeps before it forgets the least
+    /// recently used.
+    pub fn set_max_keys(&self, max_keys: usize) {
+        self.leases.set_max_keys(max_keys);
+        self.local.set_max_keys(max_keys);
+    }
+
     /// Decides one request of `cost` counted in `scopes`: `Ok(None)` when no
     /// window applies (or Redis is down with `on_failure: open`). Every
     /// enforced scope must admit the request; when one refuses, nothing is
@@ -254,44 +336,41 @@ impl Limiter {
         if scopes.iter().all(|s| s.windows.is_empty()) {
             return Ok(None);
         }
-        if let Some(redis) = redis {
-            match self.count(limits, Some(redis), scopes, cost).await {
-                Ok(d) => return Ok(Some(d)),
-                Err(_) => match redis.settings.on_failure {
-                    OnFailure::Local => {}
-                    OnFailure::Open => return Ok(None),
-                    OnFailure::Closed => return Err(Refusal::LimiterUnavailable),
-                },
-            }
+        if self.max_keys.load(std::sync::atomic::Ordering::Relaxed) != limits.max_keys {
+            self.max_keys
+                .store(limits.max_keys, std::sync::atomic::Ordering::Relaxed);
+            self.set_max_keys(limits.max_keys);
         }
-        match self.count(limits, None, scopes, cost).await {
+        match self.count(limits, redis, scopes, cost).await {
             Ok(d) => Ok(Some(d)),
-            // Without Redis nothing can be unavailable; admit rather than fail.
-            Err(_) => Ok(None),
+            Err(NoDecision::Open) => Ok(None),
+            Err(NoDecision::Closed) => Err(Refusal::LimiterUnavailable),
         }
     }
 
     /// Counts the request in each scope in turn, through Redis leases when
-    /// `redis` is given, else in this process.
+    /// `redis` is given (on this instance's own when Redis cannot be reached
+    /// and `on_failure: local`), else in this process.
     async fn count(
         &self,
         limits: &LimitSettings,
         redis: Option<&Arc<Redis>>,
         scopes: &[Scope<'_>],
         cost: u64,
-    ) -> Result<Decision, Unavailable> {
+    ) -> Result<Decision, NoDecision> {
         let now = now_us();
-        let mut windows = Vec::with_capacity(scopes.iter().map(|s| s.windows.len()).sum());
-        let mut charged: Vec<&Scope<'_>> = Vec::with_capacity(scopes.len());
+        let mut windows: Vec<Counted> =
+            Vec::with_capacity(scopes.iter().map(|s| s.windows.len()).sum());
         let mut asked = false;
+        let mut fell_back = false;
         let mut refused = None;
         for (i, scope) in scopes.iter().enumerate() {
             if scope.windows.is_empty() {
                 continue;
             }
-            let outcomes = match redis {
+            let (allowed, outcomes, stores): (bool, Vec<Outcome>, Vec<Store>) = match redis {
                 Some(redis) => {
-                    let acquired = self
+                    let acquired = match self
                         .leases
                         .acquire(
                             redis,
@@ -301,36 +380,75 @@ impl Limiter {
                             &scope.windows,
                             cost,
                         )
-                        .await;
-                    match acquired {
+                        .await
+                    {
                         Ok(a) => {
                             asked |= a.asked_redis;
-                            a.outcomes
+                            a
                         }
-                        Err(e) => {
-                            self.refund(limits, Some(redis), &charged, cost, now).await;
-                            return Err(e);
+                        Err(_) => match redis.settings.on_failure {
+                            OnFailure::Local => {
+                                fell_back = true;
+                                self.leases.fallback(
+                                    limits.algorithm,
+                                    &scope.id,
+                                    &scope.windows,
+                                    cost,
+                                )
+                            }
+                            failure => {
+                                self.refund(limits, scopes, &mut windows, cost, now);
+                                return Err(match failure {
+                                    OnFailure::Open => NoDecision::Open,
+                                    _ => NoDecision::Closed,
+                                });
+                            }
+                        },
+                    };
+                    let stores = acquired
+                        .periods
+                        .iter()
+                        .map(|&period| Store::Lease { period })
+                        .collect();
+                    (acquired.allowed, acquired.outcomes, stores)
+                }
+                None => {
+                    let mut outcomes =
+                        self.local
+                            .acquire(limits.algorithm, &scope.id, &scope.windows, cost, now);
+                    let allowed = outcomes.iter().all(|o| o.allowed);
+                    if !allowed {
+                        // A window that would have admitted reports what
+                        // is left without this request, which nothing charged.
+                        for o in outcomes.iter_mut().filter(|o| o.allowed) {
+                            o.remaining = o.remaining.saturating_add(cost);
                         }
                     }
+                    (allowed, outcomes, vec![Store::Local; scope.windows.len()])
                 }
-                None => self
-                    .local
-                    .acquire(limits.algorithm, &scope.id, &scope.windows, cost, now),
             };
             let first = windows.len();
-            windows.extend(scope.windows.iter().zip(&outcomes).map(|(w, o)| Counted {
-                scope: i,
-                window: *w,
-                outcome: *o,
-            }));
-            if outcomes.iter().all(|o| o.allowed) {
-                charged.push(scope);
+            windows.extend(
+                scope
+                    .windows
+                    .iter()
+                    .zip(&outcomes)
+                    .enumerate()
+                    .map(|(j, (w, o))| Counted {
+                        scope: i,
+                        window: *w,
+                        outcome: *o,
+                        store: if allowed {
+                            stores.get(j).copied().unwrap_or(Store::Nowhere)
+                        } else {
+                            Store::Nowhere
+                        },
+                    }),
+            );
+            if allowed || scope.shadow {
                 continue;
             }
-            if scope.shadow {
-                continue;
-            }
-            self.refund(limits, redis, &charged, cost, now).await;
+            self.refund(limits, scopes, &mut windows, cost, now);
             refused = outcomes
                 .iter()
                 .enumerate()
@@ -340,45 +458,53 @@ impl Limiter {
             break;
         }
         let source = if asked { "redis" } else { "local" };
-        Ok(decide(scopes, windows, refused, source))
+        let mut decision = decide(scopes, windows, refused, source);
+        decision.fallback = fell_back;
+        Ok(decision)
     }
 
-    /// Gives back what `count` charged to `scopes` (a later scope refused).
-    async fn refund(
+    /// Gives back what `count` charged so far (a later scope refused, or
+    /// Redis failed under `open` / `closed`): each window to where it was
+    /// charged, and the answer reports what is left after the refund.
+    fn refund(
         &self,
         limits: &LimitSettings,
-        redis: Option<&Arc<Redis>>,
-        scopes: &[&Scope<'_>],
+        scopes: &[Scope<'_>],
+        windows: &mut [Counted],
         cost: u64,
         now: u64,
     ) {
-        for scope in scopes {
-            match redis {
-                Some(_) => self.leases.refund(&scope.id, &scope.windows, cost).await,
-                None => self
-                    .local
-                    .refund(limits.algorithm, &scope.id, &scope.windows, cost, now),
+        for c in windows.iter_mut() {
+            let Some(scope) = scopes.get(c.scope) else {
+                continue;
+            };
+            match c.store {
+                Store::Lease { period } => self.leases.refund(&scope.id, &c.window, cost, period),
+                Store::Local => self.local.refund(
+                    limits.algorithm,
+                    &scope.id,
+                    std::slice::from_ref(&c.window),
+                    cost,
+                    now,
+                ),
+                Store::Nowhere => continue,
             }
+            c.store = Store::Nowhere;
+            c.outcome.remaining = c.outcome.remaining.saturating_add(cost);
         }
     }
 
     /// Settles a request whose real cost is known only after the answer:
-    /// `charged` units were taken at admission in every scope, `actual`
-    /// are owed.
-    pub async fn settle(
-        &self,
-        limits: &LimitSettings,
-        redis: Option<&Arc<Redis>>,
-        scopes: &[Scope<'_>],
-        charged: u64,
-        actual: u64,
-    ) {
+    /// `charged` units were taken at admission in every window of
+    /// `charges`, `actual` are owed. Each window is settled where it was
+    /// charged: a lease of the same period (a refund never reaches the next
+    /// period), the in-process store, or nowhere (`on_failure: open`).
+    pub fn settle(&self, limits: &LimitSettings, charges: &[Charge], charged: u64, actual: u64) {
         // What one answer may charge is capped at the largest window's limit:
         // a reported cost of 2^64-1 fills the windows, it does not wrap them.
-        let cap = scopes
+        let cap = charges
             .iter()
-            .flat_map(|s| s.windows.iter())
-            .map(|w| w.requests)
+            .map(|c| c.window.requests)
             .max()
             .unwrap_or(charged);
         let actual = actual.min(cap.max(charged));
@@ -386,102 +512,125 @@ impl Limiter {
             return;
         }
         let now = now_us();
-        for scope in scopes {
-            let (id, windows) = (&*scope.id, &*scope.windows);
-            match redis {
-                Some(redis) if actual > charged => {
-                    let extra = actual - charged;
-                    let uncovered = self.leases.consume(id, windows, extra).await;
-                    let units = i64::try_from(uncovered).unwrap_or(i64::MAX);
-                    if uncovered > 0
-                        && remote::charge(redis, limits.algorithm, id, windows, units)
-                            .await
-                            .is_err()
-                    {
-                        self.local
-                            .charge(limits.algorithm, id, windows, uncovered, now);
-                    }
+        for c in charges {
+            let w = std::slice::from_ref(&c.window);
+            match (c.store, actual > charged) {
+                (Store::Lease { .. }, true) => {
+                    self.leases.extra(&c.key, &c.window, actual - charged)
                 }
-                Some(_) => self.leases.refund(id, windows, charged - actual).await,
-                None if actual > charged => {
+                (Store::Lease { period }, false) => {
+                    self.leases
+                        .refund(&c.key, &c.window, charged - actual, period)
+                }
+                (Store::Local, true) => {
                     self.local
-                        .charge(limits.algorithm, id, windows, actual - charged, now)
+                        .charge(limits.algorithm, &c.key, w, actual - charged, now)
                 }
-                None => self
-                    .local
-                    .refund(limits.algorithm, id, windows, charged - actual, now),
+                (Store::Local, false) => {
+                    self.local
+                        .refund(limits.algorithm, &c.key, w, charged - actual, now)
+                }
+                (Store::Nowhere, _) => {}
             }
         }
     }
 
-    /// Drops in-process counts whose windows have ended (those kept while
-    /// Redis was unreachable, or the whole limiter without Redis).
+    /// Drops in-process counts whose windows have ended (the whole limiter
+    /// without Redis).
     pub async fn sweep_local(&self, limits: &LimitSettings) -> usize {
         self.local.sweep(limits.algorithm, now_us()).await
     }
 
-    /// Hands leased, unused units back to Redis (graceful stop), so other
-    /// instances can admit them.
-    pub async fn return_leases(&self, limits: &LimitSettings, redis: &Redis) -> usize {
-        let unused = self.leases.drain().await;
-        let mut returned = 0;
-        for (key, window, units) in unused {
-            let units = i64::try_from(units).unwrap_or(i64::MAX);
-            if remote::charge(redis, limits.algorithm, &key, &[window], -units)
-                .await
-                .is_ok()
-            {
-                returned += 1;
-            }
-        }
-        returned
+    /// At a stop: hands leased, unused units back to Redis (so other
+    /// instances can admit them) and counts there what this instance
+    /// admitted on its own.
+    pub async fn return_leases(&self) -> usize {
+        self.leases.return_all().await
     }
 
-    /// Every window of `scopes` with what is left of it, from Redis when
-    /// configured (a zero-unit lease: nothing is charged), else from this
-    /// process.
+    /// Every window of `scopes` with what is used and left of it, from
+    /// Redis when configured (nothing is charged), else from this process.
     pub async fn quota(
         &self,
         limits: &LimitSettings,
         redis: Option<&Arc<Redis>>,
         scopes: &[Scope<'_>],
-    ) -> Result<Vec<Counted>, Unavailable> {
+    ) -> Result<Vec<QuotaWindow>, Unavailable> {
         let now = now_us();
         let mut out = Vec::new();
         for (i, scope) in scopes.iter().enumerate() {
-            let outcomes: Vec<Outcome> = match redis {
-                None => self
+            let Some(redis) = redis else {
+                let outcomes = self
                     .local
-                    .peek(limits.algorithm, &scope.id, &scope.windows, now),
-                Some(redis) => {
-                    let need = vec![0; scope.windows.len()];
-                    remote::acquire(
-                        redis,
-                        limits.algorithm,
-                        &scope.id,
-                        &scope.windows,
-                        &need,
-                        u64::MAX / 2,
-                        0,
-                    )
-                    .await?
-                    .into_iter()
-                    .map(|g| Outcome {
-                        allowed: g.available > 0,
-                        remaining: g.available,
-                        reset_us: g.reset_us,
-                        retry_us: g.retry_us,
-                    })
-                    .collect()
-                }
+                    .peek(limits.algorithm, &scope.id, &scope.windows, now);
+                out.extend(
+                    scope
+                        .windows
+                        .iter()
+                        .zip(outcomes)
+                        .map(|(w, o)| QuotaWindow {
+                            scope: i,
+                            window: *w,
+                            used: Some(w.requests.saturating_sub(o.remaining)),
+                            leased: Some(0),
+                            remaining: o.remaining,
+                            reset_us: o.reset_us,
+                        }),
+                );
+                continue;
             };
-            out.extend(scope.windows.iter().zip(outcomes).map(|(w, o)| Counted {
-                scope: i,
-                window: *w,
-                outcome: o,
+            if limits.algorithm == Algorithm::Gcra {
+                let asks = vec![remote::Ask::default(); scope.windows.len()];
+                let grants = remote::lease(
+                    redis,
+                    limits.algorithm,
+                    "quota",
+                    &scope.id,
+                    &scope.windows,
+                    &asks,
+                    u64::MAX / 2,
+                    0,
+                )
+                .await?;
+                out.extend(scope.windows.iter().zip(grants).map(|(w, g)| QuotaWindow {
+                    scope: i,
+                    window: *w,
+                    used: None,
+                    leased: None,
+                    remaining: g.available,
+                    reset_us: g.reset_us,
+                }));
+                continue;
+            }
+            let counts =
+                remote::counts(redis, self.leases.instance(), &scope.id, &scope.windows).await?;
+            out.extend(scope.windows.iter().zip(counts).map(|(w, c)| {
+                let used = c
+                    .admitted_elsewhere
+                    .saturating_add(self.leases.consumed(&scope.id, w))
+                    .min(c.counted);
+                QuotaWindow {
+                    scope: i,
+                    window: *w,
+                    used: Some(used),
+                    leased: Some(c.counted - used),
+                    remaining: w.requests.saturating_sub(c.counted),
+                    reset_us: c.reset_us,
+                }
             }));
         }
         Ok(out)
+    }
+
+    /// Instances sharing the Redis, as this one last counted them.
+    pub fn fleet(&self) -> u64 {
+        self.leases.fleet()
+    }
+
+    /// Unused units this instance holds for a window of a key (tests).
+    #[cfg(test)]
+    pub fn held(&self, key_id: &str, window: &Window, period: u64) -> u64 {
+        self.leases.held(key_id, window, period)
     }
 }
 
@@ -514,8 +663,7 @@ pub(crate) async fn turns_beside<T>(work: impl std::future::Future<Output = T>) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::permissions::RouteMatcher;
-    use crate::config::{Algorithm, RuleSettings, SyncMode};
+    use crate::config::{Algorithm, KeyExpr, RuleSettings, SyncMode};
     use pingora::http::RequestHeader;
     use std::collections::BTreeMap;
     use std::time::Duration;
@@ -537,18 +685,23 @@ mod tests {
             rules: Vec::new(),
             concurrency: Default::default(),
             headers: Default::default(),
+            max_keys: 1_000_000,
+            client_ipv6_prefix: 64,
         }
     }
 
-    fn id(key: &str, rate_limit: Option<u64>, tier: Option<&str>, org: Option<&str>) -> Identity {
-        Identity {
-            key: key.into(),
+    fn id<'a>(
+        key: &'a str,
+        rate_limit: Option<u64>,
+        tier: Option<&'a str>,
+        org: Option<&'a str>,
+    ) -> Token<'a> {
+        Token {
+            key,
             rate_limit,
-            routes: RouteMatcher::compile(&["/*"]).unwrap(),
-            tier: tier.map(Into::into),
-            org: org.map(Into::into),
-            valid_until: u64::MAX,
-            forwarded: vec![],
+            tier,
+            org,
+            claims: &[],
         }
     }
 
@@ -563,30 +716,30 @@ mod tests {
         RequestHeader::build("GET", b"/x", None).unwrap()
     }
 
-    fn caller<'a>(identity: Option<&'a Identity>, req: &'a RequestHeader) -> rules::Caller<'a> {
+    fn caller<'a>(token: Option<&Token<'a>>, req: &'a RequestHeader) -> rules::Caller<'a> {
         rules::Caller {
             client_ip: Some("192.0.2.7".parse().unwrap()),
-            identity,
+            token: token.copied(),
             route: "r",
             request: Some(req),
         }
     }
 
     impl Limiter {
-        fn check_now(&self, l: &LimitSettings, id: &Identity, cost: u64) -> Option<Decision> {
+        fn check_now(&self, l: &LimitSettings, id: &Token<'_>, cost: u64) -> Option<Decision> {
             let req = request();
             let scopes = scopes(l, 0, &caller(Some(id), &req));
             let d = block_on(self.check(l, None, &scopes, cost));
             d.ok().flatten()
         }
 
-        fn remaining(&self, l: &LimitSettings, id: &Identity) -> Vec<u64> {
+        fn remaining(&self, l: &LimitSettings, id: &Token<'_>) -> Vec<u64> {
             let req = request();
             let scopes = scopes(l, 0, &caller(Some(id), &req));
             block_on(self.quota(l, None, &scopes))
                 .unwrap()
                 .iter()
-                .map(|c| c.outcome.remaining)
+                .map(|c| c.remaining)
                 .collect()
         }
     }
@@ -657,7 +810,7 @@ mod tests {
     fn rule(name: &str, key: &str, windows: Vec<Window>, shadow: bool) -> RuleSettings {
         RuleSettings {
             name: name.into(),
-            key: rules::KeyExpr::parse(key).unwrap(),
+            key: KeyExpr::parse(key).unwrap(),
             routes: None,
             windows,
             shadow,
@@ -723,3 +876,6 @@ mod tests {
         assert_eq!(names, ["default"]);
     }
 }
+
+#[cfg(test)]
+mod sim;

@@ -11,7 +11,7 @@ use std::time::Duration;
 /// a config can name (at most 366 days): the length in nanoseconds below
 /// 2^62, the calendar in the two bits above, plus one so the value is never
 /// zero (which lets `Slots` keep its tag inside an entry).
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PackedWindow {
     pub requests: u64,
     span: NonZeroU64,

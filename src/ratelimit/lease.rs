@@ -1,0 +1,527 @@
+//! Lease accounting as plain data and functions of time: what one instance
+//! knows of one key's windows, and how each event changes it — a request
+//! admitted from the budget it holds, an answer from Redis, a call that
+//! failed, a request admitted on its own while Redis is unreachable, a
+//! refund, a cost reported after the answer, a hand-back. No I/O and no
+//! clock: `now` is the instance's monotonic microseconds, `wall` its wall
+//! clock; the tasks that talk to Redis are in `hybrid.rs`.
+//!
+//! Each lease keeps a small ledger of its period: `ledger`, the units Redis
+//! counts for this instance (as its last answer said), and `consumed`, the
+//! units this instance admitted. The budget is their difference. Every call
+//! tells Redis what the instance has counted for itself in the period (its
+//! floor), so Redis counts again what it lost in a restart and what the
+//! instance admitted while it could not reach it; every answer says what
+//! Redis counts for the instance, so a grant whose answer was lost (the
+//! call timed out after Redis ran it) is found again at the next call.
+//! GCRA keeps no periods: its floor is the units admitted on the
+//! instance's own, charged as they are (see `lua/gcra.lua`).
+
+use super::algo::{Outcome, Period};
+use super::packed::{PackedWindow, Slots};
+use super::remote::{Ask, Grant};
+use crate::config::{Algorithm, Window};
+
+/// Smallest lease cap, so a key starts with chunks before its rate is known.
+pub const MIN_CHUNK: u64 = 64;
+/// Far from its limit (more than half available) a key's lease is at least
+/// this share of what is available, up to FAR_FLOOR_MAX units: a burst pays
+/// a few calls before the rate estimate catches up, and even a large fleet
+/// holds only a small part of the limit this way.
+const FAR_FLOOR_SHARE: u64 = 1024;
+const FAR_FLOOR_MAX: u64 = 4096;
+/// Horizon of a lease near the limit, in seconds of the key's rate.
+const NEAR_HORIZON_SECS: f64 = 2.0;
+/// Far from the limit a lease covers the rest of the window times this, so
+/// a steady key's lease does not fall under the top-up mark (a quarter of
+/// the grant) before its window ends.
+const FAR_HORIZON_FACTOR: f64 = 1.5;
+/// Below this grant size the key is near its limit: no background top-ups,
+/// so no instance sits on budget another one needs.
+const PREFETCH_MIN_GRANT: u64 = 8;
+
+/// One window's lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub window: PackedWindow,
+    /// Start of the period the lease counts in (µs on Redis' clock; first
+    /// guessed from this instance's wall clock). GCRA: 0.
+    pub period: u64,
+    /// When the lease ends (the period's end, or a GCRA grant's life).
+    pub expires: u64,
+    /// Units Redis counts for this instance in the period.
+    pub ledger: u64,
+    /// Units this instance admitted in the period.
+    pub consumed: u64,
+    /// Units nobody held at the last answer.
+    pub available: u64,
+    /// Refused by Redis: refuse locally until then (0: not refused) when
+    /// the cost exceeds `budget + available`.
+    pub over_until: u64,
+    /// Size of the last grant (saturated): the budget is topped up in the
+    /// background when it falls under a quarter of it.
+    pub last_grant: u32,
+    /// The cost Redis refused (saturated): until `over_until`, requests at
+    /// least this costly are refused locally; a smaller one may fit sooner
+    /// (a sliding window frees units as it slides) and asks Redis.
+    pub refused_cost: u32,
+}
+
+fn saturated(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+fn gcra(w: &PackedWindow, algo: Algorithm) -> bool {
+    w.period().counted_by(algo) == Algorithm::Gcra
+}
+
+impl Lease {
+    /// A lease nobody asked Redis for yet: its period as this instance's
+    /// clock sees it, all of the limit presumed available.
+    pub fn fresh(w: &Window, algo: Algorithm, now: u64, wall: u64) -> Lease {
+        let window = PackedWindow::of(w);
+        let period = Period::of(w);
+        let (start, expires) = if gcra(&window, algo) {
+            (0, now.saturating_add(period.length()))
+        } else {
+            let (start, end) = period.bounds(wall);
+            (start, now.saturating_add(end.saturating_sub(wall)))
+        };
+        Lease {
+            window,
+            period: start,
+            expires,
+            ledger: 0,
+            consumed: 0,
+            available: w.requests,
+            over_until: 0,
+            last_grant: 0,
+            refused_cost: 0,
+        }
+    }
+
+    /// Units held and not yet admitted.
+    pub fn budget(&self) -> u64 {
+        self.ledger.saturating_sub(self.consumed)
+    }
+
+    /// Units admitted that Redis does not count yet.
+    pub fn pending(&self) -> u64 {
+        self.consumed.saturating_sub(self.ledger)
+    }
+
+    pub fn live(&self, now: u64) -> bool {
+        self.expires > now
+    }
+
+    pub fn over(&self, now: u64) -> bool {
+        self.over_until > now
+    }
+
+    /// What this instance tells Redis it has counted for itself.
+    fn floor(&self, algo: Algorithm) -> u64 {
+        if gcra(&self.window, algo) {
+            self.pending()
+        } else {
+            self.ledger.max(self.consumed)
+        }
+    }
+
+    /// A call that only states the floor (and reports what was admitted):
+    /// it finds lost grants, counts what Redis lacks, and learns the ledger.
+    pub fn sync(&self, algo: Algorithm) -> Ask {
+        Ask {
+            need: 0,
+            period: Some(self.period),
+            floor: self.floor(algo),
+            back: 0,
+            consumed: Some(self.consumed),
+        }
+    }
+
+    fn outcome(&self, now: u64, allowed: bool, retry_us: u64) -> Outcome {
+        Outcome {
+            allowed,
+            remaining: self.available.saturating_add(self.budget()),
+            reset_us: self.expires.saturating_sub(now),
+            retry_us,
+        }
+    }
+}
+
+/// Lines a key's leases up with the windows that apply now (in place when
+/// they already are: the common case costs no allocation); a lease whose
+/// period ended starts afresh.
+pub fn align(held: &mut Slots<Lease>, windows: &[Window], algo: Algorithm, now: u64, wall: u64) {
+    held.align(
+        windows,
+        |l, w| l.window.is(w) && l.live(now),
+        |w| Lease::fresh(w, algo, now, wall),
+    );
+    for l in held.slice_mut() {
+        if l.over_until != 0 && l.over_until <= now {
+            l.over_until = 0;
+        }
+    }
+}
+
+/// A request of `cost` decided from what this instance holds, when it can
+/// be: refused when a window is known to be over, admitted when every
+/// window's budget covers it. `None`: Redis must be asked.
+pub fn local(leases: &mut [Lease], cost: u64, now: u64) -> Option<(bool, Vec<Outcome>)> {
+    let over = |l: &Lease| {
+        l.over(now)
+            && cost >= u64::from(l.refused_cost)
+            && cost > l.budget().saturating_add(l.available)
+    };
+    if leases.iter().any(over) {
+        let outcomes = leases
+            .iter()
+            .map(|l| {
+                if over(l) {
+                    l.outcome(now, false, l.over_until - now)
+                } else {
+                    l.outcome(now, true, 0)
+                }
+            })
+            .collect();
+        return Some((false, outcomes));
+    }
+    if leases.iter().all(|l| l.budget() >= cost) {
+        for l in leases.iter_mut() {
+            l.consumed += cost;
+        }
+        return Some((
+            true,
+            leases.iter().map(|l| l.outcome(now, true, 0)).collect(),
+        ));
+    }
+    None
+}
+
+/// What to ask Redis for a request of `cost` that the budget does not
+/// cover: the budget's part is reserved for the request (`reserved[i]`,
+/// given back if it is refused or the call fails), the rest is needed.
+pub fn ask(leases: &mut [Lease], algo: Algorithm, cost: u64) -> (Vec<Ask>, Vec<u64>) {
+    let reserved: Vec<u64> = leases.iter().map(|l| l.budget().min(cost)).collect();
+    for (l, r) in leases.iter_mut().zip(&reserved) {
+        l.consumed += r;
+    }
+    let asks = leases
+        .iter()
+        .zip(&reserved)
+        .map(|(l, r)| Ask {
+            need: cost - r,
+            ..l.sync(algo)
+        })
+        .collect();
+    (asks, reserved)
+}
+
+/// Applies Redis' answer to a call made at `sent` (`top_up`: a background
+/// call that admits no request). Returns whether every window admitted the
+/// request and one outcome per window.
+#[allow(clippy::too_many_arguments)]
+pub fn apply(
+    leases: &mut [Lease],
+    algo: Algorithm,
+    asks: &[Ask],
+    reserved: &[u64],
+    grants: &[Grant],
+    sent: u64,
+    now: u64,
+    top_up: bool,
+) -> (bool, Vec<Outcome>) {
+    let admitted = grants.iter().zip(asks).all(|(g, a)| g.granted >= a.need);
+    let mut outcomes = Vec::with_capacity(leases.len());
+    for (i, l) in leases.iter_mut().enumerate() {
+        let (Some(ask), Some(g)) = (asks.get(i), grants.get(i)) else {
+            continue;
+        };
+        let reserved = reserved.get(i).copied().unwrap_or(0);
+        let is_gcra = gcra(&l.window, algo);
+        // The period ends no later than this: the answer is at least as
+        // old as the call.
+        let expires = if is_gcra {
+            sent.saturating_add(l.window.period().length())
+        } else {
+            sent.saturating_add(g.reset_us)
+        };
+        let mut reserved_here = reserved;
+        if !is_gcra && g.period != l.period {
+            // A new period: what the lease held or admitted belonged to the
+            // last one (the reserved units too; the request counts `need`
+            // units here).
+            l.period = g.period;
+            l.consumed = 0;
+            l.over_until = 0;
+            l.expires = expires;
+            reserved_here = 0;
+        }
+        match g.ledger {
+            Some(ledger) => l.ledger = ledger,
+            None => l.ledger = l.ledger.saturating_add(ask.floor).saturating_add(g.granted),
+        }
+        l.available = g.available;
+        let ok = admitted || g.available >= ask.need;
+        if admitted {
+            l.consumed = l.consumed.saturating_add(ask.need);
+            // A GCRA lease lives a window from its last grant.
+            if !is_gcra || g.granted > 0 {
+                l.expires = expires;
+            }
+            if !top_up {
+                l.over_until = 0;
+            }
+            if g.granted > 0 {
+                l.last_grant = saturated(g.granted);
+            }
+        } else {
+            l.consumed = l.consumed.saturating_sub(reserved_here);
+            if g.available.saturating_add(l.budget()) < ask.need.saturating_add(reserved)
+                || g.retry_us > 0
+            {
+                // From when the call was sent: the retry time was measured no
+                // earlier, so the lease never refuses past it.
+                l.over_until = sent.saturating_add(g.retry_us.max(1));
+                l.refused_cost = saturated(ask.need.saturating_add(reserved));
+            }
+        }
+        outcomes.push(l.outcome(now, ok, if ok { 0 } else { g.retry_us }));
+    }
+    (admitted, outcomes)
+}
+
+/// A call failed (its effect unknown): the reserved units go back.
+pub fn undo(leases: &mut [Lease], reserved: &[u64]) {
+    for (l, r) in leases.iter_mut().zip(reserved) {
+        l.consumed = l.consumed.saturating_sub(*r);
+    }
+}
+
+/// While Redis cannot be reached (`on_failure: local`): a request is
+/// admitted on this instance's own if it fits in what the instance holds
+/// plus its share of what Redis last said was left (`fleet` instances share
+/// it; a lease never answered presumes the whole limit was left). A window
+/// Redis refused stays refused until its retry time. What is admitted this
+/// way is counted in Redis at the next call (the floor).
+pub fn fallback(leases: &mut [Lease], cost: u64, fleet: u64, now: u64) -> (bool, Vec<Outcome>) {
+    let fleet = fleet.max(1);
+    let allowance = |l: &Lease| l.ledger.saturating_add(l.available / fleet);
+    let fits = |l: &Lease| !l.over(now) && l.consumed.saturating_add(cost) <= allowance(l);
+    let allowed = leases.iter().all(fits);
+    if allowed {
+        for l in leases.iter_mut() {
+            l.consumed += cost;
+        }
+    }
+    let outcomes = leases
+        .iter()
+        .map(|l| {
+            let remaining = allowance(l).saturating_sub(l.consumed);
+            let ok = allowed || fits(l);
+            let retry = if ok {
+                0
+            } else if l.over(now) {
+                l.over_until - now
+            } else {
+                l.expires.saturating_sub(now).max(1)
+            };
+            Outcome {
+                allowed: ok,
+                remaining,
+                reset_us: l.expires.saturating_sub(now),
+                retry_us: retry,
+            }
+        })
+        .collect();
+    (allowed, outcomes)
+}
+
+/// Gives back units a request was charged in `period` (a later scope
+/// refused it, or the upstream reported a lower cost). A lease of another
+/// period is left alone: its window is not the one that was charged.
+pub fn refund(lease: &mut Lease, units: u64, period: u64, now: u64) {
+    if lease.live(now) && lease.period == period {
+        lease.consumed = lease.consumed.saturating_sub(units);
+    }
+}
+
+/// Charges units reported after the answer, whether or not they fit: from
+/// the budget first, the rest counted in Redis at the next call. Returns
+/// whether a call is now owed.
+pub fn extra(lease: &mut Lease, units: u64, now: u64) -> bool {
+    if !lease.live(now) {
+        return false;
+    }
+    lease.consumed = lease.consumed.saturating_add(units);
+    lease.pending() > 0
+}
+
+/// Takes the lease's unused units to hand back: the call to make. The
+/// budget is gone at once (no request can use what is on its way back);
+/// the answer says what Redis counts afterwards.
+pub fn hand_back(lease: &mut Lease, algo: Algorithm) -> Ask {
+    let back = lease.budget();
+    let ask = Ask {
+        back,
+        ..lease.sync(algo)
+    };
+    lease.ledger -= back;
+    Ask {
+        floor: lease.floor(algo),
+        ..ask
+    }
+}
+
+/// The smallest lease cap for these windows: MIN_CHUNK, or more while every
+/// window is far from its limit.
+pub fn far_floor(leases: &[Lease]) -> u64 {
+    leases
+        .iter()
+        .map(|l| {
+            if l.available.saturating_mul(2) > l.window.requests {
+                (l.available / FAR_FLOOR_SHARE).min(FAR_FLOOR_MAX)
+            } else {
+                0
+            }
+        })
+        .min()
+        .unwrap_or(0)
+        .max(MIN_CHUNK)
+}
+
+/// Seconds of the key's rate one lease should cover: the rest of the
+/// window (times FAR_HORIZON_FACTOR) with all of the limit available,
+/// falling linearly to NEAR_HORIZON_SECS with half of it or less.
+pub fn horizon_secs(l: &Lease, now: u64) -> f64 {
+    let limit = l.window.requests.max(1);
+    let headroom = l.available.min(limit) as f64 / limit as f64;
+    let far = ((headroom - 0.5) * 2.0).clamp(0.0, 1.0);
+    let rest = if l.expires > now {
+        (l.expires - now) as f64 / 1e6
+    } else {
+        l.window.secs_f64()
+    };
+    NEAR_HORIZON_SECS.max(far * rest * FAR_HORIZON_FACTOR)
+}
+
+pub fn needs_top_up(leases: &[Lease]) -> bool {
+    leases.iter().any(|l| {
+        u64::from(l.last_grant) >= PREFETCH_MIN_GRANT && l.budget() < u64::from(l.last_grant) / 4
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const S: u64 = 1_000_000;
+    const WALL: u64 = 1_780_000_000 * S;
+
+    fn w(requests: u64, secs: u64) -> Window {
+        Window::every(requests, Duration::from_secs(secs))
+    }
+
+    fn grant(granted: u64, available: u64, period: u64, ledger: u64) -> Grant {
+        Grant {
+            granted,
+            available,
+            reset_us: 30 * S,
+            retry_us: if granted == 0 { 30 * S } else { 0 },
+            period,
+            ledger: Some(ledger),
+        }
+    }
+
+    #[test]
+    fn a_fresh_lease_takes_its_period_from_the_wall_clock() {
+        let l = Lease::fresh(&w(100, 60), Algorithm::FixedWindow, 5 * S, WALL + 7 * S);
+        assert_eq!(l.period, WALL - WALL % (60 * S));
+        assert_eq!(l.expires - 5 * S, l.period + 60 * S - (WALL + 7 * S));
+        assert_eq!((l.budget(), l.available), (0, 100));
+    }
+
+    #[test]
+    fn budget_is_ledger_minus_consumed_and_a_lost_grant_comes_back() {
+        let mut leases = [Lease::fresh(&w(100, 60), Algorithm::FixedWindow, 0, WALL)];
+        let period = leases[0].period;
+        assert_eq!(local(&mut leases, 1, 0), None);
+        let (asks, reserved) = ask(&mut leases, Algorithm::FixedWindow, 1);
+        assert_eq!(asks[0].need, 1);
+        // Redis granted 10 (the request's 1 among them).
+        let (ok, _) = apply(
+            &mut leases,
+            Algorithm::FixedWindow,
+            &asks,
+            &reserved,
+            &[grant(10, 90, period, 10)],
+            0,
+            1,
+            false,
+        );
+        assert!(ok);
+        assert_eq!(
+            (leases[0].ledger, leases[0].consumed, leases[0].budget()),
+            (10, 1, 9)
+        );
+        // A later call whose answer was lost: Redis granted 20 more. The
+        // next answer's ledger brings them back.
+        let mut sync = leases[0].sync(Algorithm::FixedWindow);
+        sync.floor = 10;
+        apply(
+            &mut leases,
+            Algorithm::FixedWindow,
+            &[sync],
+            &[0],
+            &[Grant {
+                granted: 0,
+                ..grant(0, 70, period, 30)
+            }],
+            2,
+            3,
+            true,
+        );
+        assert_eq!(leases[0].budget(), 29);
+    }
+
+    #[test]
+    fn fallback_admits_a_share_of_what_was_left_and_counts_it_later() {
+        let mut leases = [Lease::fresh(&w(90, 60), Algorithm::FixedWindow, 0, WALL)];
+        // Never answered: a third of the whole limit for one of 3 instances.
+        let admitted = (0..40).filter(|_| fallback(&mut leases, 1, 3, 1).0).count();
+        assert_eq!(admitted, 30);
+        assert_eq!(leases[0].pending(), 30);
+        assert_eq!(leases[0].sync(Algorithm::FixedWindow).floor, 30);
+        // Refused by Redis: refused in fallback too.
+        leases[0].over_until = 10;
+        leases[0].consumed = 0;
+        assert!(!fallback(&mut leases, 1, 3, 5).0);
+    }
+
+    #[test]
+    fn refunds_go_back_only_to_the_period_charged() {
+        let mut l = Lease::fresh(&w(10, 60), Algorithm::FixedWindow, 0, WALL);
+        l.ledger = 5;
+        l.consumed = 5;
+        let period = l.period;
+        refund(&mut l, 2, period + 60 * S, 1);
+        assert_eq!(l.consumed, 5);
+        refund(&mut l, 2, period, 1);
+        assert_eq!(l.consumed, 3);
+        assert!(!extra(&mut l, 2, 1));
+        assert!(extra(&mut l, 1, 1));
+        assert_eq!(l.pending(), 1);
+    }
+
+    #[test]
+    fn a_hand_back_drops_the_budget_at_once_and_keeps_the_floor() {
+        let mut l = Lease::fresh(&w(100, 60), Algorithm::FixedWindow, 0, WALL);
+        l.ledger = 40;
+        l.consumed = 15;
+        let ask = hand_back(&mut l, Algorithm::FixedWindow);
+        assert_eq!((ask.back, ask.floor, ask.need), (25, 15, 0));
+        assert_eq!(l.budget(), 0);
+    }
+}
