@@ -16,6 +16,7 @@ pub mod http_client;
 pub mod logging;
 pub mod metrics;
 pub mod path;
+pub mod pid_file;
 pub mod proxy;
 pub mod ratelimit;
 pub mod redis_client;

@@ -46,7 +46,11 @@ fn server_conf(config: &Config, daemon: bool) -> ServerConf {
     ServerConf {
         daemon,
         threads: config.server.threads,
-        pid_file: config.server.pid_file.clone(),
+        pid_file: config
+            .server
+            .pid_file
+            .clone()
+            .unwrap_or_else(|| crate::pid_file::DAEMON_DEFAULT.into()),
         upgrade_sock: config.server.upgrade_sock.clone(),
         grace_period_seconds: Some(grace),
         graceful_shutdown_timeout_seconds: Some(grace),
@@ -205,9 +209,10 @@ pub fn serve(opts: ServeOptions<'_>) -> anyhow::Result<()> {
         check_ports_free(&config)?;
     }
     ignore_sighup_until_reloader_runs();
-    let config_path = opts
-        .config_path
-        .canonicalize()
+    // Absolute, but its symlinks unresolved: every reload reads the path as
+    // given, so a symlink swapped since start (a Kubernetes ConfigMap's
+    // `..data`) is followed to its new target.
+    let config_path = std::path::absolute(opts.config_path)
         .with_context(|| format!("cannot resolve {}", opts.config_path.display()))?;
     let opt = Opt {
         upgrade: opts.upgrade,
@@ -216,6 +221,26 @@ pub fn serve(opts: ServeOptions<'_>) -> anyhow::Result<()> {
     };
     let mut server = Server::new_with_opt_and_conf(opt, server_conf(&config, opts.daemon));
     server.bootstrap();
+    // With --daemon Pingora writes it, after the fork; in the foreground,
+    // now that this process holds the listeners (after a hand-over too).
+    let pid_path = match (&config.server.pid_file, opts.daemon) {
+        (Some(path), false) => {
+            let path = PathBuf::from(path);
+            match crate::pid_file::write(&path, std::process::id()) {
+                Ok(()) => {}
+                Err(e) if !opts.upgrade => {
+                    bail!("server.pid_file: cannot write {}: {e}", path.display())
+                }
+                // The old process has handed its sockets over: serve anyway.
+                Err(e) => log::error!("server.pid_file: cannot write {}: {e}", path.display()),
+            }
+            Some(path)
+        }
+        (path, true) => Some(PathBuf::from(
+            path.as_deref().unwrap_or(crate::pid_file::DAEMON_DEFAULT),
+        )),
+        (None, false) => None,
+    };
 
     let drain = Drain::new(config.server.grace_period);
     let state = State::build(config.clone(), None).map_err(|p| anyhow!(config::join(&p, "\n")))?;
@@ -254,6 +279,10 @@ pub fn serve(opts: ServeOptions<'_>) -> anyhow::Result<()> {
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals { drain }),
     });
+    // After a daemon's fork this is the daemon's pid, the one Pingora wrote.
+    if let Some(path) = pid_path {
+        crate::pid_file::remove_if_ours(&path, std::process::id());
+    }
     Ok(())
 }
 

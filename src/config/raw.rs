@@ -44,7 +44,8 @@ pub struct RawServer {
     pub ready_path: String,
     pub grace_period: Checked<Span>,
     pub upgrade_sock: String,
-    pub pid_file: String,
+    /// Written in the foreground too when set; with `--daemon` a default applies.
+    pub pid_file: Option<String>,
     /// Idle upstream connections kept per worker thread.
     pub upstream_pool_size: usize,
     /// Let worker threads steal each other's tasks (tokio's multi-thread
@@ -90,7 +91,7 @@ impl Default for RawServer {
             ready_path: "/ready".into(),
             grace_period: span("5s"),
             upgrade_sock: "/tmp/tollgate_upgrade.sock".into(),
-            pid_file: "/tmp/tollgate.pid".into(),
+            pid_file: None,
             upstream_pool_size: 128,
             work_stealing: false,
             error_log: None,

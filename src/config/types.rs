@@ -31,7 +31,7 @@ pub struct ServerSettings {
     pub ready_path: String,
     pub grace_period: Duration,
     pub upgrade_sock: String,
-    pub pid_file: String,
+    pub pid_file: Option<String>,
     pub upstream_pool_size: usize,
     pub work_stealing: bool,
     pub error_log: Option<String>,
