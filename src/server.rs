@@ -140,6 +140,13 @@ fn proxy_service(server: &Server, config: &Config, shared: &Shared) -> Service<E
 fn add_background_services(server: &mut Server, shared: Shared, config_path: PathBuf) {
     let state = &shared.state;
     server.add_service(background_service(
+        "tollgate config watch",
+        crate::watch::ConfigWatcher {
+            path: config_path.clone(),
+            state: state.clone(),
+        },
+    ));
+    server.add_service(background_service(
         "tollgate reload",
         Reloader {
             path: config_path,

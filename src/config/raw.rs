@@ -64,6 +64,8 @@ pub struct RawServer {
     pub h2c: bool,
     /// HTTPS listeners.
     pub tls: Vec<RawTlsListener>,
+    /// Reload when the config file or a certificate it names changes.
+    pub watch_config: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -100,6 +102,7 @@ impl Default for RawServer {
             trusted_proxies: Vec::new(),
             h2c: false,
             tls: Vec::new(),
+            watch_config: false,
         }
     }
 }

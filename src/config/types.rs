@@ -40,6 +40,7 @@ pub struct ServerSettings {
     pub trusted_proxies: Vec<Cidr>,
     pub h2c: bool,
     pub tls: Vec<TlsListenerSettings>,
+    pub watch_config: bool,
 }
 
 /// An HTTPS listener: its certificates (chosen by SNI; the first is the

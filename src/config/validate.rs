@@ -131,6 +131,7 @@ fn server(p: &mut Problems, s: &RawServer) -> ServerSettings {
         max_header_bytes: s.max_header_bytes,
         header_timeout: p.positive_duration("server.header_timeout", &s.header_timeout),
         trusted_proxies,
+        watch_config: s.watch_config,
     }
 }
 

@@ -242,3 +242,34 @@ pub fn jwk(pem: &str, kid: &str, alg: &str) -> serde_json::Value {
     );
     serde_json::from_slice(&out.stdout).expect("jwk JSON")
 }
+
+impl Tollgate {
+    /// `serve -c config_path` on a config the test laid out itself (a
+    /// symlinked directory, say), listening on `port` and `admin_port`.
+    pub fn start_at(
+        dir: tempfile::TempDir,
+        config_path: PathBuf,
+        (port, admin_port): (u16, u16),
+        env: &[(&str, &str)],
+    ) -> Tollgate {
+        let (log, file) = log_file(dir.path(), "tollgate.log");
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "-c"])
+            .arg(&config_path)
+            .stdout(file.try_clone().expect("log"))
+            .stderr(file);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn tollgate serve");
+        let mut t = Tollgate {
+            port,
+            admin_port,
+            proc: Proc { child, log },
+            dir,
+            config_path,
+        };
+        t.wait_healthy();
+        t
+    }
+}
