@@ -227,3 +227,21 @@ fn usage_and_start_up_errors_are_one_line_without_panics() {
         format!("tollgate {}", env!("CARGO_PKG_VERSION"))
     );
 }
+
+#[test]
+fn token_issue_names_the_redis_it_could_not_reach_without_its_password() {
+    let closed = free_port();
+    let url = format!("redis://:hunter2@127.0.0.1:{closed}");
+    let (code, out, err) = run_cli(&["token", "issue", "--secret", "s", "--redis", &url], &[]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_eq!(
+        err.trim(),
+        format!(
+            "tollgate: cannot store the token in Redis at redis://:***@127.0.0.1:{closed}: Connection refused (os error 111)"
+        )
+    );
+    assert!(
+        !err.contains("hunter2") && !err.contains("token_store"),
+        "{err}"
+    );
+}
