@@ -88,6 +88,20 @@ fn compose_file_wires_the_services_together() {
     for name in ["tollgate", "redis", "upstream", "prometheus", "grafana"] {
         assert!(services.get(name).is_some(), "service {name} missing");
     }
+    // An image of tollgate exists nowhere but here: every service that runs
+    // it builds it, or compose would try to pull `tollgate:latest`.
+    for (name, service) in services.as_mapping().unwrap() {
+        if service["image"]
+            .as_str()
+            .is_some_and(|i| i.starts_with("tollgate"))
+        {
+            assert_eq!(
+                service["build"].as_str(),
+                Some("."),
+                "service {name:?} runs the tollgate image without building it"
+            );
+        }
+    }
     for (_, service) in services.as_mapping().unwrap() {
         for volume in service["volumes"].as_sequence().into_iter().flatten() {
             let src = volume.as_str().unwrap().split(':').next().unwrap();
@@ -262,4 +276,66 @@ fn systemd_unit_reloads_with_sighup_and_is_hardened() {
     assert_eq!(code, 0, "{err}");
     let upgrade = read("deploy/tollgate-upgrade");
     assert!(upgrade.contains("serve --upgrade --daemon") && upgrade.contains("kill -QUIT"));
+}
+
+#[test]
+fn gitignore_lists_no_committed_file_and_setup_keeps_test_packages_apart() {
+    let out = std::process::Command::new("git")
+        .args(["ls-files", "--cached", "--ignored", "--exclude-standard"])
+        .current_dir(ROOT)
+        .output();
+    match out {
+        Ok(out) if out.status.success() => {
+            let listed = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                listed.trim().is_empty(),
+                "committed files that .gitignore lists:\n{listed}"
+            );
+        }
+        // Not a git checkout (an exported tree): nothing to compare.
+        _ => eprintln!("not a git checkout; .gitignore not checked"),
+    }
+    let gitignore = read(".gitignore");
+    assert!(gitignore.lines().any(|l| l.trim() == "/.venv/"));
+    assert!(read(".dockerignore").lines().any(|l| l.trim() == ".venv"));
+
+    // `make run` sets up only what running needs; the test-only Python
+    // packages go into .venv, never into the system Python.
+    let makefile = read("Makefile");
+    let target = |name: &str| {
+        makefile
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}:")))
+            .unwrap_or_else(|| panic!("no {name} target"))
+            .to_string()
+    };
+    assert_eq!(target("build"), "build: setup-run");
+    assert!(target("run").starts_with("run: build"));
+    assert_eq!(target("test"), "test: setup");
+    let setup = read("scripts/setup.sh");
+    assert!(setup.contains(".venv/bin/python3 -m pip install"));
+    assert!(!setup.contains("--break-system-packages"));
+    let run_part: String = setup
+        .split("if [ \"$mode\" = test ]; then")
+        .next()
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect();
+    for test_only in [
+        "redis-server",
+        "prometheus",
+        "grpcio",
+        "websockets",
+        "pip install",
+    ] {
+        assert!(
+            !run_part.contains(test_only),
+            "`setup.sh run` would install {test_only}"
+        );
+    }
+    let requirements = read("tests/requirements.txt");
+    for package in ["PyJWT", "cryptography", "grpcio", "websockets"] {
+        assert!(requirements.contains(package), "{package}");
+    }
 }

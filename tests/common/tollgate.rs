@@ -206,7 +206,7 @@ pub fn admin_call(
 /// Mints a token with PyJWT (tests/support/mint.py).
 pub fn pyjwt(request: serde_json::Value) -> String {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/mint.py");
-    let mut child = Command::new("python3")
+    let mut child = Command::new(python3())
         .arg(script)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -231,7 +231,7 @@ pub fn pyjwt(request: serde_json::Value) -> String {
 /// The public JWK of a PEM public key, made by PyJWT (tests/support/jwk.py).
 pub fn jwk(pem: &str, kid: &str, alg: &str) -> serde_json::Value {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/jwk.py");
-    let out = Command::new("python3")
+    let out = Command::new(python3())
         .args([script, pem, kid, alg])
         .output()
         .expect("python3");
