@@ -10,6 +10,31 @@ use std::path::{Path, PathBuf};
 /// needs one to daemonise).
 pub const DAEMON_DEFAULT: &str = "/tmp/tollgate.pid";
 
+/// The pid file this process answers for: written here in the foreground
+/// (with `--daemon` Pingora writes it after the fork). A file that cannot be
+/// written stops the start, except after a hand-over, when the old process
+/// has already given its sockets away.
+pub fn claim(
+    configured: Option<&str>,
+    daemon: bool,
+    upgrade: bool,
+) -> anyhow::Result<Option<PathBuf>> {
+    if daemon {
+        return Ok(Some(PathBuf::from(configured.unwrap_or(DAEMON_DEFAULT))));
+    }
+    let Some(path) = configured.map(PathBuf::from) else {
+        return Ok(None);
+    };
+    match write(&path, std::process::id()) {
+        Ok(()) => {}
+        Err(e) if !upgrade => {
+            anyhow::bail!("server.pid_file: cannot write {}: {e}", path.display())
+        }
+        Err(e) => log::error!("server.pid_file: cannot write {}: {e}", path.display()),
+    }
+    Ok(Some(path))
+}
+
 /// Writes `pid` through a temporary file and a rename, so a reader (systemd,
 /// a script) never sees the file empty or half written.
 pub fn write(path: &Path, pid: u32) -> std::io::Result<()> {

@@ -228,27 +228,6 @@ pub fn serve(opts: ServeOptions<'_>) -> anyhow::Result<()> {
     };
     let mut server = Server::new_with_opt_and_conf(opt, server_conf(&config, opts.daemon));
     server.bootstrap();
-    // With --daemon Pingora writes it, after the fork; in the foreground,
-    // now that this process holds the listeners (after a hand-over too).
-    let pid_path = match (&config.server.pid_file, opts.daemon) {
-        (Some(path), false) => {
-            let path = PathBuf::from(path);
-            match crate::pid_file::write(&path, std::process::id()) {
-                Ok(()) => {}
-                Err(e) if !opts.upgrade => {
-                    bail!("server.pid_file: cannot write {}: {e}", path.display())
-                }
-                // The old process has handed its sockets over: serve anyway.
-                Err(e) => log::error!("server.pid_file: cannot write {}: {e}", path.display()),
-            }
-            Some(path)
-        }
-        (path, true) => Some(PathBuf::from(
-            path.as_deref().unwrap_or(crate::pid_file::DAEMON_DEFAULT),
-        )),
-        (None, false) => None,
-    };
-
     let drain = Drain::new(config.server.grace_period);
     let state = State::build(config.clone(), None).map_err(|p| anyhow!(config::join(&p, "\n")))?;
     for warning in state.warnings() {
@@ -276,6 +255,10 @@ pub fn serve(opts: ServeOptions<'_>) -> anyhow::Result<()> {
     admin.add_tcp(&config.admin.listen);
     server.add_service(admin);
     add_background_services(&mut server, shared, config_path);
+    // Now that this process holds the listeners (after a hand-over too)
+    // and nothing but serving is left to fail.
+    let pid_path =
+        crate::pid_file::claim(config.server.pid_file.as_deref(), opts.daemon, opts.upgrade)?;
     let addrs: Vec<String> = listeners(&config).into_iter().map(|(_, a)| a).collect();
     log::info!(
         "tollgate {} serving on {} (admin on {})",
