@@ -356,7 +356,7 @@ fn token_issue_mints_what_the_proxy_and_pyjwt_accept() {
     let script = format!(
         "import jwt,json,sys; print(json.dumps(jwt.decode(sys.argv[1], {SECRET:?}, algorithms=['HS256'])))"
     );
-    let out = std::process::Command::new("python3")
+    let out = std::process::Command::new(python3())
         .args(["-c", &script, &token])
         .output()
         .unwrap();

@@ -45,7 +45,8 @@ pub struct RawServer {
     pub ready_path: String,
     pub grace_period: Checked<Span>,
     pub upgrade_sock: String,
-    pub pid_file: String,
+    /// Written in the foreground too when set; with `--daemon` a default applies.
+    pub pid_file: Option<String>,
     /// Idle upstream connections kept per worker thread.
     pub upstream_pool_size: usize,
     /// Let worker threads steal each other's tasks (tokio's multi-thread
@@ -68,6 +69,8 @@ pub struct RawServer {
     pub client_ip_header: Checked<ClientIpHeader>,
     /// Longest a reload may take to make its new parts ready.
     pub reload_timeout: Checked<Span>,
+    /// Reload when the config file or a certificate it names changes.
+    pub watch_config: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -95,7 +98,7 @@ impl Default for RawServer {
             ready_path: "/ready".into(),
             grace_period: span("5s"),
             upgrade_sock: "/tmp/tollgate_upgrade.sock".into(),
-            pid_file: "/tmp/tollgate.pid".into(),
+            pid_file: None,
             upstream_pool_size: 128,
             work_stealing: false,
             error_log: None,
@@ -106,6 +109,7 @@ impl Default for RawServer {
             tls: Vec::new(),
             client_ip_header: Checked::default(),
             reload_timeout: span("10s"),
+            watch_config: false,
         }
     }
 }

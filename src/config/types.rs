@@ -31,7 +31,7 @@ pub struct ServerSettings {
     pub ready_path: String,
     pub grace_period: Duration,
     pub upgrade_sock: String,
-    pub pid_file: String,
+    pub pid_file: Option<String>,
     pub upstream_pool_size: usize,
     pub work_stealing: bool,
     pub error_log: Option<String>,
@@ -42,6 +42,7 @@ pub struct ServerSettings {
     pub tls: Vec<TlsListenerSettings>,
     pub client_ip_header: ClientIpHeader,
     pub reload_timeout: Duration,
+    pub watch_config: bool,
 }
 
 /// An HTTPS listener: its certificates (chosen by SNI; the first is the

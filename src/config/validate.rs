@@ -133,6 +133,7 @@ fn server(p: &mut Problems, s: &RawServer) -> ServerSettings {
         trusted_proxies,
         client_ip_header: p.take("server.client_ip_header", &s.client_ip_header),
         reload_timeout: p.positive_duration("server.reload_timeout", &s.reload_timeout),
+        watch_config: s.watch_config,
     }
 }
 
