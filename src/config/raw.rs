@@ -63,6 +63,14 @@ pub struct RawServer {
     pub h2c: bool,
     /// HTTPS listeners.
     pub tls: Vec<RawTlsListener>,
+    /// Idle time allowed between requests on an HTTP/1.1 connection.
+    pub keepalive_timeout: Checked<Span>,
+    /// Time an HTTP/2 connection may have no open stream before GOAWAY.
+    pub h2_idle_timeout: Checked<Span>,
+    /// Requests served on one connection before it is closed (0: no limit).
+    pub max_requests_per_connection: u64,
+    /// Connections open at once (0: no limit); beyond it new ones are closed.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -99,6 +107,10 @@ impl Default for RawServer {
             trusted_proxies: Vec::new(),
             h2c: false,
             tls: Vec::new(),
+            keepalive_timeout: span("75s"),
+            h2_idle_timeout: span("75s"),
+            max_requests_per_connection: 1000,
+            max_connections: 0,
         }
     }
 }

@@ -40,6 +40,13 @@ pub struct ServerSettings {
     pub trusted_proxies: Vec<Cidr>,
     pub h2c: bool,
     pub tls: Vec<TlsListenerSettings>,
+    /// Zero: no keep-alive (every answer closes its connection).
+    pub keepalive_timeout: Duration,
+    pub h2_idle_timeout: Duration,
+    /// `None`: no limit.
+    pub max_requests_per_connection: Option<u32>,
+    /// `None`: no limit.
+    pub max_connections: Option<usize>,
 }
 
 /// An HTTPS listener: its certificates (chosen by SNI; the first is the
