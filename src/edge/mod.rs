@@ -9,6 +9,7 @@
 pub mod drain;
 pub mod head;
 pub mod io;
+pub mod scan;
 pub mod tls;
 
 use crate::proxy::Proxy;
