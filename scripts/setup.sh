@@ -43,4 +43,9 @@ if ! python3 -c 'import grpc, websockets' >/dev/null 2>&1; then
   echo "setup: installing grpcio and websockets"
   pip_install grpcio websockets
 fi
+# h2 (hyperframe, hpack): the frame-level HTTP/2 client of tests/support/h2_peer.py.
+if ! python3 -c 'import hyperframe, hpack' >/dev/null 2>&1; then
+  echo "setup: installing h2"
+  pip_install h2
+fi
 command -v cargo >/dev/null || { echo "setup: cargo is missing: install Rust from https://rustup.rs" >&2; exit 1; }

@@ -9,7 +9,7 @@ use crate::config::{self, Config};
 use crate::credentials::{Credentials, CredentialsRefresher};
 use crate::echo::EchoApp;
 use crate::edge::drain::{Drain, Signals};
-use crate::edge::Edge;
+use crate::edge::{Admission, Edge};
 use crate::proxy::Proxy;
 use crate::ratelimit::concurrency::{Concurrency, Renewer};
 use crate::ratelimit::Limiter;
@@ -127,6 +127,10 @@ fn proxy_service(server: &Server, config: &Config, shared: &Shared) -> Service<E
         drain: shared.drain.clone(),
     };
     let mut service = Service::new("tollgate proxy".to_string(), edge);
+    service.set_connection_filter(Arc::new(Admission {
+        state: shared.state.clone(),
+        drain: shared.drain.clone(),
+    }));
     for (_, addr) in listeners(config) {
         service.add_tcp(&addr);
     }

@@ -291,3 +291,48 @@ fn redis_outage_under_load_with_local_fallback() {
     assert_clean(load.stop(), "client during the outage");
     assert!(metric_value(&t.metrics(), "tollgate_redis_errors_total").unwrap_or(0.0) >= 1.0);
 }
+
+#[test]
+fn h2c_connections_accepted_during_a_handover_get_goaway_and_finish() {
+    let slow = Recorder::start_slow(Duration::from_millis(1000));
+    let t =
+        Tollgate::start(&config(&slow.addr(), "").replace("threads: 2,", "threads: 2, h2c: true,"));
+    // No new process waits on the upgrade socket: Pingora retries the
+    // hand-over for about five seconds, and the old process, the only one
+    // listening, keeps accepting meanwhile — each connection below is
+    // accepted after its drain began.
+    t.proc.signal(libc::SIGQUIT);
+    wait_for("the drain to begin", Duration::from_secs(10), || {
+        t.proc.log_text().contains("draining:").then_some(())
+    });
+    let run = h2_peer(
+        t.port,
+        &[
+            "--connections",
+            "10",
+            "--path",
+            "/public/slow",
+            "--wait",
+            "15",
+        ],
+    );
+    for c in run["connections"].as_array().unwrap() {
+        let answer = &c["answers"][0];
+        assert_eq!(answer["status"], 200, "{c}");
+        assert_eq!(
+            answer["complete"], true,
+            "the request in flight was cut: {c}"
+        );
+        assert_eq!(
+            answer["goaway_before_end"], true,
+            "no GOAWAY before the answer: {c}"
+        );
+        let goaway = c["goaway"][0]["at"].as_f64().unwrap();
+        assert!(goaway < answer["at"].as_f64().unwrap(), "{c}");
+        assert!(
+            c["closed"].as_f64().is_some(),
+            "the connection was not closed: {c}"
+        );
+    }
+    assert_eq!(slow.hits(), 10);
+}

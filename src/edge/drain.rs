@@ -8,21 +8,25 @@
 //! 1. `SIGTERM` or `SIGQUIT` arrive at [`Signals`], which hands Pingora the
 //!    signal at once. For `SIGQUIT`, Pingora passes the listening sockets to
 //!    the new process, which accepts from then on; tollgate switches to
-//!    draining right away (every answer carries `Connection: close`, so
-//!    clients move over), while Pingora keeps accepting for its hand-over
-//!    pause. For `SIGTERM`, Pingora stops accepting at once; draining starts
-//!    only once the listeners are closed, so a client told to reconnect is
-//!    refused (nothing sent) instead of being queued on a socket nobody
-//!    accepts from any more.
+//!    draining right away (every answer carries `Connection: close`, every
+//!    HTTP/2 connection gets a GOAWAY, so clients move over), and stops
+//!    accepting after Pingora's hand-over pause. For
+//!    `SIGTERM`, the listeners stop at once; draining starts only once they
+//!    are closed, so a client told to reconnect is refused (nothing sent)
+//!    instead of being queued on a socket nobody accepts from any more.
 //! 2. When the listeners have stopped, Pingora calls the edge's `cleanup`,
 //!    which drains — up to `server.grace_period`, or until every connection
 //!    has gone — while requests on open connections are still answered.
+//!    A connection counts as open from its accept ([`Drain::admit`]), before
+//!    Pingora hands it to a task, so one accepted just before the listeners
+//!    stopped is waited for and served, not closed unread.
 //! 3. Only then are the remaining idle connections closed, and Pingora's own
 //!    grace period (one second longer) lets the last answers finish.
 //!
 //! The request path sees the drain through [`Drain::watch`], which the edge
 //! hands to Pingora's HTTP handling in place of Pingora's shutdown signal.
 
+use crate::metrics;
 use async_trait::async_trait;
 use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -31,6 +35,7 @@ use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{watch, Notify};
 
+#[derive(Debug)]
 pub struct Drain {
     draining: AtomicBool,
     /// Turns true when draining starts (Pingora's HTTP handling then closes
@@ -75,9 +80,27 @@ impl Drain {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// Counts an open connection until the guard is dropped.
-    pub fn connection(self: &Arc<Self>) -> OpenConnection {
-        self.open.fetch_add(1, Ordering::Relaxed);
+    /// At accept: counts the connection as open, unless `max` are open
+    /// already (then it is counted as rejected and must be closed).
+    pub fn admit(&self, max: Option<usize>) -> bool {
+        let admitted = self
+            .open
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| match max {
+                Some(max) if n >= max => None,
+                _ => Some(n + 1),
+            })
+            .is_ok();
+        if admitted {
+            metrics::CONNECTIONS_OPEN.inc();
+        } else {
+            metrics::CONNECTIONS_REJECTED.inc();
+        }
+        admitted
+    }
+
+    /// The count `admit` took for a connection, given back when the guard
+    /// is dropped.
+    pub fn adopt(self: &Arc<Self>) -> OpenConnection {
         OpenConnection(self.clone())
     }
 
@@ -116,6 +139,7 @@ pub struct OpenConnection(Arc<Drain>);
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
+        metrics::CONNECTIONS_OPEN.dec();
         if self.0.open.fetch_sub(1, Ordering::Relaxed) == 1 {
             self.0.all_closed.notify_waiters();
         }
