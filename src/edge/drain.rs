@@ -10,7 +10,7 @@
 //!    the new process, which accepts from then on; tollgate switches to
 //!    draining right away (every answer carries `Connection: close`, every
 //!    HTTP/2 connection gets a GOAWAY, so clients move over), and stops
-//!    accepting after Pingora's hand-over pause. For
+//!    accepting once the sockets are handed over ([`super::stop`]). For
 //!    `SIGTERM`, the listeners stop at once; draining starts only once they
 //!    are closed, so a client told to reconnect is refused (nothing sent)
 //!    instead of being queued on a socket nobody accepts from any more.
@@ -20,20 +20,21 @@
 //!    A connection counts as open from its accept ([`Drain::admit`]), before
 //!    Pingora hands it to a task, so one accepted just before the listeners
 //!    stopped is waited for and served, not closed unread.
-//! 3. Only then are the remaining idle connections closed, and Pingora's own
-//!    grace period (one second longer) lets the last answers finish.
+//! 3. Only then are the remaining idle connections closed, and one more
+//!    second lets the last answers finish; then the process exits.
 //!
 //! The request path sees the drain through [`Drain::watch`], which the edge
 //! hands to Pingora's HTTP handling in place of Pingora's shutdown signal.
 
+use super::stop::Stop;
 use crate::metrics;
 use async_trait::async_trait;
-use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
+use pingora::server::{ExecutionPhase, ShutdownSignal, ShutdownSignalWatch};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{watch, Notify};
+use tokio::sync::{broadcast, watch, Notify};
 
 #[derive(Debug)]
 pub struct Drain {
@@ -128,6 +129,25 @@ impl Drain {
         self.done.send_replace(true);
     }
 
+    /// Whether the drain is over.
+    pub fn is_finished(&self) -> bool {
+        *self.done.borrow()
+    }
+
+    /// Waits until no connection is open, for at most `limit`.
+    pub async fn closed_within(&self, limit: std::time::Duration) {
+        let _ = tokio::time::timeout(limit, async {
+            loop {
+                let closed = self.all_closed.notified();
+                if self.open.load(Ordering::Relaxed) == 0 {
+                    return;
+                }
+                closed.await;
+            }
+        })
+        .await;
+    }
+
     /// Resolves once the drain is over.
     pub async fn finished(&self) {
         let mut done = self.done.subscribe();
@@ -149,6 +169,9 @@ impl Drop for OpenConnection {
 /// `SIGQUIT`: upgrade, `SIGTERM`: graceful stop — both drain; `SIGINT`: stop now.
 pub struct Signals {
     pub drain: Arc<Drain>,
+    pub stop: Arc<Stop>,
+    /// Pingora's execution phases, to see the listening sockets handed over.
+    pub phases: std::sync::Mutex<Option<broadcast::Receiver<ExecutionPhase>>>,
 }
 
 #[async_trait]
@@ -171,11 +194,16 @@ impl ShutdownSignalWatch for Signals {
             _ = quit.recv() => {
                 log::info!("SIGQUIT: handing the listeners over, then draining");
                 self.drain.start();
+                let phases = self.phases.lock().ok().and_then(|mut p| p.take());
+                if let Some(phases) = phases {
+                    self.stop.begin_after_handover(phases);
+                }
                 ShutdownSignal::GracefulUpgrade
             }
             _ = term.recv() => {
                 // Draining starts once the listeners are closed (the edge's cleanup).
                 log::info!("SIGTERM: no new connections; draining open ones");
+                self.stop.begin();
                 ShutdownSignal::GracefulTerminate
             }
             _ = int.recv() => ShutdownSignal::FastShutdown,

@@ -12,6 +12,7 @@ pub mod h2;
 pub mod head;
 pub mod io;
 pub mod scan;
+pub mod stop;
 pub mod tls;
 
 use crate::config::ServerSettings;
@@ -37,6 +38,9 @@ pub struct Edge {
     pub state: SharedState,
     pub drain: Arc<Drain>,
 }
+
+/// After the drain, the time answers still in flight have to finish.
+pub const LAST_ANSWERS: Duration = Duration::from_secs(1);
 
 /// What an HTTP/2 connection sends first (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -202,6 +206,9 @@ impl ServerApp for Edge {
     async fn cleanup(&self) {
         // The listeners have stopped; open connections may still send.
         self.drain.wait().await;
+        // Connections waiting for a next request close now; an answer still
+        // being written gets one more second.
         ServerApp::cleanup(self.proxy.as_ref()).await;
+        self.drain.closed_within(LAST_ANSWERS).await;
     }
 }
