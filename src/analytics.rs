@@ -155,7 +155,10 @@ impl BackgroundService for Flusher {
                 }
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = self.drain.finished() => {}
+            }
         }
     }
 }

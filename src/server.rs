@@ -9,7 +9,7 @@ use crate::config::{self, Config};
 use crate::credentials::{Credentials, CredentialsRefresher};
 use crate::echo::EchoApp;
 use crate::edge::drain::{Drain, Signals};
-use crate::edge::stop::Stop;
+use crate::edge::stop::{self, Stop};
 use crate::edge::{Admission, Edge};
 use crate::proxy::Proxy;
 use crate::ratelimit::concurrency::{Concurrency, Renewer};
@@ -234,6 +234,10 @@ pub fn serve(opts: ServeOptions<'_>) -> anyhow::Result<()> {
         .config_path
         .canonicalize()
         .with_context(|| format!("cannot resolve {}", opts.config_path.display()))?;
+    if opts.upgrade {
+        // Left by an upgrade whose old process did not see it.
+        let _ = std::fs::remove_file(stop::serving_marker(&config.server.upgrade_sock));
+    }
     let opt = Opt {
         upgrade: opts.upgrade,
         daemon: opts.daemon,
@@ -261,7 +265,9 @@ pub fn serve(opts: ServeOptions<'_>) -> anyhow::Result<()> {
         stop: stop.clone(),
     };
     let proxy = proxy_service(&server, &config, &shared);
-    server.add_service(stop.wrap(proxy));
+    // A new process tells the old one when it accepts (see edge::stop).
+    let marker = stop::serving_marker(&config.server.upgrade_sock);
+    server.add_service(stop.wrap_announcing(proxy, opts.upgrade.then_some(marker)));
     let mut admin = Service::new(
         "tollgate admin".to_string(),
         HttpServer::new_app(AdminApp {
@@ -285,6 +291,7 @@ pub fn serve(opts: ServeOptions<'_>) -> anyhow::Result<()> {
             drain,
             stop,
             phases: std::sync::Mutex::new(Some(phases)),
+            upgrade_sock: config.server.upgrade_sock.clone(),
         }),
     });
     Ok(())

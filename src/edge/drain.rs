@@ -10,7 +10,7 @@
 //!    the new process, which accepts from then on; tollgate switches to
 //!    draining right away (every answer carries `Connection: close`, every
 //!    HTTP/2 connection gets a GOAWAY, so clients move over), and stops
-//!    accepting once the sockets are handed over ([`super::stop`]). For
+//!    accepting once the new process accepts ([`super::stop`]). For
 //!    `SIGTERM`, the listeners stop at once; draining starts only once they
 //!    are closed, so a client told to reconnect is refused (nothing sent)
 //!    instead of being queued on a socket nobody accepts from any more.
@@ -172,6 +172,8 @@ pub struct Signals {
     pub stop: Arc<Stop>,
     /// Pingora's execution phases, to see the listening sockets handed over.
     pub phases: std::sync::Mutex<Option<broadcast::Receiver<ExecutionPhase>>>,
+    /// `server.upgrade_sock` (see [`Stop::begin_after_handover`]).
+    pub upgrade_sock: String,
 }
 
 #[async_trait]
@@ -196,7 +198,7 @@ impl ShutdownSignalWatch for Signals {
                 self.drain.start();
                 let phases = self.phases.lock().ok().and_then(|mut p| p.take());
                 if let Some(phases) = phases {
-                    self.stop.begin_after_handover(phases);
+                    self.stop.begin_after_handover(phases, &self.upgrade_sock);
                 }
                 ShutdownSignal::GracefulUpgrade
             }

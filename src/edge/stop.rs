@@ -14,10 +14,9 @@
 //! is, the process exits 0. Pingora's own timeline stays as the bound.
 //!
 //! The stop begins at `SIGTERM` (the listeners close at once), and for
-//! `SIGQUIT` as soon as the listening sockets have been handed to the new
-//! process (Pingora would otherwise keep accepting for its 5-second
-//! hand-over pause: a connection then waits in the shared socket's backlog
-//! for the new process instead).
+//! `SIGQUIT` as soon as the new process accepts on the sockets it was
+//! handed (Pingora would keep accepting for its whole 5-second hand-over
+//! pause).
 
 use async_trait::async_trait;
 use pingora::server::{ListenFds, RuntimeOpts, ShutdownWatch};
@@ -64,7 +63,21 @@ impl Stop {
         Stoppable {
             inner: service,
             stop: self.clone(),
+            announce: None,
         }
+    }
+
+    /// Like [`Stop::wrap`]; `marker` is created when the service starts
+    /// (the proxy of a process started with `--upgrade`, see
+    /// [`Stop::begin_after_handover`]).
+    pub fn wrap_announcing<S: ServiceWithDependents + 'static>(
+        self: &Arc<Self>,
+        service: S,
+        marker: Option<std::path::PathBuf>,
+    ) -> Stoppable<S> {
+        let mut wrapped = self.wrap(service);
+        wrapped.announce = marker;
+        wrapped
     }
 
     fn finished(&self) {
@@ -84,33 +97,56 @@ impl Stop {
         std::process::exit(0);
     }
 
-    /// `SIGQUIT`: the stop begins once Pingora has handed the listening
-    /// sockets over (or given up trying), or with Pingora's own shutdown.
+    /// `SIGQUIT`: the stop begins once the new process accepts on the
+    /// listening sockets Pingora handed over — it says so with
+    /// [`serving_marker`] — or, if it never does (a hand-over that failed,
+    /// or a new process without the marker), after Pingora's own 5-second
+    /// pause. Until then both processes accept, so no client waits for the
+    /// new process to start.
     pub fn begin_after_handover(
         self: &Arc<Self>,
         mut phases: tokio::sync::broadcast::Receiver<pingora::server::ExecutionPhase>,
+        upgrade_sock: &str,
     ) {
         use pingora::server::ExecutionPhase;
         use tokio::sync::broadcast::error::RecvError;
         let stop = self.clone();
+        let marker = serving_marker(upgrade_sock);
         tokio::spawn(async move {
             loop {
                 match phases.recv().await {
-                    Ok(ExecutionPhase::GracefulUpgradeCloseTimeout)
-                    | Ok(ExecutionPhase::ShutdownStarted)
-                    | Err(RecvError::Closed) => break,
+                    Ok(ExecutionPhase::GracefulUpgradeCloseTimeout) => break,
+                    Ok(ExecutionPhase::ShutdownStarted) | Err(RecvError::Closed) => {
+                        return stop.begin();
+                    }
                     Ok(_) | Err(RecvError::Lagged(_)) => {}
                 }
             }
+            let deadline = tokio::time::Instant::now() + HANDOVER_WAIT;
+            while !marker.exists() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let _ = std::fs::remove_file(&marker);
             stop.begin();
         });
     }
+}
+
+/// Longest wait for the new process to accept (Pingora's pause after
+/// handing the sockets over).
+const HANDOVER_WAIT: Duration = Duration::from_secs(5);
+
+/// The file a process started with `--upgrade` creates when its proxy
+/// listeners start accepting: the old process then stops.
+pub fn serving_marker(upgrade_sock: &str) -> std::path::PathBuf {
+    format!("{upgrade_sock}.serving").into()
 }
 
 /// A Pingora service that stops with [`Stop`].
 pub struct Stoppable<S> {
     inner: S,
     stop: Arc<Stop>,
+    announce: Option<std::path::PathBuf>,
 }
 
 #[async_trait]
@@ -130,6 +166,14 @@ impl<S: ServiceWithDependents + 'static> ServiceWithDependents for Stoppable<S> 
             }
         });
         let ours = self.stop.first.clone();
+        if let Some(marker) = &self.announce {
+            if let Err(e) = std::fs::write(marker, b"") {
+                log::warn!(
+                    "cannot write {}: {e}; the old process stops accepting after Pingora's pause",
+                    marker.display()
+                );
+            }
+        }
         self.inner
             .start_service(fds, ours, listeners_per_fd, ready_notifier)
             .await;
