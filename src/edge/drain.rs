@@ -36,7 +36,6 @@ use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{broadcast, watch, Notify};
 
-#[derive(Debug)]
 pub struct Drain {
     draining: AtomicBool,
     /// Turns true when draining starts (Pingora's HTTP handling then closes

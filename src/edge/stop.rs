@@ -19,7 +19,9 @@
 //! pause).
 
 use async_trait::async_trait;
-use pingora::server::{ListenFds, RuntimeOpts, ShutdownWatch};
+#[cfg(unix)]
+use pingora::server::ListenFds;
+use pingora::server::{RuntimeOpts, ShutdownWatch};
 use pingora::services::{ServiceReadyNotifier, ServiceWithDependents};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -153,7 +155,7 @@ pub struct Stoppable<S> {
 impl<S: ServiceWithDependents + 'static> ServiceWithDependents for Stoppable<S> {
     async fn start_service(
         &mut self,
-        fds: Option<ListenFds>,
+        #[cfg(unix)] fds: Option<ListenFds>,
         shutdown: ShutdownWatch,
         listeners_per_fd: usize,
         ready_notifier: ServiceReadyNotifier,
@@ -175,7 +177,13 @@ impl<S: ServiceWithDependents + 'static> ServiceWithDependents for Stoppable<S> 
             }
         }
         self.inner
-            .start_service(fds, ours, listeners_per_fd, ready_notifier)
+            .start_service(
+                #[cfg(unix)]
+                fds,
+                ours,
+                listeners_per_fd,
+                ready_notifier,
+            )
             .await;
         follow.abort();
         self.stop.finished();
