@@ -136,23 +136,26 @@ impl BackgroundService for Flusher {
         })
         .await;
         // A stop has begun: every quarter second, so requests still answered
-        // during the drain are written too. Pingora ends this task when it
-        // shuts the runtimes down.
+        // during the drain are written too; once the drain is over, a last
+        // write, the unused leases back, and this service's stop is done
+        // (the process exits when every service's is, see `edge::stop`).
         let mut own = own.into_inner();
-        let mut leases_returned = false;
         loop {
-            if self.tick(&mut own).await.is_some() {
+            // Read before the write, so the last write comes after the drain.
+            let drained = self.drain.is_finished();
+            let written = self.tick(&mut own).await;
+            if drained {
                 // Unused leases go back once no request can take from them any more.
-                let drained = tokio::time::timeout(Duration::ZERO, self.drain.finished())
-                    .await
-                    .is_ok();
-                if drained && !leases_returned {
-                    leases_returned = true;
+                if written.is_some() {
                     let n = self.limiter.return_leases().await;
                     log::info!("stopping: handed {n} unused leases back to redis");
                 }
+                return;
             }
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = self.drain.finished() => {}
+            }
         }
     }
 }

@@ -4,7 +4,8 @@
 
 use pingora_prometheus::prometheus::{
     self, register_histogram_vec, register_int_counter, register_int_counter_vec,
-    register_int_gauge_vec, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec,
+    register_int_gauge, register_int_gauge_vec, Histogram, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec,
 };
 use std::sync::{LazyLock, OnceLock};
 
@@ -238,6 +239,20 @@ pub static TOKEN_STORE_OUTAGE: LazyLock<IntCounterVec> = LazyLock::new(|| {
     ))
 });
 
+pub static CONNECTIONS_OPEN: LazyLock<IntGauge> = LazyLock::new(|| {
+    must!(register_int_gauge!(
+        "tollgate_connections_open",
+        "Client connections open on the proxy listeners."
+    ))
+});
+
+pub static CONNECTIONS_REJECTED: LazyLock<IntCounter> = LazyLock::new(|| {
+    must!(register_int_counter!(
+        "tollgate_connections_rejected_total",
+        "Client connections closed at accept because server.max_connections were open."
+    ))
+});
+
 /// Forces registration so `/metrics` lists every family from the first scrape.
 pub fn init() {
     BUILD_INFO
@@ -259,6 +274,8 @@ pub fn init() {
     LazyLock::force(&JWKS_FETCHES);
     LazyLock::force(&UPSTREAM_TOKEN_FETCHES);
     LazyLock::force(&TOKEN_STORE_OUTAGE);
+    LazyLock::force(&CONNECTIONS_OPEN);
+    LazyLock::force(&CONNECTIONS_REJECTED);
 }
 
 /// Called once SIGHUP is handled: the reload series appear at zero, so

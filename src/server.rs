@@ -9,7 +9,8 @@ use crate::config::{self, Config};
 use crate::credentials::{Credentials, CredentialsRefresher};
 use crate::echo::EchoApp;
 use crate::edge::drain::{Drain, Signals};
-use crate::edge::Edge;
+use crate::edge::stop::{self, Stop};
+use crate::edge::{Admission, Edge};
 use crate::proxy::Proxy;
 use crate::ratelimit::concurrency::{Concurrency, Renewer};
 use crate::ratelimit::Limiter;
@@ -28,6 +29,7 @@ use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
+use pingora::services::ServiceWithDependents;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -40,8 +42,9 @@ pub struct ServeOptions<'a> {
 
 fn server_conf(config: &Config, daemon: bool) -> ServerConf {
     // The drain (edge::drain) takes the grace period before idle connections
-    // close; Pingora's own period, one second longer, lets the answers in
-    // flight at that moment finish.
+    // close and the edge one more second for the answers in flight; the
+    // process exits as soon as that is done (edge::stop). Pingora's own
+    // period, as long, is only the upper bound.
     let grace = config.server.grace_period.as_secs_f64().ceil() as u64 + 1;
     ServerConf {
         daemon,
@@ -100,6 +103,19 @@ struct Shared {
     analytics: Arc<Analytics>,
     credentials: Arc<Credentials>,
     drain: Arc<Drain>,
+    stop: Arc<Stop>,
+}
+
+/// Adds services that stop with tollgate's [`Stop`].
+struct Stopping<'a> {
+    server: &'a mut Server,
+    stop: &'a Arc<Stop>,
+}
+
+impl Stopping<'_> {
+    fn add_service(&mut self, service: impl ServiceWithDependents + 'static) {
+        self.server.add_service(self.stop.wrap(service));
+    }
 }
 
 /// The proxy: the edge in front of Pingora's HTTP handling, on every
@@ -131,6 +147,10 @@ fn proxy_service(server: &Server, config: &Config, shared: &Shared) -> Service<E
         drain: shared.drain.clone(),
     };
     let mut service = Service::new("tollgate proxy".to_string(), edge);
+    service.set_connection_filter(Arc::new(Admission {
+        state: shared.state.clone(),
+        drain: shared.drain.clone(),
+    }));
     for (_, addr) in listeners(config) {
         service.add_tcp(&addr);
     }
@@ -139,6 +159,11 @@ fn proxy_service(server: &Server, config: &Config, shared: &Shared) -> Service<E
 
 fn add_background_services(server: &mut Server, shared: Shared, config_path: PathBuf) {
     let state = &shared.state;
+    let stop = shared.stop.clone();
+    let mut server = Stopping {
+        server,
+        stop: &stop,
+    };
     server.add_service(background_service(
         "tollgate config watch",
         crate::watch::ConfigWatcher {
@@ -223,6 +248,10 @@ pub fn serve(opts: ServeOptions<'_>) -> anyhow::Result<()> {
     // `..data`) is followed to its new target.
     let config_path = std::path::absolute(opts.config_path)
         .with_context(|| format!("cannot resolve {}", opts.config_path.display()))?;
+    if opts.upgrade {
+        // Left by an upgrade whose old process did not see it.
+        let _ = std::fs::remove_file(stop::serving_marker(&config.server.upgrade_sock));
+    }
     let opt = Opt {
         upgrade: opts.upgrade,
         daemon: opts.daemon,
@@ -231,6 +260,8 @@ pub fn serve(opts: ServeOptions<'_>) -> anyhow::Result<()> {
     let mut server = Server::new_with_opt_and_conf(opt, server_conf(&config, opts.daemon));
     server.bootstrap();
     let drain = Drain::new(config.server.grace_period);
+    let stop = Stop::new();
+    let phases = server.watch_execution_phase();
     let state = State::build(config.clone(), None).map_err(|p| anyhow!(config::join(&p, "\n")))?;
     for warning in state.warnings() {
         log::warn!("{warning}");
@@ -244,8 +275,12 @@ pub fn serve(opts: ServeOptions<'_>) -> anyhow::Result<()> {
         analytics: Arc::new(Analytics::default()),
         credentials: Arc::new(Credentials::default()),
         drain: drain.clone(),
+        stop: stop.clone(),
     };
-    server.add_service(proxy_service(&server, &config, &shared));
+    let proxy = proxy_service(&server, &config, &shared);
+    // A new process tells the old one when it accepts (see edge::stop).
+    let marker = stop::serving_marker(&config.server.upgrade_sock);
+    server.add_service(stop.wrap_announcing(proxy, opts.upgrade.then_some(marker)));
     let mut admin = Service::new(
         "tollgate admin".to_string(),
         HttpServer::new_app(AdminApp {
@@ -255,7 +290,7 @@ pub fn serve(opts: ServeOptions<'_>) -> anyhow::Result<()> {
     );
     admin.threads = Some(1);
     admin.add_tcp(&config.admin.listen);
-    server.add_service(admin);
+    server.add_service(stop.wrap(admin));
     add_background_services(&mut server, shared, config_path);
     // Now that this process holds the listeners (after a hand-over too)
     // and nothing but serving is left to fail.
@@ -269,7 +304,12 @@ pub fn serve(opts: ServeOptions<'_>) -> anyhow::Result<()> {
         config.admin.listen
     );
     server.run(RunArgs {
-        shutdown_signal: Box::new(Signals { drain }),
+        shutdown_signal: Box::new(Signals {
+            drain,
+            stop,
+            phases: std::sync::Mutex::new(Some(phases)),
+            upgrade_sock: config.server.upgrade_sock.clone(),
+        }),
     });
     // After a daemon's fork this is the daemon's pid, the one Pingora wrote.
     if let Some(path) = pid_path {

@@ -29,8 +29,34 @@ pub struct State {
     pub verifier: Option<Arc<Verifier>>,
     /// Connected lazily, inside the proxy's runtime, on first use.
     pub redis: Option<Arc<Redis>>,
-    /// One per `server.tls` listener, built from the files at each (re)load.
+    /// One per `server.tls` listener, built from the files at each (re)load
+    /// — while the config's listeners are those the process listens on (see
+    /// [`Listening`]).
     pub tls: Vec<Arc<TlsListener>>,
+    /// The listeners this process listens on, from the config it started with.
+    pub listening: Arc<Listening>,
+}
+
+/// The proxy listeners as bound at start, each with whether it is HTTPS.
+/// A reload cannot move them (only a new process can bind other sockets):
+/// when a reloaded config names other listeners, the TLS listeners and
+/// their certificates stay as they were, so a port bound for HTTPS is never
+/// served as plain text, until `serve --upgrade` binds the new set.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Listening(Vec<(String, bool)>);
+
+impl Listening {
+    pub fn of(config: &Config) -> Listening {
+        let server = &config.server;
+        let mut set: Vec<(String, bool)> = server
+            .listen
+            .iter()
+            .map(|a| (a.clone(), false))
+            .chain(server.tls.iter().map(|t| (t.listen.clone(), true)))
+            .collect();
+        set.sort();
+        Listening(set)
+    }
 }
 
 /// Every claim some route forwards as a header or a limit rule keys on.
@@ -91,18 +117,23 @@ impl State {
                 Vec::new()
             }
         };
-        let tls = config
-            .server
-            .tls
-            .iter()
-            .enumerate()
-            .filter_map(|(i, l)| {
-                TlsListener::build(i, l)
-                    .map(Arc::new)
-                    .map_err(|e| problems.push(e))
-                    .ok()
-            })
-            .collect();
+        let listening =
+            previous.map_or_else(|| Arc::new(Listening::of(&config)), |p| p.listening.clone());
+        let tls = match previous {
+            Some(p) if Listening::of(&config) != *listening => p.tls.clone(),
+            _ => config
+                .server
+                .tls
+                .iter()
+                .enumerate()
+                .filter_map(|(i, l)| {
+                    TlsListener::build(i, l)
+                        .map(Arc::new)
+                        .map_err(|e| problems.push(e))
+                        .ok()
+                })
+                .collect(),
+        };
         let verifier = match &config.auth.jwt {
             Some(jwt) => match verifier(jwt, &config, previous) {
                 Ok(v) => Some(v),
@@ -140,6 +171,7 @@ impl State {
             verifier,
             redis,
             tls,
+            listening,
             config: Arc::new(config),
         })
     }
@@ -190,6 +222,11 @@ impl State {
     /// Things an operator should know that do not stop the config from
     /// serving (a peer name that does not resolve).
     pub fn warnings(&self) -> Vec<String> {
+        let listeners = (Listening::of(&self.config) != *self.listening).then(|| {
+            "server.listen/server.tls: the listeners differ from those this process listens on; \
+             the HTTPS listeners keep their certificates as they were until `serve --upgrade`"
+                .to_string()
+        });
         self.upstreams
             .iter()
             .flat_map(|u| {
@@ -200,6 +237,7 @@ impl State {
                     )
                 })
             })
+            .chain(listeners)
             .collect()
     }
 }

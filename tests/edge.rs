@@ -266,6 +266,77 @@ fn a_reload_swaps_certificates_for_new_handshakes_and_keeps_open_connections() {
 }
 
 #[test]
+fn a_reload_that_moves_an_https_listener_keeps_it_https_until_an_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = certs(dir.path());
+    let echo = Echo::start();
+    let upstreams = format!("  backend: {{ peers: [\"{}\"] }}", echo.addr());
+    let routes = "  - { name: pub, path_prefix: /, upstream: backend, auth: none }";
+    let template = config(&pairs(&c, &["api.example.com"]), "1.2", &upstreams, routes);
+    let (t, tls) = start(&template);
+    let https = |port: u16| {
+        curl(&[
+            "--cacert",
+            &c.ca(),
+            "--resolve",
+            &format!("api.example.com:{port}:127.0.0.1"),
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("https://api.example.com:{port}/x"),
+        ])
+    };
+    assert_eq!(https(tls).0, "200");
+    let plain_on_tls_port = || {
+        let r = request(
+            tls,
+            "GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        );
+        assert!(
+            r.as_ref().map_or(true, |r| r.status != 200),
+            "plain HTTP answered on the HTTPS port: {r:?}"
+        );
+    };
+    plain_on_tls_port();
+
+    // The HTTPS listener moves to another port, then goes away: only a new
+    // process can bind other sockets, so the one bound stays HTTPS.
+    let moved = free_port();
+    let moved_config = template.replace("{tls}", &moved.to_string());
+    t.rewrite_config(&moved_config);
+    t.proc.signal(libc::SIGHUP);
+    t.wait_metric(r#"tollgate_config_reloads_total{result="success"}"#, 1.0);
+    assert_eq!(
+        https(tls).0,
+        "200",
+        "the bound HTTPS port stopped serving HTTPS"
+    );
+    plain_on_tls_port();
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", moved)).is_err(),
+        "a reload bound a new port"
+    );
+    let start_tls = moved_config.find("  tls:").unwrap();
+    let end_tls = start_tls + moved_config[start_tls..].find("  threads:").unwrap();
+    let removed = format!("{}{}", &moved_config[..start_tls], &moved_config[end_tls..]);
+    t.rewrite_config(&removed);
+    t.proc.signal(libc::SIGHUP);
+    t.wait_metric(r#"tollgate_config_reloads_total{result="success"}"#, 2.0);
+    assert_eq!(
+        https(tls).0,
+        "200",
+        "the bound HTTPS port stopped serving HTTPS"
+    );
+    plain_on_tls_port();
+    let log = t.proc.log_text();
+    assert!(log.contains("needs a graceful upgrade"), "{log}");
+    assert!(log.contains("until `serve --upgrade`"), "{log}");
+    // Plain HTTP is served where it was.
+    assert_eq!(t.get("/x").status, 200);
+}
+
+#[test]
 fn http2_and_h2c_carry_the_whole_request_path() {
     let dir = tempfile::tempdir().unwrap();
     let c = certs(dir.path());

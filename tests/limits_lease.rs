@@ -14,10 +14,12 @@ use std::time::Duration;
 
 const SECRET: &str = "lease-limits-secret-0123456789abcdef";
 
+// Tests send more requests on one kept-alive connection than the default
+// server.max_requests_per_connection (1000): no limit here.
 fn config(upstream: &str, redis: &str, algorithm: &str, requests: u64) -> String {
     format!(
         r#"
-server: {{ listen: ["127.0.0.1:{{port}}"], threads: 2, pid_file: "{{dir}}/t.pid", upgrade_sock: "{{dir}}/t.sock" }}
+server: {{ listen: ["127.0.0.1:{{port}}"], threads: 2, pid_file: "{{dir}}/t.pid", upgrade_sock: "{{dir}}/t.sock", max_requests_per_connection: 0 }}
 admin: {{ listen: "127.0.0.1:{{admin}}" }}
 log: {{ level: warn, color: false }}
 redis: {{ url: "{redis}", timeout: 500ms, on_failure: closed, key_prefix: "lease:" }}

@@ -10,10 +10,12 @@ use std::time::Duration;
 
 const SECRET: &str = "redis-limits-secret-0123456789abcdef";
 
+// Tests send more requests on one kept-alive connection than the default
+// server.max_requests_per_connection (1000): no limit here.
 fn config(upstream: &str, redis: &str, limits: &str, on_failure: &str) -> String {
     format!(
         r#"
-server: {{ listen: ["127.0.0.1:{{port}}"], threads: 2, pid_file: "{{dir}}/t.pid", upgrade_sock: "{{dir}}/t.sock" }}
+server: {{ listen: ["127.0.0.1:{{port}}"], threads: 2, pid_file: "{{dir}}/t.pid", upgrade_sock: "{{dir}}/t.sock", max_requests_per_connection: 0 }}
 admin: {{ listen: "127.0.0.1:{{admin}}" }}
 log: {{ level: warn, color: false }}
 redis: {{ url: "{redis}", timeout: 200ms, on_failure: {on_failure}, key_prefix: "tg:" }}

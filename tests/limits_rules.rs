@@ -12,12 +12,14 @@ use std::time::Duration;
 
 const SECRET: &str = "rules-secret-0123456789abcdef0123";
 
+// Tests send more requests on one kept-alive connection than the default
+// server.max_requests_per_connection (1000): no limit here.
 /// A public route (no token) and a JWT route; `extra` is appended at the
 /// top level (redis, limits...).
 fn config(upstream: &str, extra: &str) -> String {
     format!(
         r#"
-server: {{ listen: ["127.0.0.1:{{port}}"], threads: 2, pid_file: "{{dir}}/t.pid", upgrade_sock: "{{dir}}/t.sock", trusted_proxies: ["127.0.0.1/32"] }}
+server: {{ listen: ["127.0.0.1:{{port}}"], threads: 2, pid_file: "{{dir}}/t.pid", upgrade_sock: "{{dir}}/t.sock", max_requests_per_connection: 0, trusted_proxies: ["127.0.0.1/32"] }}
 admin: {{ listen: "127.0.0.1:{{admin}}", token: "admin-secret" }}
 log: {{ level: warn, color: false }}
 auth: {{ jwt: {{ algorithms: [HS256], secret: "{SECRET}" }} }}

@@ -291,3 +291,146 @@ fn redis_outage_under_load_with_local_fallback() {
     assert_clean(load.stop(), "client during the outage");
     assert!(metric_value(&t.metrics(), "tollgate_redis_errors_total").unwrap_or(0.0) >= 1.0);
 }
+
+#[test]
+fn stops_and_upgrades_end_as_soon_as_nothing_is_open() {
+    // A long grace period: the process must not wait it out.
+    let echo = Echo::start();
+    let template = config(&echo.addr(), "").replace("grace_period: 2s", "grace_period: 30s");
+    let mut t = Tollgate::start(&template);
+    assert_eq!(t.get("/public/x").status, 200);
+    let started = std::time::Instant::now();
+    t.proc.signal(libc::SIGTERM);
+    assert_eq!(t.proc.wait_exit(Duration::from_secs(40)), Some(0));
+    let took = started.elapsed();
+    eprintln!("SIGTERM with nothing open: exited after {took:?} (grace period 30s)");
+    assert!(
+        took < Duration::from_secs(10),
+        "SIGTERM with no connection open took {took:?} (grace period 30s)"
+    );
+    assert!(t.proc.log_text().contains("stopped: no connection open"));
+
+    // A request in flight is answered, then the process goes.
+    let slow = Recorder::start_slow(Duration::from_millis(1500));
+    let mut t =
+        Tollgate::start(&config(&slow.addr(), "").replace("grace_period: 2s", "grace_period: 30s"));
+    let port = t.port;
+    let in_flight = std::thread::spawn(move || get(port, "/public/slow"));
+    wait_for("the request in flight", Duration::from_secs(10), || {
+        (slow.hits() == 1).then_some(())
+    });
+    let started = std::time::Instant::now();
+    t.proc.signal(libc::SIGTERM);
+    assert_eq!(in_flight.join().unwrap().unwrap().status, 200);
+    assert_eq!(t.proc.wait_exit(Duration::from_secs(40)), Some(0));
+    let took = started.elapsed();
+    eprintln!("SIGTERM with a request in flight: exited after {took:?}");
+    assert!(
+        took < Duration::from_secs(10),
+        "took {took:?} (grace period 30s)"
+    );
+
+    // SIGQUIT: the old process goes once it has handed over and drained.
+    let mut t = Tollgate::start(&template);
+    assert_eq!(t.get("/public/x").status, 200);
+    let new = start_upgrade(&t, "new.log");
+    let started = std::time::Instant::now();
+    t.proc.signal(libc::SIGQUIT);
+    assert_eq!(t.proc.wait_exit(Duration::from_secs(40)), Some(0));
+    let took = started.elapsed();
+    eprintln!("SIGQUIT: old process exited after {took:?} (grace period 30s)");
+    assert!(
+        took < Duration::from_secs(10),
+        "took {took:?} (grace period 30s)"
+    );
+    t.proc = new;
+    wait_for("the new process to serve", Duration::from_secs(10), || {
+        (t.get("/public/after").status == 200).then_some(())
+    });
+}
+
+#[test]
+fn fresh_connections_across_upgrades_lose_nothing() {
+    let echo = Echo::start();
+    let template = config(&echo.addr(), "").replace("grace_period: 2s", "grace_period: 30s");
+    let mut t = Tollgate::start(&template);
+    // Clients that open a new connection for every request, as many
+    // load balancers' health checks and short-lived clients do.
+    let loads: Vec<Load> = (0..4)
+        .map(|_| Load::start(t.port, "/public/new", "", false, 200))
+        .collect();
+    wait_for("traffic", Duration::from_secs(10), || {
+        metric_value(
+            &t.metrics(),
+            r#"tollgate_requests_total{route="public",status="200"}"#,
+        )
+        .filter(|n| *n > 200.0)
+    });
+    for round in 1..=4 {
+        let new = start_upgrade(&t, &format!("new-{round}.log"));
+        t.proc.signal(libc::SIGQUIT);
+        assert_eq!(
+            t.proc.wait_exit(Duration::from_secs(40)),
+            Some(0),
+            "old process of round {round}:\n{}",
+            t.proc.log_text()
+        );
+        t.proc = new;
+        wait_for("the new process to serve", Duration::from_secs(10), || {
+            (t.get("/public/after").status == 200).then_some(())
+        });
+    }
+    for (i, load) in loads.into_iter().enumerate() {
+        let report = load.report();
+        assert_nothing_lost(&report, &format!("new-connection client {i}"));
+        assert_eq!(
+            report.refused, 0,
+            "client {i}: a connection was refused during an upgrade"
+        );
+    }
+}
+
+#[test]
+fn h2c_connections_accepted_during_a_handover_get_goaway_and_finish() {
+    let slow = Recorder::start_slow(Duration::from_millis(1000));
+    let t =
+        Tollgate::start(&config(&slow.addr(), "").replace("threads: 2,", "threads: 2, h2c: true,"));
+    // No new process waits on the upgrade socket: Pingora retries the
+    // hand-over for about five seconds, and the old process, the only one
+    // listening, keeps accepting meanwhile — each connection below is
+    // accepted after its drain began.
+    t.proc.signal(libc::SIGQUIT);
+    wait_for("the drain to begin", Duration::from_secs(10), || {
+        t.proc.log_text().contains("draining:").then_some(())
+    });
+    let run = h2_peer(
+        t.port,
+        &[
+            "--connections",
+            "10",
+            "--path",
+            "/public/slow",
+            "--wait",
+            "15",
+        ],
+    );
+    for c in run["connections"].as_array().unwrap() {
+        let answer = &c["answers"][0];
+        assert_eq!(answer["status"], 200, "{c}");
+        assert_eq!(
+            answer["complete"], true,
+            "the request in flight was cut: {c}"
+        );
+        assert_eq!(
+            answer["goaway_before_end"], true,
+            "no GOAWAY before the answer: {c}"
+        );
+        let goaway = c["goaway"][0]["at"].as_f64().unwrap();
+        assert!(goaway < answer["at"].as_f64().unwrap(), "{c}");
+        assert!(
+            c["closed"].as_f64().is_some(),
+            "the connection was not closed: {c}"
+        );
+    }
+    assert_eq!(slow.hits(), 10);
+}

@@ -139,13 +139,16 @@ proptest! {
     }
 }
 
-/// Where a head ends, by the definition: just past the first line feed
+/// Where a head ends, by the definition: past the empty lines before the
+/// request line (which the parser skips), just past the first line feed
 /// that closes a line holding nothing but carriage returns, when a line
 /// feed came before it.
 fn reference_head_end(bytes: &[u8]) -> Option<usize> {
+    let start = bytes.iter().position(|b| !matches!(b, b'\r' | b'\n'))?;
     let feeds: Vec<usize> = bytes
         .iter()
         .enumerate()
+        .skip(start)
         .filter(|(_, b)| **b == b'\n')
         .map(|(i, _)| i)
         .collect();
@@ -176,21 +179,29 @@ proptest! {
     /// bytes are split into reads.
     #[test]
     fn head_end_is_found_across_any_split(bytes in head_bytes(), cuts in proptest::collection::vec(0usize..200, 0..8)) {
-        use tollgate::edge::head::HeadEnd;
-        let expected = reference_head_end(&bytes);
+        use tollgate::edge::scan::{HeadScan, Verdict, MAX_LEADING_BLANK};
+        let blank = bytes.iter().take_while(|b| matches!(b, b'\r' | b'\n')).count();
         let mut cuts: Vec<usize> = cuts.into_iter().filter(|c| *c <= bytes.len()).collect();
         cuts.sort_unstable();
         cuts.dedup();
-        let mut end = HeadEnd::default();
-        let mut found = None;
+        let mut scan = HeadScan::new(1 << 20);
+        let mut verdict = Verdict::More;
         let mut from = 0;
         for to in cuts.into_iter().chain(std::iter::once(bytes.len())) {
-            if found.is_none() {
-                found = end.scan(&bytes[from..to]).map(|i| from + i);
+            if verdict == Verdict::More {
+                verdict = match scan.feed(&bytes[from..to]) {
+                    Verdict::End(i) => Verdict::End(from + i),
+                    other => other,
+                };
             }
             from = to;
         }
-        prop_assert_eq!(found, expected);
+        if blank > MAX_LEADING_BLANK {
+            prop_assert_eq!(verdict, Verdict::TooManyBlankLines);
+        } else {
+            let expected = reference_head_end(&bytes).map_or(Verdict::More, Verdict::End);
+            prop_assert_eq!(verdict, expected);
+        }
     }
 
     /// Host normalisation never panics, keeps to the input, and takes a
@@ -253,7 +264,7 @@ proptest! {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let (got, answer) = runtime.block_on(async {
             let (mut client, server) = tokio::io::duplex(1 << 16);
-            let limits = HeadLimits { max_bytes: max, timeout: std::time::Duration::from_secs(30) };
+            let limits = HeadLimits { max_bytes: max, timeout: std::time::Duration::from_secs(30), keepalive: std::time::Duration::from_secs(30) };
             let mut guard = HeadGuard::new(Box::new(server), limits);
             let mut cuts: Vec<usize> = cuts.into_iter().filter(|c| *c < wire.len()).collect();
             cuts.sort_unstable();

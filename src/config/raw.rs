@@ -71,6 +71,14 @@ pub struct RawServer {
     pub reload_timeout: Checked<Span>,
     /// Reload when the config file or a certificate it names changes.
     pub watch_config: bool,
+    /// Idle time allowed between requests on an HTTP/1.1 connection.
+    pub keepalive_timeout: Checked<Span>,
+    /// Time an HTTP/2 connection may have no open stream before GOAWAY.
+    pub h2_idle_timeout: Checked<Span>,
+    /// Requests served on one connection before it is closed (0: no limit).
+    pub max_requests_per_connection: u64,
+    /// Connections open at once (0: no limit); beyond it new ones are closed.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -110,6 +118,10 @@ impl Default for RawServer {
             client_ip_header: Checked::default(),
             reload_timeout: span("10s"),
             watch_config: false,
+            keepalive_timeout: span("75s"),
+            h2_idle_timeout: span("75s"),
+            max_requests_per_connection: 1000,
+            max_connections: 0,
         }
     }
 }

@@ -43,6 +43,13 @@ pub struct ServerSettings {
     pub client_ip_header: ClientIpHeader,
     pub reload_timeout: Duration,
     pub watch_config: bool,
+    /// Zero: no keep-alive (every answer closes its connection).
+    pub keepalive_timeout: Duration,
+    pub h2_idle_timeout: Duration,
+    /// `None`: no limit.
+    pub max_requests_per_connection: Option<u32>,
+    /// `None`: no limit.
+    pub max_connections: Option<usize>,
 }
 
 /// An HTTPS listener: its certificates (chosen by SNI; the first is the

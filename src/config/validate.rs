@@ -134,6 +134,24 @@ fn server(p: &mut Problems, s: &RawServer) -> ServerSettings {
         client_ip_header: p.take("server.client_ip_header", &s.client_ip_header),
         reload_timeout: p.positive_duration("server.reload_timeout", &s.reload_timeout),
         watch_config: s.watch_config,
+        keepalive_timeout: p.duration("server.keepalive_timeout", &s.keepalive_timeout),
+        h2_idle_timeout: p.positive_duration("server.h2_idle_timeout", &s.h2_idle_timeout),
+        max_requests_per_connection: max_requests_per_connection(p, s),
+        max_connections: (s.max_connections > 0).then_some(s.max_connections),
+    }
+}
+
+fn max_requests_per_connection(p: &mut Problems, s: &RawServer) -> Option<u32> {
+    match s.max_requests_per_connection {
+        0 => None,
+        n => u32::try_from(n)
+            .map_err(|_| {
+                p.add(
+                    "server.max_requests_per_connection",
+                    format!("must be at most {} (0: no limit)", u32::MAX),
+                )
+            })
+            .ok(),
     }
 }
 

@@ -8,28 +8,33 @@
 //! 1. `SIGTERM` or `SIGQUIT` arrive at [`Signals`], which hands Pingora the
 //!    signal at once. For `SIGQUIT`, Pingora passes the listening sockets to
 //!    the new process, which accepts from then on; tollgate switches to
-//!    draining right away (every answer carries `Connection: close`, so
-//!    clients move over), while Pingora keeps accepting for its hand-over
-//!    pause. For `SIGTERM`, Pingora stops accepting at once; draining starts
-//!    only once the listeners are closed, so a client told to reconnect is
-//!    refused (nothing sent) instead of being queued on a socket nobody
-//!    accepts from any more.
+//!    draining right away (every answer carries `Connection: close`, every
+//!    HTTP/2 connection gets a GOAWAY, so clients move over), and stops
+//!    accepting once the new process accepts ([`super::stop`]). For
+//!    `SIGTERM`, the listeners stop at once; draining starts only once they
+//!    are closed, so a client told to reconnect is refused (nothing sent)
+//!    instead of being queued on a socket nobody accepts from any more.
 //! 2. When the listeners have stopped, Pingora calls the edge's `cleanup`,
 //!    which drains — up to `server.grace_period`, or until every connection
 //!    has gone — while requests on open connections are still answered.
-//! 3. Only then are the remaining idle connections closed, and Pingora's own
-//!    grace period (one second longer) lets the last answers finish.
+//!    A connection counts as open from its accept ([`Drain::admit`]), before
+//!    Pingora hands it to a task, so one accepted just before the listeners
+//!    stopped is waited for and served, not closed unread.
+//! 3. Only then are the remaining idle connections closed, and one more
+//!    second lets the last answers finish; then the process exits.
 //!
 //! The request path sees the drain through [`Drain::watch`], which the edge
 //! hands to Pingora's HTTP handling in place of Pingora's shutdown signal.
 
+use super::stop::Stop;
+use crate::metrics;
 use async_trait::async_trait;
-use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
+use pingora::server::{ExecutionPhase, ShutdownSignal, ShutdownSignalWatch};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{watch, Notify};
+use tokio::sync::{broadcast, watch, Notify};
 
 pub struct Drain {
     draining: AtomicBool,
@@ -75,9 +80,27 @@ impl Drain {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// Counts an open connection until the guard is dropped.
-    pub fn connection(self: &Arc<Self>) -> OpenConnection {
-        self.open.fetch_add(1, Ordering::Relaxed);
+    /// At accept: counts the connection as open, unless `max` are open
+    /// already (then it is counted as rejected and must be closed).
+    pub fn admit(&self, max: Option<usize>) -> bool {
+        let admitted = self
+            .open
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| match max {
+                Some(max) if n >= max => None,
+                _ => Some(n + 1),
+            })
+            .is_ok();
+        if admitted {
+            metrics::CONNECTIONS_OPEN.inc();
+        } else {
+            metrics::CONNECTIONS_REJECTED.inc();
+        }
+        admitted
+    }
+
+    /// The count `admit` took for a connection, given back when the guard
+    /// is dropped.
+    pub fn adopt(self: &Arc<Self>) -> OpenConnection {
         OpenConnection(self.clone())
     }
 
@@ -105,6 +128,25 @@ impl Drain {
         self.done.send_replace(true);
     }
 
+    /// Whether the drain is over.
+    pub fn is_finished(&self) -> bool {
+        *self.done.borrow()
+    }
+
+    /// Waits until no connection is open, for at most `limit`.
+    pub async fn closed_within(&self, limit: std::time::Duration) {
+        let _ = tokio::time::timeout(limit, async {
+            loop {
+                let closed = self.all_closed.notified();
+                if self.open.load(Ordering::Relaxed) == 0 {
+                    return;
+                }
+                closed.await;
+            }
+        })
+        .await;
+    }
+
     /// Resolves once the drain is over.
     pub async fn finished(&self) {
         let mut done = self.done.subscribe();
@@ -116,6 +158,7 @@ pub struct OpenConnection(Arc<Drain>);
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
+        metrics::CONNECTIONS_OPEN.dec();
         if self.0.open.fetch_sub(1, Ordering::Relaxed) == 1 {
             self.0.all_closed.notify_waiters();
         }
@@ -125,6 +168,11 @@ impl Drop for OpenConnection {
 /// `SIGQUIT`: upgrade, `SIGTERM`: graceful stop — both drain; `SIGINT`: stop now.
 pub struct Signals {
     pub drain: Arc<Drain>,
+    pub stop: Arc<Stop>,
+    /// Pingora's execution phases, to see the listening sockets handed over.
+    pub phases: std::sync::Mutex<Option<broadcast::Receiver<ExecutionPhase>>>,
+    /// `server.upgrade_sock` (see [`Stop::begin_after_handover`]).
+    pub upgrade_sock: String,
 }
 
 #[async_trait]
@@ -147,11 +195,16 @@ impl ShutdownSignalWatch for Signals {
             _ = quit.recv() => {
                 log::info!("SIGQUIT: handing the listeners over, then draining");
                 self.drain.start();
+                let phases = self.phases.lock().ok().and_then(|mut p| p.take());
+                if let Some(phases) = phases {
+                    self.stop.begin_after_handover(phases, &self.upgrade_sock);
+                }
                 ShutdownSignal::GracefulUpgrade
             }
             _ = term.recv() => {
                 // Draining starts once the listeners are closed (the edge's cleanup).
                 log::info!("SIGTERM: no new connections; draining open ones");
+                self.stop.begin();
                 ShutdownSignal::GracefulTerminate
             }
             _ = int.recv() => ShutdownSignal::FastShutdown,

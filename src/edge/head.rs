@@ -1,16 +1,29 @@
 //! Bounds on a request head, enforced on the connection's bytes before the
-//! HTTP/1 parser sees them: at most `max_header_bytes` from the first byte of
-//! the request line to the blank line that ends the head (over it: 431,
-//! then the connection is closed), and the whole head within
-//! `header_timeout` (else the connection is closed). Pingora's own parser
-//! allows about 1 MiB and restarts its read timeout on every byte, which
-//! lets a client hold memory and connections with a slow, endless head.
+//! HTTP/1 parser sees them: at most `max_header_bytes` from the first byte
+//! (leading empty lines included, see [`super::scan`]) to the blank line
+//! that ends the head (over it: 431, then the connection is closed), and the
+//! whole head within `header_timeout` (else the connection is closed).
+//! Pingora's own parser allows about 1 MiB and restarts its read timeout on
+//! every byte, which lets a client hold memory and connections with a slow,
+//! endless head. Between requests the connection may stay idle for
+//! `keepalive_timeout`, then it is closed: Pingora's own keep-alive timeout
+//! is overwritten from each request's headers (`respect_keepalive`, infinite
+//! for HTTP/1.1), so it cannot be the bound.
 //!
-//! [`HeadGuard`] wraps the connection's stream. It is armed before each
-//! request ([`HeadGuard::arm`]); it then counts bytes until the end of the
-//! head and lets everything after it (the body, the next request's idle
-//! wait) through untouched.
+//! [`HeadGuard`] wraps the connection's stream. It is re-armed before each
+//! request ([`HeadGuard::rearm`]); it then counts bytes until the end of the
+//! head and lets everything after it (the body) through untouched.
+//!
+//! It also stands in for Pingora's own answers: a head that Pingora refuses
+//! before tollgate's request path sees it (a malformed request line, a
+//! `CONNECT`) is answered by Pingora with an empty body and
+//! `Server: Pingora`. The request path marks every request it takes
+//! ([`HeadGuard::claim`]); a write on a connection whose request was not
+//! taken is such an answer, and the guard sends tollgate's JSON refusal in
+//! its place.
 
+use super::scan::{HeadScan, Verdict};
+use crate::error::Refusal;
 use crate::metrics;
 use pingora::protocols::Stream;
 use std::future::Future;
@@ -27,53 +40,26 @@ use tokio::time::{Instant, Sleep};
 pub struct HeadLimits {
     pub max_bytes: usize,
     pub timeout: Duration,
-}
-
-/// Finds the end of a head: an empty line, after CRLF or a bare LF (the
-/// parser accepts both). Carries its state across reads.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct HeadEnd {
-    /// The current line has no byte but CR so far (and a line ended before it).
-    line_empty: bool,
-}
-
-impl HeadEnd {
-    /// The index just past the end of the head in `bytes`, if it is there.
-    /// Jumps from line feed to line feed: a header line is rejected at its
-    /// first byte, so the cost is per line, not per byte.
-    pub fn scan(&mut self, bytes: &[u8]) -> Option<usize> {
-        let only_cr = |line: &[u8]| line.iter().all(|&b| b == b'\r');
-        let mut start = 0;
-        // Whether the line `start` begins can still be the empty one.
-        let mut may_be_empty = self.line_empty;
-        while let Some(at) = memchr::memchr(b'\n', &bytes[start..]) {
-            let feed = start + at;
-            if may_be_empty && only_cr(&bytes[start..feed]) {
-                return Some(feed + 1);
-            }
-            start = feed + 1;
-            may_be_empty = true;
-        }
-        self.line_empty = may_be_empty && only_cr(&bytes[start..]);
-        None
-    }
+    /// Idle time allowed between requests.
+    pub keepalive: Duration,
 }
 
 #[derive(Debug)]
 enum Phase {
     /// Waiting for the first byte of the next request on a kept-alive
-    /// connection: no deadline yet (the keep-alive timeout applies).
-    Idle,
+    /// connection, until `deadline`.
+    Idle { deadline: Instant },
     /// Inside a head.
-    Head {
-        deadline: Instant,
-        seen: usize,
-        end: HeadEnd,
-    },
+    Head { deadline: Instant, scan: HeadScan },
     /// The head is complete: bytes pass through.
     Body,
-    /// Over the size limit: writing the 431 answer, then failing the read.
-    Refusing { answer: Arc<[u8]>, written: usize },
+    /// The head was refused (too large, too many empty lines before it):
+    /// writing the answer, then failing the read.
+    Refusing {
+        answer: Arc<[u8]>,
+        written: usize,
+        why: &'static str,
+    },
 }
 
 /// The connection stream with the head bounds; see the module docs.
@@ -86,6 +72,10 @@ pub struct HeadGuard {
     /// Set between requests (through a shared reference: the stream is
     /// boxed by then); the next read starts a new head.
     rearm: AtomicBool,
+    /// The request path has taken the current request.
+    claimed: AtomicBool,
+    /// tollgate's answer in place of Pingora's, and how much of it is written.
+    substitute: Option<(Arc<[u8]>, usize)>,
 }
 
 impl std::fmt::Debug for HeadGuard {
@@ -97,17 +87,51 @@ impl std::fmt::Debug for HeadGuard {
     }
 }
 
-fn answer_431(max_bytes: usize) -> Arc<[u8]> {
-    let refusal = crate::error::Refusal::HeadersTooLarge { max_bytes };
-    let body = refusal.body();
+/// A complete HTTP/1.1 answer in tollgate's JSON shape that closes the
+/// connection.
+fn answer(status: u16, code: &str, message: &str) -> Arc<[u8]> {
+    let body = serde_json::json!({ "error": code, "message": message }).to_string();
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Error");
     let head = format!(
-        "HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\ncontent-length: {}\r\ncache-control: no-store\r\nx-request-id: {}\r\nconnection: close\r\n\r\n",
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\ncache-control: no-store\r\nx-request-id: {}\r\nconnection: close\r\n\r\n",
         body.len(),
         crate::proxy::new_request_id()
     );
     let mut bytes = head.into_bytes();
-    bytes.extend_from_slice(&body);
+    bytes.extend_from_slice(body.as_bytes());
+    metrics::REQUESTS
+        .with_label_values(&["_invalid", itoa::Buffer::new().format(status), "http1"])
+        .inc();
     bytes.into()
+}
+
+fn refusal(r: &Refusal) -> Arc<[u8]> {
+    answer(r.status(), r.code(), &r.message())
+}
+
+/// tollgate's answer for the one Pingora starts to write in `written` (its
+/// status line comes first).
+fn substitute_for(written: &[u8]) -> Arc<[u8]> {
+    let status = written
+        .strip_prefix(b"HTTP/1.")
+        .and_then(|rest| rest.get(2..5))
+        .and_then(|digits| std::str::from_utf8(digits).ok())
+        .and_then(|digits| digits.parse::<u16>().ok())
+        .unwrap_or(400);
+    match status {
+        405 => answer(
+            405,
+            "method_not_allowed",
+            "this method is not supported by the proxy",
+        ),
+        400 => refusal(&Refusal::BadRequest(
+            "the request line or headers are malformed".into(),
+        )),
+        other => answer(other, "bad_request", "the request cannot be served"),
+    }
 }
 
 impl HeadGuard {
@@ -118,20 +142,30 @@ impl HeadGuard {
             limits,
             phase: Phase::Head {
                 deadline: Instant::now() + limits.timeout,
-                seen: 0,
-                end: HeadEnd::default(),
+                scan: HeadScan::new(limits.max_bytes),
             },
             timer: None,
             rearm: AtomicBool::new(false),
+            claimed: AtomicBool::new(false),
+            substitute: None,
         }
     }
 
     /// Before the next request on a kept-alive connection (the stream that
     /// came back from a finished request is the `HeadGuard` `Edge` made):
-    /// the next head is counted from its first byte.
+    /// the connection is idle until the next head's first byte.
     pub fn rearm(stream: &Stream) {
         if let Some(guard) = stream.as_any().downcast_ref::<HeadGuard>() {
+            guard.claimed.store(false, Ordering::Relaxed);
             guard.rearm.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// The request path has the current request: what is written from now
+    /// on is its answer.
+    pub fn claim(stream: &Stream) {
+        if let Some(guard) = stream.as_any().downcast_ref::<HeadGuard>() {
+            guard.claimed.store(true, Ordering::Relaxed);
         }
     }
 
@@ -142,56 +176,103 @@ impl HeadGuard {
         if new.is_empty() {
             return true;
         }
-        if matches!(self.phase, Phase::Idle) {
+        if matches!(self.phase, Phase::Idle { .. }) {
             self.phase = Phase::Head {
                 deadline: Instant::now() + self.limits.timeout,
-                seen: 0,
-                end: HeadEnd::default(),
+                scan: HeadScan::new(self.limits.max_bytes),
             };
+            self.timer = None;
         }
-        let Phase::Head { seen, end, .. } = &mut self.phase else {
+        let Phase::Head { scan, .. } = &mut self.phase else {
             return true;
         };
-        match end.scan(new) {
-            Some(at) if *seen + at <= self.limits.max_bytes => {
+        let (answer, why) = match scan.feed(new) {
+            Verdict::More => return true,
+            Verdict::End(_) => {
                 self.phase = Phase::Body;
                 self.timer = None;
-                true
+                return true;
             }
-            None if *seen + new.len() <= self.limits.max_bytes => {
-                *seen += new.len();
-                true
-            }
-            _ => {
-                // Nothing of this head reaches the parser.
-                buf.set_filled(before);
-                metrics::REQUESTS
-                    .with_label_values(&["_invalid", "431", "http1"])
-                    .inc();
-                self.phase = Phase::Refusing {
-                    answer: answer_431(self.limits.max_bytes),
-                    written: 0,
-                };
-                false
-            }
-        }
+            Verdict::TooLarge => (
+                refusal(&Refusal::HeadersTooLarge {
+                    max_bytes: self.limits.max_bytes,
+                }),
+                "request head larger than server.max_header_bytes: answered 431",
+            ),
+            Verdict::TooManyBlankLines => (
+                refusal(&Refusal::BadRequest(
+                    "too many empty lines before the request line".into(),
+                )),
+                "too many empty lines before a request line: answered 400",
+            ),
+        };
+        // Nothing of this head reaches the parser.
+        buf.set_filled(before);
+        self.phase = Phase::Refusing {
+            answer,
+            written: 0,
+            why,
+        };
+        false
     }
 
     fn poll_refuse(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let max = self.limits.max_bytes;
-        if let Phase::Refusing { answer, written } = &mut self.phase {
-            while *written < answer.len() {
-                let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &answer[*written..]))?;
-                if n == 0 {
-                    break;
-                }
-                *written += n;
+        let Phase::Refusing {
+            answer,
+            written,
+            why,
+        } = &mut self.phase
+        else {
+            return Poll::Ready(Ok(()));
+        };
+        while *written < answer.len() {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &answer[*written..]))?;
+            if n == 0 {
+                break;
             }
-            ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
+            *written += n;
+        }
+        ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
+        Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, *why)))
+    }
+
+    /// A write before the request path took the request: Pingora's own
+    /// answer. tollgate's is written instead, whole; Pingora's bytes are
+    /// reported as written and dropped.
+    fn poll_substitute(&mut self, cx: &mut Context<'_>, first: &[u8]) -> Poll<io::Result<()>> {
+        let (answer, written) = self
+            .substitute
+            .get_or_insert_with(|| (substitute_for(first), 0));
+        while *written < answer.len() {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &answer[*written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            *written += n;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn waiting(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let (deadline, idle) = match self.phase {
+            Phase::Idle { deadline } => (deadline, true),
+            Phase::Head { deadline, .. } => (deadline, false),
+            _ => return Poll::Pending,
+        };
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        ready!(timer.as_mut().poll(cx));
+        if idle {
+            // Seen by the parser as the client closing between requests.
+            return Poll::Ready(Ok(()));
         }
         Poll::Ready(Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("request head larger than {max} bytes (server.max_header_bytes): answered 431"),
+            io::ErrorKind::TimedOut,
+            format!(
+                "request head not complete within {:?} (server.header_timeout): connection closed",
+                self.limits.timeout
+            ),
         )))
     }
 }
@@ -204,13 +285,15 @@ impl AsyncRead for HeadGuard {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.rearm.swap(false, Ordering::Relaxed) {
-            this.phase = Phase::Idle;
+            this.phase = Phase::Idle {
+                deadline: Instant::now() + this.limits.keepalive,
+            };
             this.timer = None;
         }
         match this.phase {
             Phase::Body => return Pin::new(&mut this.inner).poll_read(cx, buf),
             Phase::Refusing { .. } => return this.poll_refuse(cx),
-            Phase::Idle | Phase::Head { .. } => {}
+            Phase::Idle { .. } | Phase::Head { .. } => {}
         }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
@@ -222,57 +305,50 @@ impl AsyncRead for HeadGuard {
                 }
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => {
-                let Phase::Head { deadline, .. } = this.phase else {
-                    return Poll::Pending;
-                };
-                let timer = this
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-                match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!(
-                            "request head not complete within {:?} (server.header_timeout): connection closed",
-                            this.limits.timeout
-                        ),
-                    ))),
-                    Poll::Pending => Poll::Pending,
-                }
-            }
+            Poll::Pending => this.waiting(cx),
         }
     }
 }
 
-super::io::delegate_async_write!(HeadGuard);
+impl AsyncWrite for HeadGuard {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if !this.claimed.load(Ordering::Relaxed) {
+            ready!(this.poll_substitute(cx, buf))?;
+            return Poll::Ready(Ok(buf.len()));
+        }
+        Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if !this.claimed.load(Ordering::Relaxed) {
+            let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| b);
+            ready!(this.poll_substitute(cx, first))?;
+            return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
+        }
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
 super::io::delegate_io_traits!(HeadGuard);
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn end_of(chunks: &[&[u8]]) -> Option<usize> {
-        let mut end = HeadEnd::default();
-        let mut offset = 0;
-        for c in chunks {
-            if let Some(i) = end.scan(c) {
-                return Some(offset + i);
-            }
-            offset += c.len();
-        }
-        None
-    }
-
-    #[test]
-    fn finds_the_end_of_a_head_across_reads() {
-        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody";
-        assert_eq!(end_of(&[head]), Some(head.len() - 4));
-        for split in 0..head.len() {
-            let (a, b) = head.split_at(split);
-            assert_eq!(end_of(&[a, b]), Some(head.len() - 4), "split at {split}");
-        }
-        assert_eq!(end_of(&[b"GET / HTTP/1.1\nHost: a\n\n"]), Some(24));
-        assert_eq!(end_of(&[b"GET / HTTP/1.1\r\nHost: a\r\n"]), None);
-        assert_eq!(end_of(&[b"GET / HTTP/1.1\r\nX: \r\r\n"]), None);
-    }
-}

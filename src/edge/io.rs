@@ -125,8 +125,6 @@ macro_rules! delegate_async_write {
     };
 }
 
-pub(crate) use delegate_async_write;
-
 /// A boxed stream as a concrete type (what a TLS handshake needs to run over).
 #[derive(Debug)]
 pub struct Plain {

@@ -1,16 +1,21 @@
 //! The front door: every downstream connection enters here before Pingora's
-//! HTTP handling. The edge counts open connections for the drain
-//! ([`drain`]), terminates TLS on HTTPS listeners with the certificates of
-//! the current config ([`tls`]), sends HTTP/2 (ALPN `h2`, or the h2c preface
-//! when `server.h2c` is on) to Pingora's HTTP/2 handling, and runs the
-//! HTTP/1 keep-alive loop itself so each request's head is bounded from its
-//! first byte ([`head`]).
+//! HTTP handling. The edge admits connections up to `server.max_connections`
+//! and counts them for the drain ([`Admission`], [`drain`]), terminates TLS
+//! on HTTPS listeners with the certificates of the current config ([`tls`]),
+//! serves HTTP/2 (ALPN `h2`, or the h2c preface when `server.h2c` is on)
+//! with its own connection loop ([`h2`]), and runs the HTTP/1 keep-alive
+//! loop itself so each request's head is bounded from its first byte and
+//! each idle wait from its start ([`head`]).
 
 pub mod drain;
+pub mod h2;
 pub mod head;
 pub mod io;
+pub mod scan;
+pub mod stop;
 pub mod tls;
 
+use crate::config::ServerSettings;
 use crate::proxy::Proxy;
 use crate::state::{SharedState, State};
 use async_trait::async_trait;
@@ -18,15 +23,15 @@ use drain::Drain;
 use head::{HeadGuard, HeadLimits};
 use io::Plain;
 use pingora::apps::{HttpServerApp, ServerApp};
+use pingora::listeners::ConnectionFilter;
 use pingora::protocols::http::ServerSession;
+use pingora::protocols::l4::stream::Stream as TcpStream;
 use pingora::protocols::{Stream, ALPN};
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Idle time allowed between requests on a kept-alive connection (seconds).
-const KEEPALIVE_SECS: u64 = 60;
+use tokio::io::AsyncReadExt;
 
 pub struct Edge {
     pub proxy: Arc<HttpProxy<Proxy>>,
@@ -34,8 +39,37 @@ pub struct Edge {
     pub drain: Arc<Drain>,
 }
 
+/// After the drain, the time answers still in flight have to finish.
+pub const LAST_ANSWERS: Duration = Duration::from_secs(1);
+
 /// What an HTTP/2 connection sends first (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Decides at accept, before Pingora hands the connection to a task: over
+/// `server.max_connections` it is closed at once (and counted in
+/// `tollgate_connections_rejected_total`); else it is counted open from this
+/// moment, so a drain that waits for open connections cannot miss one that
+/// was accepted but whose task has not started.
+pub struct Admission {
+    pub state: SharedState,
+    pub drain: Arc<Drain>,
+}
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admission")
+            .field("open", &self.drain.open_connections())
+            .finish()
+    }
+}
+
+#[async_trait]
+impl ConnectionFilter for Admission {
+    async fn should_accept(&self, _peer: Option<&std::net::SocketAddr>) -> bool {
+        let max = self.state.load().config.server.max_connections;
+        self.drain.admit(max)
+    }
+}
 
 impl Edge {
     /// TLS on an HTTPS listener, within the header timeout; a failed or slow
@@ -65,22 +99,56 @@ impl Edge {
         }
     }
 
-    /// Whether a plain connection opens with the HTTP/2 preface (h2c).
-    async fn h2c_preface(stream: &mut Stream, timeout: Duration) -> bool {
-        let mut buf = [0u8; H2_PREFACE.len()];
-        matches!(
-            tokio::time::timeout(timeout, stream.try_peek(&mut buf)).await,
-            Ok(Ok(true))
-        ) && buf == H2_PREFACE
+    /// Whether a plain connection opens with the HTTP/2 preface (h2c), or
+    /// `None` when it closes or stays silent past the header timeout. Reads
+    /// only until the bytes so far either are the whole preface or cannot
+    /// be its beginning (a short HTTP/1.0 request is shorter than the
+    /// preface), then puts them back for the protocol's parser.
+    async fn h2c_opening(stream: Stream, timeout: Duration) -> Option<(bool, Stream)> {
+        // Plain listeners hand over TCP streams, which can put bytes back;
+        // anything else is served as HTTP/1 unread.
+        if !stream.as_any().is::<TcpStream>() {
+            return Some((false, stream));
+        }
+        let mut stream = stream;
+        let mut seen = [0u8; H2_PREFACE.len()];
+        let mut n = 0;
+        let deadline = tokio::time::Instant::now() + timeout;
+        while n < H2_PREFACE.len() && seen[..n] == H2_PREFACE[..n] {
+            match tokio::time::timeout_at(deadline, stream.read(&mut seen[n..])).await {
+                Ok(Ok(read)) if read > 0 => n += read,
+                _ => return None,
+            }
+        }
+        let mut tcp = stream.into_any().downcast::<TcpStream>().ok()?;
+        tcp.rewind(&seen[..n]);
+        Some((seen == *H2_PREFACE, tcp))
     }
 
     /// HTTP/1: one session per request on the same connection, the head
     /// guard re-armed before each.
-    async fn serve_http1(&self, stream: Stream, limits: HeadLimits, shutdown: &ShutdownWatch) {
+    async fn serve_http1(
+        &self,
+        stream: Stream,
+        limits: HeadLimits,
+        server: &ServerSettings,
+        shutdown: &ShutdownWatch,
+    ) {
         // `shutdown` is the drain's watch (see `process_new`).
         let guarded: Stream = Box::new(HeadGuard::new(stream, limits));
         let mut session = ServerSession::new_http1(guarded);
-        session.set_keepalive((!*shutdown.borrow()).then_some(KEEPALIVE_SECS));
+        // Pingora sets each request's keep-alive timeout from its headers
+        // (`respect_keepalive`), so idle time is bounded by the head guard;
+        // what it keeps across requests is the number of reuses left, which
+        // makes the last answer say `Connection: close`.
+        let reuses = if limits.keepalive.is_zero() {
+            Some(0)
+        } else {
+            server
+                .max_requests_per_connection
+                .map(|n| n.saturating_sub(1))
+        };
+        session.set_keepalive_reuses_remaining(reuses);
         let mut result = self.proxy.process_new_http(session, shutdown).await;
         while let Some((stream, persistent)) = result.map(|r| r.consume()) {
             HeadGuard::rearm(&stream);
@@ -100,7 +168,7 @@ impl ServerApp for Edge {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let _open = self.drain.connection();
+        let _open = self.drain.adopt();
         // Pingora's HTTP handling closes connections once its shutdown signal
         // is set; it gets the drain's instead, which is set only when clients
         // can safely be told to reconnect (see `drain`).
@@ -111,26 +179,36 @@ impl ServerApp for Edge {
         let limits = HeadLimits {
             max_bytes: server.max_header_bytes,
             timeout: server.header_timeout,
+            keepalive: server.keepalive_timeout,
         };
-        let mut stream = self.accept_tls(stream, &state, limits.timeout).await?;
-        let tls = stream.get_ssl_digest().is_some();
-        let h2 = if tls {
-            matches!(stream.selected_alpn_proto(), Some(ALPN::H2))
+        let stream = self.accept_tls(stream, &state, limits.timeout).await?;
+        let (h2, stream) = if stream.get_ssl_digest().is_some() {
+            let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
+            (h2, stream)
+        } else if server.h2c {
+            Self::h2c_opening(stream, limits.timeout).await?
         } else {
-            server.h2c && Self::h2c_preface(&mut stream, limits.timeout).await
+            (false, stream)
         };
         if h2 {
-            // Pingora's HTTP/2 handling: each stream is a request on the
-            // same request path (tollgate's filters).
-            return self.proxy.process_new(stream, shutdown).await;
+            let h2_limits = h2::H2Limits {
+                idle: server.h2_idle_timeout,
+                max_requests: server.max_requests_per_connection,
+                handshake: limits.timeout,
+            };
+            h2::serve(&self.proxy, stream, h2_limits, shutdown.clone()).await;
+        } else {
+            self.serve_http1(stream, limits, server, shutdown).await;
         }
-        self.serve_http1(stream, limits, shutdown).await;
         None
     }
 
     async fn cleanup(&self) {
         // The listeners have stopped; open connections may still send.
         self.drain.wait().await;
+        // Connections waiting for a next request close now; an answer still
+        // being written gets one more second.
         ServerApp::cleanup(self.proxy.as_ref()).await;
+        self.drain.closed_within(LAST_ANSWERS).await;
     }
 }

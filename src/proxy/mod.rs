@@ -508,6 +508,14 @@ impl ProxyHttp for Proxy {
         }
     }
 
+    async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Ctx) -> Result<()> {
+        // From here on, what is written is tollgate's answer (see `edge::head`).
+        if let Some(stream) = session.as_downstream().stream() {
+            crate::edge::head::HeadGuard::claim(stream);
+        }
+        Ok(())
+    }
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let state = self.state.load_full();
         ctx.state = Some(state.clone());

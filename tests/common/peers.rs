@@ -14,7 +14,7 @@ const GRPC_PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/grpc
 const WS_PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/ws_peer.py");
 const CERTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/certs.py");
 
-const MISSING: &str = "python3 with grpcio, websockets and cryptography is needed: \
+const MISSING: &str = "python3 with grpcio, websockets, cryptography and h2 is needed: \
      run `scripts/setup.sh test` (it makes .venv from tests/requirements.txt)";
 
 fn python(script: &str) -> Command {
@@ -296,4 +296,19 @@ fn read_json_line(out: &mut BufReader<std::process::ChildStdout>) -> serde_json:
     let mut line = String::new();
     out.read_line(&mut line).expect("tls_client.py output");
     serde_json::from_str(&line).unwrap_or_else(|e| panic!("tls_client.py said {line:?}: {e}"))
+}
+
+const H2_PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/h2_peer.py");
+
+/// HTTP/2 (h2c) connections at the frame level (`tests/support/h2_peer.py`,
+/// hyperframe and hpack): e.g. `h2_peer(port, &["--connections", "5",
+/// "--path", "/x", "--requests", "2", "--wait", "10"])`. Returns
+/// `{"connections": [{"answers": [{"status", "at", "complete",
+/// "goaway_before_end"}], "goaway": [{"at", "last_stream_id"}], "closed",
+/// "error"}]}`, times in seconds since each connection opened.
+pub fn h2_peer(port: u16, args: &[&str]) -> serde_json::Value {
+    let mut cmd = python(H2_PEER);
+    cmd.args(["--port", &port.to_string()]).args(args);
+    let out = run(cmd, "h2_peer.py");
+    json_out(&out, "h2_peer.py")
 }
