@@ -1,12 +1,18 @@
 # tollgate — the two commands of the quick start, and a few more.
-.PHONY: run test setup build lint bench
+.PHONY: run test setup setup-run build lint bench
 
 CARGO ?= cargo
 
-setup:
-	@scripts/setup.sh
+# What running needs (a C compiler, cmake); nothing the tests alone use.
+setup-run:
+	@scripts/setup.sh run
 
-build: setup
+# What the tests need on top: redis-server, promtool, curl, h2load, and the
+# test-only Python packages in a virtual environment (.venv).
+setup:
+	@scripts/setup.sh test
+
+build: setup-run
 	$(CARGO) build --release
 
 # Starts the demo upstream and the proxy on conf/tollgate.yaml (no Redis needed).

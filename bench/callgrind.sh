@@ -10,6 +10,8 @@
 # callgrind_annotate --inclusive=yes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# PyJWT comes from the test environment (scripts/setup.sh test makes .venv).
+PATH="$PWD/.venv/bin:$PATH"
 requests=${1:-20000}
 for tool in valgrind callgrind_control nginx redis-server oha python3; do
   command -v "$tool" >/dev/null || { echo "callgrind.sh: $tool is required (bench/run.sh installs nginx and oha)" >&2; exit 1; }

@@ -7,7 +7,9 @@
 #   bench/run.sh --smoke    1-second runs, to check the script works (CI)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh test
+# The bench scripts import PyJWT from the test environment (.venv).
+PATH="$PWD/.venv/bin:$PATH"
 need=()
 command -v nginx >/dev/null || need+=(nginx-light)
 command -v wrk >/dev/null || need+=(wrk)

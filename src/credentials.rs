@@ -38,11 +38,36 @@ pub struct UpstreamToken {
 
 use crate::clock::now_secs;
 
-/// Tokens by route name, each with the settings it was fetched with: a
-/// reload that changes a route's `upstream_auth` gets a new token, one that
-/// does not keeps the current one.
+/// What names one token: everything the endpoint decides it by. Hashed,
+/// so the secret never appears in a Redis key.
+pub fn token_key(
+    token_url: &crate::http_client::HttpUrl,
+    client_id: &str,
+    client_secret: &str,
+    scope: Option<&str>,
+) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for part in [
+        token_url.to_string().as_str(),
+        client_id,
+        client_secret,
+        scope.unwrap_or(""),
+    ] {
+        // Length-prefixed: no two different tuples hash the same input.
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part.as_bytes());
+    }
+    hash.update([u8::from(scope.is_some())]);
+    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Tokens by [`token_key`]: a reload that changes a route's endpoint,
+/// client, secret or scope gets a new token (also from Redis, where other
+/// instances share them under the same key); one that does not, or only
+/// renames the route, keeps the current one.
 pub struct Credentials {
-    tokens: Mutex<HashMap<String, (UpstreamAuthSettings, UpstreamToken)>>,
+    tokens: Mutex<HashMap<String, UpstreamToken>>,
     changed: watch::Sender<u64>,
 }
 
@@ -56,50 +81,56 @@ impl Default for Credentials {
 }
 
 impl Credentials {
-    fn current(&self, route: &str, settings: &UpstreamAuthSettings) -> Option<String> {
+    fn current(&self, settings: &UpstreamAuthSettings) -> Option<String> {
         let now = now_secs();
         self.tokens
             .lock()
             .ok()?
-            .get(route)
-            .filter(|(s, t)| s == settings && t.expires_at > now)
-            .map(|(_, t)| t.access_token.clone())
+            .get(&settings.token_key)
+            .filter(|t| t.expires_at > now)
+            .map(|t| t.access_token.clone())
     }
 
     /// The route's token, waiting briefly for the first one.
-    pub async fn token_for(&self, route: &str, settings: &UpstreamAuthSettings) -> Option<String> {
-        if let Some(t) = self.current(route, settings) {
+    pub async fn token_for(&self, settings: &UpstreamAuthSettings) -> Option<String> {
+        if let Some(t) = self.current(settings) {
             return Some(t);
         }
         let mut changes = self.changed.subscribe();
         let deadline = tokio::time::Instant::now() + WAIT_FOR_TOKEN;
         loop {
-            if let Some(t) = self.current(route, settings) {
+            if let Some(t) = self.current(settings) {
                 return Some(t);
             }
             if tokio::time::timeout_at(deadline, changes.changed())
                 .await
                 .is_err()
             {
-                return self.current(route, settings);
+                return self.current(settings);
             }
         }
     }
 
-    fn store(&self, route: &str, settings: &UpstreamAuthSettings, token: UpstreamToken) {
+    fn store(&self, settings: &UpstreamAuthSettings, token: UpstreamToken) {
         if let Ok(mut tokens) = self.tokens.lock() {
-            tokens.insert(route.to_string(), (settings.clone(), token));
+            tokens.insert(settings.token_key.clone(), token);
         }
         self.changed.send_modify(|g| *g += 1);
     }
 
-    fn refresh_at(&self, route: &str, settings: &UpstreamAuthSettings) -> Option<u64> {
+    fn refresh_at(&self, settings: &UpstreamAuthSettings) -> Option<u64> {
         self.tokens
             .lock()
             .ok()?
-            .get(route)
-            .filter(|(s, _)| s == settings)
-            .map(|(_, t)| t.refresh_at)
+            .get(&settings.token_key)
+            .map(|t| t.refresh_at)
+    }
+
+    /// Forgets tokens no route of the running config asks for.
+    fn keep_only(&self, wanted: &[&str]) {
+        if let Ok(mut tokens) = self.tokens.lock() {
+            tokens.retain(|key, _| wanted.contains(&key.as_str()));
+        }
     }
 }
 
@@ -189,7 +220,8 @@ impl CredentialsRefresher {
             .clients
             .lock()
             .map_err(|_| HttpError::Exchange("lock poisoned".into()))?;
-        if let Some(c) = clients.get(route).filter(|c| c.url == settings.token_url) {
+        let usable = |c: &&Arc<HttpClient>| c.url == settings.token_url && c.ca_unchanged();
+        if let Some(c) = clients.get(route).filter(usable) {
             return Ok(c.clone());
         }
         let client = Arc::new(HttpClient::new(settings.token_url.clone())?);
@@ -203,7 +235,7 @@ impl CredentialsRefresher {
             return;
         };
         let prefix = redis.prefix();
-        let key = format!("{prefix}upstream_token:{{{route}}}");
+        let key = format!("{prefix}upstream_token:{{{}}}", settings.token_key);
         // Another instance may have refreshed already.
         let stored: Result<Option<String>, _> = redis
             .query(
@@ -215,7 +247,7 @@ impl CredentialsRefresher {
         if let Ok(Some(text)) = &stored {
             if let Ok(token) = serde_json::from_str::<UpstreamToken>(text) {
                 if !needs_refresh(Some(token.refresh_at)) {
-                    self.credentials.store(route, settings, token);
+                    self.credentials.store(settings, token);
                     return;
                 }
             }
@@ -270,7 +302,7 @@ impl CredentialsRefresher {
                         .await;
                 }
                 log::info!("upstream credentials for route {route} refreshed");
-                self.credentials.store(route, settings, token);
+                self.credentials.store(settings, token);
             }
             Err(e) => {
                 metrics::UPSTREAM_TOKEN_FETCHES
@@ -290,11 +322,18 @@ impl BackgroundService for CredentialsRefresher {
             let state = self.state.load_full();
             let mut own = own.lock().await;
             let redis = own.follow(state.redis.as_ref());
+            let wanted: Vec<&str> = state
+                .config
+                .routes
+                .iter()
+                .filter_map(|r| Some(r.upstream_auth.as_ref()?.token_key.as_str()))
+                .collect();
+            self.credentials.keep_only(&wanted);
             for route in &state.config.routes {
                 let Some(auth) = &route.upstream_auth else {
                     continue;
                 };
-                if needs_refresh(self.credentials.refresh_at(&route.name, auth)) {
+                if needs_refresh(self.credentials.refresh_at(auth)) {
                     self.refresh(&route.name, auth, redis).await;
                 }
             }
@@ -315,11 +354,37 @@ mod tests {
             client_secret: "=d/é".into(),
             scope: Some("read write".into()),
             refresh: Duration::from_secs(60),
+            token_key: String::new(),
         };
         assert_eq!(
             grant(&settings),
             "grant_type=client_credentials&client_id=a+b%26c&client_secret=%3Dd%2F%C3%A9&scope=read+write"
         );
+    }
+
+    #[test]
+    fn every_part_of_the_grant_names_another_token() {
+        let url = crate::http_client::HttpUrl::parse("http://auth/token").unwrap();
+        let other = crate::http_client::HttpUrl::parse("http://auth/token2").unwrap();
+        let base = token_key(&url, "id", "secret", Some("read"));
+        assert_eq!(base.len(), 64);
+        assert_eq!(base, token_key(&url, "id", "secret", Some("read")));
+        for changed in [
+            token_key(&other, "id", "secret", Some("read")),
+            token_key(&url, "id2", "secret", Some("read")),
+            token_key(&url, "id", "secret2", Some("read")),
+            token_key(&url, "id", "secret", Some("write")),
+            token_key(&url, "id", "secret", None),
+            token_key(&url, "id", "secret", Some("")),
+            token_key(&url, "ids", "ecret", Some("read")),
+        ] {
+            assert_ne!(changed, base);
+        }
+        assert_ne!(
+            token_key(&url, "id", "secret", None),
+            token_key(&url, "id", "secret", Some(""))
+        );
+        assert!(!base.contains("secret"));
     }
 
     #[test]

@@ -13,7 +13,9 @@ pub enum Refusal {
     MissingToken,
     InvalidToken(Cow<'static, str>),
     TokenExpired,
-    TokenRevoked,
+    /// `require_stored`: the key has no stored token (revoked, or never
+    /// stored: Redis cannot tell the two apart).
+    TokenNotStored,
     KeyBlocked,
     RouteForbidden,
     NoRoute,
@@ -28,6 +30,9 @@ pub enum Refusal {
     LimiterUnavailable,
     UpstreamTimeout,
     AuthUnavailable,
+    /// `require_stored`: the store cannot answer for a token it has not
+    /// confirmed within `auth.jwt.store_cache`.
+    TokenStoreUnavailable,
     /// Admin API: the key asked about has no stored token.
     NotFound(Cow<'static, str>),
     /// Admin API: the endpoint needs a part of the config that is absent.
@@ -39,6 +44,8 @@ pub enum Refusal {
     RedisUnavailable,
     /// Admin API: a request body over the size it reads.
     BodyTooLarge,
+    /// A path form `path_policy: strict` refuses (the sentence says which).
+    BadPath(&'static str),
 }
 
 impl Refusal {
@@ -49,18 +56,21 @@ impl Refusal {
             Refusal::MissingToken
             | Refusal::InvalidToken(_)
             | Refusal::TokenExpired
-            | Refusal::TokenRevoked
+            | Refusal::TokenNotStored
             | Refusal::KeyBlocked => 401,
             Refusal::RouteForbidden => 403,
             Refusal::NoRoute => 404,
             Refusal::RateLimited { .. } | Refusal::ConcurrencyLimited { .. } => 429,
             Refusal::UpstreamUnavailable => 502,
-            Refusal::LimiterUnavailable | Refusal::AuthUnavailable => 503,
+            Refusal::LimiterUnavailable
+            | Refusal::AuthUnavailable
+            | Refusal::TokenStoreUnavailable => 503,
             Refusal::UpstreamTimeout => 504,
             Refusal::NotFound(_) => 404,
             Refusal::Unconfigured { .. } => 409,
             Refusal::RedisUnavailable => 503,
             Refusal::BodyTooLarge => 413,
+            Refusal::BadPath(_) => 400,
         }
     }
 
@@ -71,7 +81,8 @@ impl Refusal {
             Refusal::MissingToken => "missing_token",
             Refusal::InvalidToken(_) => "invalid_token",
             Refusal::TokenExpired => "token_expired",
-            Refusal::TokenRevoked | Refusal::KeyBlocked => "token_revoked",
+            // The SPEC's code for both: a revoked key is a missing one.
+            Refusal::TokenNotStored | Refusal::KeyBlocked => "token_revoked",
             Refusal::RouteForbidden => "route_forbidden",
             Refusal::NoRoute => "no_route",
             Refusal::RateLimited { .. } => "rate_limited",
@@ -80,10 +91,12 @@ impl Refusal {
             Refusal::LimiterUnavailable => "limiter_unavailable",
             Refusal::UpstreamTimeout => "upstream_timeout",
             Refusal::AuthUnavailable => "auth_unavailable",
+            Refusal::TokenStoreUnavailable => "token_store_unavailable",
             Refusal::NotFound(_) => "not_found",
             Refusal::Unconfigured { code, .. } => code,
             Refusal::RedisUnavailable => "redis_unavailable",
             Refusal::BodyTooLarge => "body_too_large",
+            Refusal::BadPath(_) => "bad_path",
         }
     }
 
@@ -96,7 +109,9 @@ impl Refusal {
             Refusal::MissingToken => "a bearer token is required".into(),
             Refusal::InvalidToken(why) => Cow::Borrowed(why.as_ref()),
             Refusal::TokenExpired => "the token has expired".into(),
-            Refusal::TokenRevoked => "the token has been revoked".into(),
+            Refusal::TokenNotStored => {
+                "the token is not in the token store (revoked, or never stored)".into()
+            }
             Refusal::KeyBlocked => "the key is blocked".into(),
             Refusal::RouteForbidden => "the token does not allow this route".into(),
             Refusal::NoRoute => "no route matches this request".into(),
@@ -108,10 +123,14 @@ impl Refusal {
             Refusal::LimiterUnavailable => "the rate limiter is unavailable".into(),
             Refusal::UpstreamTimeout => "the upstream did not answer in time".into(),
             Refusal::AuthUnavailable => "token verification is temporarily unavailable".into(),
+            Refusal::TokenStoreUnavailable => {
+                "the token store cannot be reached to check this token; try again shortly".into()
+            }
             Refusal::NotFound(what) => Cow::Borrowed(what.as_ref()),
             Refusal::Unconfigured { message, .. } => Cow::Borrowed(message),
             Refusal::RedisUnavailable => "Redis did not answer".into(),
             Refusal::BodyTooLarge => "the request body is too large".into(),
+            Refusal::BadPath(why) => Cow::Borrowed(why),
         }
     }
 
@@ -169,7 +188,14 @@ mod tests {
     #[test]
     fn statuses_match_the_spec() {
         assert_eq!(Refusal::BadRequest("x".into()).status(), 400);
-        assert_eq!(Refusal::TokenRevoked.status(), 401);
+        assert_eq!(Refusal::TokenNotStored.status(), 401);
+        assert_eq!(Refusal::TokenNotStored.code(), "token_revoked");
+        assert_eq!(Refusal::TokenStoreUnavailable.status(), 503);
+        assert_eq!(
+            Refusal::TokenStoreUnavailable.code(),
+            "token_store_unavailable"
+        );
+        assert_eq!(Refusal::TokenStoreUnavailable.grpc_status(), 14);
         assert_eq!(Refusal::RouteForbidden.status(), 403);
         assert_eq!(Refusal::UpstreamUnavailable.status(), 502);
         assert_eq!(Refusal::LimiterUnavailable.status(), 503);

@@ -47,6 +47,8 @@ pub enum HttpError {
     Exchange(String),
     #[error("answer larger than {0} bytes")]
     TooLarge(usize),
+    #[error("no complete answer within {0:?}")]
+    Deadline(Duration),
 }
 
 impl HttpUrl {
@@ -147,10 +149,19 @@ fn load_cas(ca_file: Option<&str>) -> Result<usize, HttpError> {
 pub struct HttpClient {
     pub url: HttpUrl,
     connector: pingora::connectors::http::Connector,
+    /// The contents of the CA file when the connector was built.
+    ca_pem: Option<Vec<u8>>,
 }
 
 impl HttpClient {
     pub fn new(url: HttpUrl) -> Result<HttpClient, HttpError> {
+        let ca_pem = match (&url.ca_file, url.tls) {
+            (Some(path), true) => Some(std::fs::read(path).map_err(|e| HttpError::CaFile {
+                path: path.clone(),
+                why: e.to_string(),
+            })?),
+            _ => None,
+        };
         if url.tls {
             load_cas(url.ca_file.as_deref())?;
         }
@@ -159,12 +170,36 @@ impl HttpClient {
         Ok(HttpClient {
             connector: pingora::connectors::http::Connector::new(Some(options)),
             url,
+            ca_pem,
         })
     }
 
+    /// Whether the CA file still holds what this client trusts: a CA
+    /// rotated in place needs a new client (the connector loads it once).
+    pub fn ca_unchanged(&self) -> bool {
+        match (&self.url.ca_file, &self.ca_pem) {
+            (Some(path), Some(pem)) => std::fs::read(path).is_ok_and(|now| now == *pem),
+            _ => true,
+        }
+    }
+
     /// One request; returns the status and a body of at most `max_body`
-    /// bytes. Every address the host resolves to is tried in turn.
+    /// bytes. Every address the host resolves to is tried in turn, all
+    /// within `timeout` in total: the connector's timeouts are per read, so
+    /// a server that trickles bytes would otherwise hold the call forever.
     pub async fn call(
+        &self,
+        method: &str,
+        form: Option<String>,
+        timeout: Duration,
+        max_body: usize,
+    ) -> Result<(u16, Vec<u8>), HttpError> {
+        tokio::time::timeout(timeout, self.call_any(method, form, timeout, max_body))
+            .await
+            .unwrap_or(Err(HttpError::Deadline(timeout)))
+    }
+
+    async fn call_any(
         &self,
         method: &str,
         form: Option<String>,

@@ -228,6 +228,16 @@ pub static UPSTREAM_PEERS_HEALTHY: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     ))
 });
 
+pub static TOKEN_STORE_OUTAGE: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    must!(register_int_counter_vec!(
+        "tollgate_token_store_outage_answers_total",
+        "Stored-token checks the store could not answer, by what was answered instead: \
+         confirmed (stored within auth.jwt.store_cache: admitted), refused (last seen \
+         revoked or blocked), unavailable (503 token_store_unavailable).",
+        &["answer"]
+    ))
+});
+
 /// Forces registration so `/metrics` lists every family from the first scrape.
 pub fn init() {
     BUILD_INFO
@@ -248,6 +258,7 @@ pub fn init() {
     LazyLock::force(&UPSTREAM_PEERS_HEALTHY);
     LazyLock::force(&JWKS_FETCHES);
     LazyLock::force(&UPSTREAM_TOKEN_FETCHES);
+    LazyLock::force(&TOKEN_STORE_OUTAGE);
 }
 
 /// Called once SIGHUP is handled: the reload series appear at zero, so

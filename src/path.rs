@@ -111,6 +111,138 @@ pub fn normalize(raw: &str) -> Result<String, PathError> {
     Ok(result)
 }
 
+/// Why `path_policy: strict` refuses a path: forms that RFC 3986 leaves
+/// alone or resolves one way and common backends read another way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadPath {
+    /// `.` or `..`, also percent-encoded (`%2e%2e`).
+    DotSegment,
+    /// A path parameter on a dot segment: `..;`, `.;x`, `%2e%2e;`
+    /// (Tomcat, Jetty and Spring resolve `..;` as `..`).
+    DotParameter,
+    /// `\` raw or as `%5C` (read as `/` by IIS and several Java and Node stacks).
+    Backslash,
+    /// `%2F` (decoded to a separator by some backends before they route).
+    EncodedSlash,
+    /// The path names another route when read the way those backends read it.
+    ReadsAsAnotherRoute,
+}
+
+impl BadPath {
+    pub fn message(self) -> &'static str {
+        match self {
+            BadPath::DotSegment => "the path has a '.' or '..' segment",
+            BadPath::DotParameter => "the path has a parameter on a dot segment (such as '..;')",
+            BadPath::Backslash => "the path has a backslash",
+            BadPath::EncodedSlash => "the path has an encoded slash (%2F)",
+            BadPath::ReadsAsAnotherRoute => {
+                "the path reads as another route once '..;', '\\' or escapes are resolved"
+            }
+        }
+    }
+}
+
+/// One round of percent-decoding of a segment; an escape that is not one
+/// stays as written (`normalize` refuses it).
+fn decode_once(segment: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    let mut i = 0;
+    while i < segment.len() {
+        let b = segment[i];
+        let value = (b == b'%')
+            .then(|| Some(hex_value(*segment.get(i + 1)?)? * 16 + hex_value(*segment.get(i + 2)?)?))
+            .flatten();
+        match value {
+            Some(v) => {
+                out.push(v);
+                i += 3;
+            }
+            None => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+}
+
+/// What `path_policy: strict` refuses in a raw path (no query), judging each
+/// segment after one round of percent-decoding: the first form found.
+pub fn strict_violation(raw: &str) -> Option<BadPath> {
+    let bytes = raw.as_bytes();
+    // Fast path: without these bytes no segment can be refused.
+    if !bytes.iter().any(|b| matches!(b, b'.' | b'%' | b'\\')) {
+        return None;
+    }
+    let mut buffer = Vec::new();
+    for segment in bytes.split(|&b| b == b'/') {
+        // Only a segment with an escape needs decoding (and a buffer).
+        let decoded = if segment.contains(&b'%') {
+            decode_once(segment, &mut buffer);
+            buffer.as_slice()
+        } else {
+            segment
+        };
+        if decoded.contains(&b'/') {
+            return Some(BadPath::EncodedSlash);
+        }
+        if decoded.contains(&b'\\') {
+            return Some(BadPath::Backslash);
+        }
+        let (base, parameter) = match decoded.iter().position(|&b| b == b';') {
+            Some(at) => (&decoded[..at], true),
+            None => (decoded, false),
+        };
+        if base == b"." || base == b".." {
+            return Some(if parameter {
+                BadPath::DotParameter
+            } else {
+                BadPath::DotSegment
+            });
+        }
+    }
+    None
+}
+
+/// Whether a lenient backend could read `raw` differently from `normalize`:
+/// only paths with parameters, backslashes or escapes can.
+pub fn may_read_differently(raw: &str) -> bool {
+    raw.bytes().any(|b| matches!(b, b';' | b'%' | b'\\'))
+}
+
+/// `raw` as the most lenient common backends read it: every escape decoded
+/// once, `\` taken for `/`, the parameters of every segment dropped, then
+/// dots resolved; in normal form, so it compares with route paths. Routes
+/// and permissions must agree on this reading too, or a backend could be
+/// led outside what was checked.
+pub fn lenient_reading(raw: &str) -> Result<String, PathError> {
+    let mut decoded = Vec::with_capacity(raw.len());
+    decode_once(raw.as_bytes(), &mut decoded);
+    let mut text = String::with_capacity(decoded.len() + 8);
+    for (i, segment) in decoded.split(|&b| b == b'/' || b == b'\\').enumerate() {
+        if i > 0 {
+            text.push('/');
+        }
+        let end = segment
+            .iter()
+            .position(|&b| b == b';')
+            .unwrap_or(segment.len());
+        for &b in &segment[..end] {
+            // What `normalize` takes as written stays so (a route path
+            // compares with it); what it refuses, and `%`, are escaped.
+            if (0x21..0x7f).contains(&b) && b != b'%' {
+                text.push(b as char);
+            } else {
+                text.push('%');
+                text.push(char::from(HEX[usize::from(b >> 4)]));
+                text.push(char::from(HEX[usize::from(b & 0xf)]));
+            }
+        }
+    }
+    normalize(&text)
+}
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
 fn needs_work(bytes: &[u8]) -> bool {
     let mut prev = 0u8;
     for (i, &b) in bytes.iter().enumerate() {
@@ -189,6 +321,54 @@ mod tests {
         assert_eq!(normalize("/é"), Err(PathError::BadCharacter));
         assert_eq!(normalize("a/b"), Err(PathError::NotAbsolute));
         assert_eq!(normalize(""), Err(PathError::NotAbsolute));
+    }
+
+    #[test]
+    fn strict_refuses_dots_parameters_backslashes_and_encoded_slashes() {
+        use BadPath::*;
+        for (path, why) in [
+            ("/a/./b", DotSegment),
+            ("/a/../b", DotSegment),
+            ("/a/%2e%2E/b", DotSegment),
+            ("/a/.%2e", DotSegment),
+            ("/a/.", DotSegment),
+            ("/public/..;/admin", DotParameter),
+            ("/public/%2e%2e;/admin", DotParameter),
+            ("/public/.;x/admin", DotParameter),
+            ("/public/..%3b/admin", DotParameter),
+            ("/public/..;jsessionid=1/admin", DotParameter),
+            ("/public/..%5Cadmin", Backslash),
+            ("/public/..%5cadmin", Backslash),
+            ("/public\\admin", Backslash),
+            ("/public/a%2fb", EncodedSlash),
+            ("/public%2F..%2Fadmin", EncodedSlash),
+        ] {
+            assert_eq!(strict_violation(path), Some(why), "{path}");
+        }
+        for path in [
+            "/",
+            "/a.b/c..d/.e/...",
+            "/a;x/b;y=1",
+            "/a/%252e%252e/b",
+            "/a/%41%20b",
+            "/a/..x/x..",
+            "/a/;../b",
+        ] {
+            assert_eq!(strict_violation(path), None, "{path}");
+        }
+    }
+
+    #[test]
+    fn the_lenient_reading_resolves_what_backends_resolve() {
+        let read = |p: &str| lenient_reading(p).unwrap_or_else(|e| panic!("{p:?}: {e}"));
+        assert_eq!(read("/public/..;/admin"), "/admin");
+        assert_eq!(read("/public/%2e%2e;/admin"), "/admin");
+        assert_eq!(read("/public/..%5Cadmin"), "/admin");
+        assert_eq!(read("/public/a%2Fb"), "/public/a/b");
+        assert_eq!(read("/public;jsessionid=1/x"), "/public/x");
+        assert_eq!(read("/a%20b/%3A"), "/a%20b/:");
+        assert_eq!(read("/a/%25/b"), "/a/%25/b");
+        assert_eq!(lenient_reading("/a/..;/..;/b"), Err(PathError::AboveRoot));
     }
 
     #[test]

@@ -42,6 +42,9 @@ pub enum Unavailable {
 /// The Redis client of one `redis` config section.
 pub struct Redis {
     pub settings: RedisSettings,
+    /// The contents of `ca_file` when the client was built: a reload
+    /// compares them with the file, so a CA rotated in place is not missed.
+    ca_pem: Option<Vec<u8>>,
     clients: Clients,
     conn: OnceCell<Conn>,
     down_until: Mutex<Option<Instant>>,
@@ -135,6 +138,7 @@ impl Redis {
         // rustls needs a process-wide crypto provider for rediss://.
         pingora::tls::install_default_crypto_provider();
         let certs = certificates(&settings).map_err(|e| ConfigProblem::new("redis.ca_file", e))?;
+        let ca_pem = certs.as_ref().and_then(|c| c.root_cert.clone());
         let clients = if settings.cluster {
             let mut builder = redis::cluster::ClusterClient::builder(settings.urls.clone())
                 .connection_timeout(settings.timeout.max(Duration::from_millis(250)))
@@ -158,6 +162,7 @@ impl Redis {
         };
         Ok(Redis {
             settings,
+            ca_pem,
             clients,
             conn: OnceCell::new(),
             down_until: Mutex::new(None),
@@ -165,11 +170,25 @@ impl Redis {
         })
     }
 
+    /// Whether `redis.ca_file` still holds the CAs this client trusts.
+    pub fn ca_unchanged(&self) -> bool {
+        match (&self.settings.ca_file, &self.ca_pem) {
+            (Some(path), Some(pem)) => std::fs::read(path).is_ok_and(|now| now == *pem),
+            _ => true,
+        }
+    }
+
+    /// Whether `other` is built from the same settings and CAs.
+    pub fn same_as(&self, other: &Redis) -> bool {
+        self.settings == other.settings && self.ca_pem == other.ca_pem
+    }
+
     /// A client whose commands go to a simulated server.
     #[cfg(test)]
     pub fn simulated(settings: RedisSettings, link: Arc<dyn sim::Link>) -> Self {
         Redis {
             settings,
+            ca_pem: None,
             clients: Clients::Sim(link),
             conn: OnceCell::new(),
             down_until: Mutex::new(None),
@@ -182,6 +201,7 @@ impl Redis {
     pub fn detached(&self) -> Redis {
         Redis {
             settings: self.settings.clone(),
+            ca_pem: self.ca_pem.clone(),
             clients: self.clients.clone(),
             conn: OnceCell::new(),
             down_until: Mutex::new(None),
@@ -411,7 +431,8 @@ impl Redis {
 }
 
 /// A background service's own connection to the current config's Redis
-/// (see [`Redis::detached`]), made again when the Redis settings change.
+/// (see [`Redis::detached`]), made again when the Redis settings or CAs
+/// change.
 #[derive(Default)]
 pub struct OwnConnection(Option<Redis>);
 
@@ -420,7 +441,7 @@ impl OwnConnection {
     pub fn follow(&mut self, current: Option<&Arc<Redis>>) -> Option<&Redis> {
         match current {
             None => self.0 = None,
-            Some(r) if self.0.as_ref().is_none_or(|own| own.settings != r.settings) => {
+            Some(r) if self.0.as_ref().is_none_or(|own| !own.same_as(r)) => {
                 self.0 = Some(r.detached());
             }
             Some(_) => {}

@@ -2,7 +2,8 @@
 //! completely, build the new state by diff against the running one (what did
 //! not change keeps running untouched), make what is new ready, and only then
 //! swap it in. An invalid file, or a new part that cannot be made ready (a
-//! new JWKS endpoint that does not answer), changes nothing.
+//! new JWKS endpoint that does not answer) within `server.reload_timeout`,
+//! changes nothing.
 
 use crate::config::{self, Config};
 use crate::logging;
@@ -67,6 +68,8 @@ pub enum ReloadError {
     NotReady(config::ConfigProblem),
     #[error("reload task failed: {0}")]
     Task(String),
+    #[error("the new config was not ready within server.reload_timeout ({})", config::format_duration(*.0))]
+    TimedOut(std::time::Duration),
 }
 
 impl Reloader {
@@ -117,7 +120,15 @@ impl BackgroundService for Reloader {
                     if got.is_none() {
                         return;
                     }
-                    match self.reload().await {
+                    // Bounded by the running config's limit: a new part
+                    // that never gets ready (a JWKS endpoint trickling
+                    // bytes, a name that does not resolve) must not hold
+                    // up this loop, and with it every later SIGHUP.
+                    let limit = self.state.load().config.server.reload_timeout;
+                    let reloaded = tokio::time::timeout(limit, self.reload())
+                        .await
+                        .unwrap_or(Err(ReloadError::TimedOut(limit)));
+                    match reloaded {
                         Ok(()) => {
                             metrics::CONFIG_RELOADS.with_label_values(&["success"]).inc();
                             log::info!("config reloaded from {}", self.path.display());

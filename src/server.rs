@@ -46,7 +46,11 @@ fn server_conf(config: &Config, daemon: bool) -> ServerConf {
     ServerConf {
         daemon,
         threads: config.server.threads,
-        pid_file: config.server.pid_file.clone(),
+        pid_file: config
+            .server
+            .pid_file
+            .clone()
+            .unwrap_or_else(|| crate::pid_file::DAEMON_DEFAULT.into()),
         upgrade_sock: config.server.upgrade_sock.clone(),
         grace_period_seconds: Some(grace),
         graceful_shutdown_timeout_seconds: Some(grace),
@@ -136,6 +140,13 @@ fn proxy_service(server: &Server, config: &Config, shared: &Shared) -> Service<E
 fn add_background_services(server: &mut Server, shared: Shared, config_path: PathBuf) {
     let state = &shared.state;
     server.add_service(background_service(
+        "tollgate config watch",
+        crate::watch::ConfigWatcher {
+            path: config_path.clone(),
+            state: state.clone(),
+        },
+    ));
+    server.add_service(background_service(
         "tollgate reload",
         Reloader {
             path: config_path,
@@ -169,16 +180,18 @@ fn add_background_services(server: &mut Server, shared: Shared, config_path: Pat
         "tollgate upstream credentials",
         CredentialsRefresher::new(state.clone(), shared.credentials),
     ));
+    let current = state.clone();
     server.add_service(background_service(
         "tollgate jwks",
         JwksRefresher {
-            state: state.clone(),
+            current: Box::new(move || current.load().jwks()),
         },
     ));
+    let current = state.clone();
     server.add_service(background_service(
         "tollgate revocations",
         Revocations {
-            state: state.clone(),
+            follow: Box::new(move || current.load().revocations_redis()),
             store: shared.tokens,
         },
     ));
@@ -205,9 +218,10 @@ pub fn serve(opts: ServeOptions<'_>) -> anyhow::Result<()> {
         check_ports_free(&config)?;
     }
     ignore_sighup_until_reloader_runs();
-    let config_path = opts
-        .config_path
-        .canonicalize()
+    // Absolute, but its symlinks unresolved: every reload reads the path as
+    // given, so a symlink swapped since start (a Kubernetes ConfigMap's
+    // `..data`) is followed to its new target.
+    let config_path = std::path::absolute(opts.config_path)
         .with_context(|| format!("cannot resolve {}", opts.config_path.display()))?;
     let opt = Opt {
         upgrade: opts.upgrade,
@@ -216,7 +230,6 @@ pub fn serve(opts: ServeOptions<'_>) -> anyhow::Result<()> {
     };
     let mut server = Server::new_with_opt_and_conf(opt, server_conf(&config, opts.daemon));
     server.bootstrap();
-
     let drain = Drain::new(config.server.grace_period);
     let state = State::build(config.clone(), None).map_err(|p| anyhow!(config::join(&p, "\n")))?;
     for warning in state.warnings() {
@@ -244,6 +257,10 @@ pub fn serve(opts: ServeOptions<'_>) -> anyhow::Result<()> {
     admin.add_tcp(&config.admin.listen);
     server.add_service(admin);
     add_background_services(&mut server, shared, config_path);
+    // Now that this process holds the listeners (after a hand-over too)
+    // and nothing but serving is left to fail.
+    let pid_path =
+        crate::pid_file::claim(config.server.pid_file.as_deref(), opts.daemon, opts.upgrade)?;
     let addrs: Vec<String> = listeners(&config).into_iter().map(|(_, a)| a).collect();
     log::info!(
         "tollgate {} serving on {} (admin on {})",
@@ -254,6 +271,10 @@ pub fn serve(opts: ServeOptions<'_>) -> anyhow::Result<()> {
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals { drain }),
     });
+    // After a daemon's fork this is the daemon's pid, the one Pingora wrote.
+    if let Some(path) = pid_path {
+        crate::pid_file::remove_if_ours(&path, std::process::id());
+    }
     Ok(())
 }
 

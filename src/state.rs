@@ -9,6 +9,7 @@
 //! addresses and health). What is new is made ready before the swap
 //! ([`State::prepare`]): a new JWKS endpoint must answer first.
 
+use crate::auth::jwks::Jwks;
 use crate::auth::{KeyMaterial, Verifier};
 use crate::config::{Config, ConfigProblem};
 use crate::edge::tls::TlsListener;
@@ -62,7 +63,12 @@ fn verifier(
     let material = KeyMaterial::load(&jwt.key)?;
     let forwarded = forwarded_claims(config);
     let old = previous.and_then(|p| p.verifier.as_ref());
-    if let Some(v) = old.filter(|v| v.same_settings(jwt, &material, &forwarded)) {
+    // A CA file rotated in place is a change too: the key set is then
+    // fetched again through the new CAs before the swap.
+    let kept = |v: &&Arc<Verifier>| {
+        v.same_settings(jwt, &material, &forwarded) && v.jwks().is_none_or(|j| j.ca_unchanged())
+    };
+    if let Some(v) = old.filter(kept) {
         return Ok(v.clone());
     }
     let jwks = old.and_then(|v| v.jwks()).filter(|j| j.serves(jwt));
@@ -108,7 +114,9 @@ impl State {
             None => None,
         };
         let redis = match (&config.redis, previous.and_then(|p| p.redis.as_ref())) {
-            (Some(settings), Some(old)) if old.settings == *settings => Some(old.clone()),
+            (Some(settings), Some(old)) if old.settings == *settings && old.ca_unchanged() => {
+                Some(old.clone())
+            }
             (Some(settings), _) => match Redis::new(settings.clone()) {
                 Ok(r) => Some(Arc::new(r)),
                 Err(e) => {
@@ -157,6 +165,18 @@ impl State {
                 format!("the new key set could not be fetched ({e})"),
             )
         })
+    }
+
+    /// The Redis whose revocation channel this config follows: only stored
+    /// tokens (`auth.jwt.require_stored`) need it.
+    pub fn revocations_redis(&self) -> Option<Arc<Redis>> {
+        let stored = self.verifier.as_ref().is_some_and(|v| v.require_stored());
+        self.redis.clone().filter(|_| stored)
+    }
+
+    /// The JWKS key set this config verifies with, if keys come from one.
+    pub fn jwks(&self) -> Option<Arc<Jwks>> {
+        self.verifier.as_ref().and_then(|v| v.jwks())
     }
 
     /// The HTTPS listener a connection accepted on `local` came in on.

@@ -59,6 +59,9 @@ pub struct Upstream {
     pub settings: UpstreamSettings,
     /// The CAs of `ca_file`, loaded once.
     ca: Option<Arc<CaType>>,
+    /// The bytes `ca` was loaded from: a reload compares them with the file,
+    /// so a CA rotated in place is not missed.
+    ca_pem: Option<Vec<u8>>,
     /// Keeps pooled connections apart from another upstream's to the same
     /// address that verifies them differently (Pingora's pool key does not
     /// include the CAs).
@@ -102,11 +105,15 @@ impl Upstream {
     /// not an error: it stays out of rotation until it does, and
     /// [`Upstream::unresolved`] says why.
     pub fn new(settings: UpstreamSettings) -> Result<Self, ConfigProblem> {
-        let ca = match &settings.ca_file {
-            Some(path) => Some(load_ca(path).map_err(|e| {
-                ConfigProblem::new(format!("upstreams.{}.ca_file", settings.name), e)
-            })?),
-            None => None,
+        let (ca, ca_pem) = match &settings.ca_file {
+            Some(path) => {
+                let problem =
+                    |e| ConfigProblem::new(format!("upstreams.{}.ca_file", settings.name), e);
+                let pem = std::fs::read(path)
+                    .map_err(|e| problem(format!("cannot read {}: {e}", path.display())))?;
+                (Some(load_ca(path, &pem).map_err(problem)?), Some(pem))
+            }
+            None => (None, None),
         };
         let mut peers = Vec::new();
         let mut unresolved = Vec::new();
@@ -122,9 +129,12 @@ impl Upstream {
         let group_key = {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
+            // The CAs themselves, not only their path: connections verified
+            // against a CA that was rotated out are not reused.
             (
                 settings.tls,
                 &settings.ca_file,
+                &ca_pem,
                 settings.protocol == UpstreamProtocol::H2,
             )
                 .hash(&mut h);
@@ -132,6 +142,7 @@ impl Upstream {
         };
         Ok(Upstream {
             ca,
+            ca_pem,
             group_key,
             peers: ArcSwap::from_pointee(unique(peers)),
             next: AtomicUsize::new(0),
@@ -140,6 +151,14 @@ impl Upstream {
             checked_at: Mutex::new(None),
             settings,
         })
+    }
+
+    /// Whether `ca_file` still holds the CAs this upstream verifies with.
+    fn ca_unchanged(&self) -> bool {
+        match (&self.settings.ca_file, &self.ca_pem) {
+            (Some(path), Some(pem)) => std::fs::read(path).is_ok_and(|now| now == *pem),
+            _ => true,
+        }
     }
 
     /// Why some configured peers are out of rotation (names that did not resolve).
@@ -350,16 +369,22 @@ impl BackgroundService for Maintenance {
 }
 
 /// The upstreams of a new config: kept from `previous` when their settings
-/// did not change (resolved addresses and health carry over), else new.
+/// and CA files did not change (resolved addresses and health carry over),
+/// else new.
 pub fn build_all(
     settings: &[UpstreamSettings],
     previous: &[Arc<Upstream>],
 ) -> Result<Vec<Arc<Upstream>>, ConfigProblem> {
     settings
         .iter()
-        .map(|s| match previous.iter().find(|u| u.settings == *s) {
-            Some(kept) => Ok(kept.clone()),
-            None => Upstream::new(s.clone()).map(Arc::new),
+        .map(|s| {
+            match previous
+                .iter()
+                .find(|u| u.settings == *s && u.ca_unchanged())
+            {
+                Some(kept) => Ok(kept.clone()),
+                None => Upstream::new(s.clone()).map(Arc::new),
+            }
         })
         .collect()
 }
@@ -375,11 +400,12 @@ fn unique(peers: Vec<Arc<Peer>>) -> Vec<Arc<Peer>> {
     out
 }
 
-/// The certificates of a PEM file, as Pingora's connector takes them.
-fn load_ca(path: &std::path::Path) -> Result<Arc<CaType>, String> {
+/// The certificates of a PEM file (`pem`, read from `path`), as Pingora's
+/// connector takes them.
+fn load_ca(path: &std::path::Path, pem: &[u8]) -> Result<Arc<CaType>, String> {
     use rustls::pki_types::pem::PemObject;
-    let certs: Vec<WrappedX509> = rustls::pki_types::CertificateDer::pem_file_iter(path)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+    let certs: Vec<WrappedX509> = rustls::pki_types::CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?
         .into_iter()
         .map(|der| WrappedX509::new(der.to_vec(), pingora::utils::tls::parse_x509))

@@ -238,29 +238,27 @@ fn route_permissions_cannot_be_bypassed() {
     let mut c = claims();
     c["allowed_routes"] = json!(["/api/public/*", "/api/me"]);
     let token = hs256(c);
-    for allowed in [
-        "/api/public/x",
-        "/api/public",
-        "/api/me",
-        "/api/public/a/../b",
-        "/api/./me",
-    ] {
+    for allowed in ["/api/public/x", "/api/public", "/api/me"] {
         assert_eq!(bearer(t.port, allowed, &token).status, 200, "{allowed}");
     }
     let hits = up.hits();
+    // Dot forms are 400 bad_path under the default `path_policy: strict`
+    // (tests/paths.rs runs these under both policies).
     for (trick, status) in [
+        ("/api/public/a/../b", 400),
+        ("/api/./me", 400),
         ("/api/admin", 403),
-        ("/api/public/../admin", 403),
-        ("/api/public/%2e%2e/admin", 403),
-        ("/api/public/.%2E/admin", 403),
+        ("/api/public/../admin", 400),
+        ("/api/public/%2e%2e/admin", 400),
+        ("/api/public/.%2E/admin", 400),
         ("/api//admin", 403),
-        ("/api/public%2f..%2fadmin", 403),
+        ("/api/public%2f..%2fadmin", 400),
         ("/api/me/", 403),
         ("/api/me/x", 403),
         ("/api/mex", 403),
         ("/api/Public/x", 403),
         ("/API/public/x", 404),
-        ("/api/public/../../admin", 404),
+        ("/api/public/../../admin", 400),
         ("/api/public/../../../admin", 400),
     ] {
         let r = bearer(t.port, trick, &token);
@@ -358,7 +356,7 @@ fn token_issue_mints_what_the_proxy_and_pyjwt_accept() {
     let script = format!(
         "import jwt,json,sys; print(json.dumps(jwt.decode(sys.argv[1], {SECRET:?}, algorithms=['HS256'])))"
     );
-    let out = std::process::Command::new("python3")
+    let out = std::process::Command::new(python3())
         .args(["-c", &script, &token])
         .output()
         .unwrap();

@@ -284,7 +284,7 @@ fn limits_headers_choose_the_fields() {
 /// worked out by Python's `datetime` (an implementation independent of
 /// tollgate's), and the current month's length in seconds.
 fn calendar_now() -> (u64, u64, u64) {
-    let out = Command::new("python3")
+    let out = Command::new(python3())
         .args([
             "-c",
             "import datetime as d, time\n\
@@ -419,7 +419,7 @@ fn the_scripts_find_the_same_days_and_months_as_python() {
     );
     // Every month boundary from 1970 to 2100, a microsecond either side,
     // and the middle of each month.
-    let py = Command::new("python3")
+    let py = Command::new(python3())
         .args([
             "-c",
             "import datetime as d\n\
@@ -440,7 +440,7 @@ fn the_scripts_find_the_same_days_and_months_as_python() {
         let mut args = vec!["EVAL", script.as_str(), "0"];
         args.extend(chunk.iter().map(String::as_str));
         let lua = redis.cli(&args);
-        let expected = Command::new("python3")
+        let expected = Command::new(python3())
             .arg("-c")
             .arg(
                 "import datetime as d, sys\n\

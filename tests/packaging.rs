@@ -88,6 +88,20 @@ fn compose_file_wires_the_services_together() {
     for name in ["tollgate", "redis", "upstream", "prometheus", "grafana"] {
         assert!(services.get(name).is_some(), "service {name} missing");
     }
+    // An image of tollgate exists nowhere but here: every service that runs
+    // it builds it, or compose would try to pull `tollgate:latest`.
+    for (name, service) in services.as_mapping().unwrap() {
+        if service["image"]
+            .as_str()
+            .is_some_and(|i| i.starts_with("tollgate"))
+        {
+            assert_eq!(
+                service["build"].as_str(),
+                Some("."),
+                "service {name:?} runs the tollgate image without building it"
+            );
+        }
+    }
     for (_, service) in services.as_mapping().unwrap() {
         for volume in service["volumes"].as_sequence().into_iter().flatten() {
             let src = volume.as_str().unwrap().split(':').next().unwrap();
@@ -262,4 +276,264 @@ fn systemd_unit_reloads_with_sighup_and_is_hardened() {
     assert_eq!(code, 0, "{err}");
     let upgrade = read("deploy/tollgate-upgrade");
     assert!(upgrade.contains("serve --upgrade --daemon") && upgrade.contains("kill -QUIT"));
+}
+
+#[test]
+fn gitignore_lists_no_committed_file_and_setup_keeps_test_packages_apart() {
+    let out = std::process::Command::new("git")
+        .args(["ls-files", "--cached", "--ignored", "--exclude-standard"])
+        .current_dir(ROOT)
+        .output();
+    match out {
+        Ok(out) if out.status.success() => {
+            let listed = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                listed.trim().is_empty(),
+                "committed files that .gitignore lists:\n{listed}"
+            );
+        }
+        // Not a git checkout (an exported tree): nothing to compare.
+        _ => eprintln!("not a git checkout; .gitignore not checked"),
+    }
+    let gitignore = read(".gitignore");
+    assert!(gitignore.lines().any(|l| l.trim() == "/.venv/"));
+    assert!(read(".dockerignore").lines().any(|l| l.trim() == ".venv"));
+
+    // `make run` sets up only what running needs; the test-only Python
+    // packages go into .venv, never into the system Python.
+    let makefile = read("Makefile");
+    let target = |name: &str| {
+        makefile
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}:")))
+            .unwrap_or_else(|| panic!("no {name} target"))
+            .to_string()
+    };
+    assert_eq!(target("build"), "build: setup-run");
+    assert!(target("run").starts_with("run: build"));
+    assert_eq!(target("test"), "test: setup");
+    let setup = read("scripts/setup.sh");
+    assert!(setup.contains(".venv/bin/python3 -m pip install"));
+    assert!(!setup.contains("--break-system-packages"));
+    let run_part: String = setup
+        .split("if [ \"$mode\" = test ]; then")
+        .next()
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect();
+    for test_only in [
+        "redis-server",
+        "prometheus",
+        "grpcio",
+        "websockets",
+        "pip install",
+    ] {
+        assert!(
+            !run_part.contains(test_only),
+            "`setup.sh run` would install {test_only}"
+        );
+    }
+    let requirements = read("tests/requirements.txt");
+    for package in ["PyJWT", "cryptography", "grpcio", "websockets"] {
+        assert!(requirements.contains(package), "{package}");
+    }
+}
+
+/// Every document of every file in deploy/kubernetes, by kind.
+fn kubernetes() -> std::collections::BTreeMap<String, serde_yaml::Value> {
+    use serde::Deserialize;
+    let mut by_kind = std::collections::BTreeMap::new();
+    let dir = Path::new(ROOT).join("deploy/kubernetes");
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let value = serde_yaml::Value::deserialize(doc)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let kind = value["kind"].as_str().unwrap().to_string();
+            assert!(
+                by_kind.insert(kind.clone(), value).is_none(),
+                "two {kind} documents"
+            );
+        }
+    }
+    by_kind
+}
+
+fn seconds(duration: &str) -> u64 {
+    let (n, unit) = duration.split_at(duration.len() - 1);
+    assert_eq!(unit, "s", "{duration}");
+    n.parse().unwrap()
+}
+
+#[test]
+fn kubernetes_manifests_agree_with_each_other_and_the_config() {
+    let k = kubernetes();
+    for kind in ["Deployment", "ConfigMap", "Service", "PodDisruptionBudget"] {
+        assert!(k.contains_key(kind), "no {kind} in deploy/kubernetes");
+    }
+    let (deployment, configmap) = (&k["Deployment"], &k["ConfigMap"]);
+    let (service, pdb) = (&k["Service"], &k["PodDisruptionBudget"]);
+    let pod = &deployment["spec"]["template"];
+    let labels = pod["metadata"]["labels"].as_mapping().unwrap();
+    let selects_the_pods = |selector: &serde_yaml::Value, who: &str| {
+        let selector = selector.as_mapping().unwrap();
+        assert!(!selector.is_empty(), "{who}: empty selector");
+        for (key, value) in selector {
+            assert_eq!(
+                labels.get(key),
+                Some(value),
+                "{who} selects {key:?}={value:?}"
+            );
+        }
+    };
+    selects_the_pods(&deployment["spec"]["selector"]["matchLabels"], "Deployment");
+    selects_the_pods(&service["spec"]["selector"], "Service");
+    selects_the_pods(
+        &pdb["spec"]["selector"]["matchLabels"],
+        "PodDisruptionBudget",
+    );
+    assert!(
+        pdb["spec"]["minAvailable"].as_u64().unwrap()
+            < deployment["spec"]["replicas"].as_u64().unwrap()
+    );
+
+    // The config the pods read: the ConfigMap, mounted as a directory (a
+    // subPath mount never sees an update) where `serve -c` looks.
+    let container = &pod["spec"]["containers"][0];
+    let args: Vec<&str> = container["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(args[..2], ["serve", "-c"]);
+    let config_path = Path::new(args[2]);
+    let volume = pod["spec"]["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["configMap"]["name"] == configmap["metadata"]["name"])
+        .expect("a volume of the ConfigMap");
+    let mount = container["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == volume["name"])
+        .expect("the ConfigMap volume is mounted");
+    assert!(
+        mount.get("subPath").is_none(),
+        "subPath mounts are never updated"
+    );
+    assert_eq!(
+        Path::new(mount["mountPath"].as_str().unwrap()),
+        config_path.parent().unwrap()
+    );
+    let file_name = config_path.file_name().unwrap().to_str().unwrap();
+    let text = configmap["data"][file_name]
+        .as_str()
+        .expect("the config in the ConfigMap");
+    let config: serde_yaml::Value = serde_yaml::from_str(text).unwrap();
+    assert_eq!(config["server"]["watch_config"].as_bool(), Some(true));
+
+    // Ports by name, probes on the configured paths.
+    let port_named = |name: &str| {
+        container["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .and_then(|p| p["containerPort"].as_u64())
+            .unwrap_or_else(|| panic!("no container port {name}")) as u16
+    };
+    assert_eq!(
+        port_named("http"),
+        port_of(config["server"]["listen"][0].as_str().unwrap())
+    );
+    assert_eq!(
+        port_named("admin"),
+        port_of(config["admin"]["listen"].as_str().unwrap())
+    );
+    let probe = |which: &str| {
+        (
+            container[which]["httpGet"]["path"].as_str().unwrap(),
+            container[which]["httpGet"]["port"].as_str().unwrap(),
+        )
+    };
+    assert_eq!(
+        probe("readinessProbe"),
+        (
+            config["server"]["ready_path"].as_str().unwrap_or("/ready"),
+            "http"
+        )
+    );
+    assert_eq!(
+        probe("livenessProbe"),
+        (
+            config["server"]["health_path"]
+                .as_str()
+                .unwrap_or("/health"),
+            "http"
+        )
+    );
+    assert_eq!(
+        service["spec"]["ports"][0]["targetPort"].as_str(),
+        Some("http")
+    );
+
+    // Prometheus finds /metrics on the admin port.
+    let annotations = &pod["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"].as_str(), Some("true"));
+    assert_eq!(
+        annotations["prometheus.io/port"].as_str(),
+        Some(port_named("admin").to_string().as_str())
+    );
+    assert_eq!(annotations["prometheus.io/path"].as_str(), Some("/metrics"));
+
+    // The pod is given the preStop pause, the drain and Pingora's extra
+    // second before it is killed; and not a minute more.
+    let pause: u64 = container["lifecycle"]["preStop"]["exec"]["command"][1]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let grace = seconds(config["server"]["grace_period"].as_str().unwrap_or("5s"));
+    let termination = pod["spec"]["terminationGracePeriodSeconds"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        termination >= pause + grace + 2 && termination <= pause + grace + 30,
+        "terminationGracePeriodSeconds {termination} for a {pause} s pause and a {grace} s grace period"
+    );
+
+    // The embedded config passes `check`, with the Secret's variables set.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(file_name);
+    std::fs::write(&file, text).unwrap();
+    let env: Vec<(String, String)> = container["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap().to_string(),
+                "from-the-secret".to_string(),
+            )
+        })
+        .collect();
+    assert!(env.iter().any(|(k, _)| k == "TOLLGATE_AUTH__JWT__SECRET"));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let (code, out, err) = run_cli(&["check", "-c", file.to_str().unwrap()], &env);
+    assert_eq!(code, 0, "{out}{err}");
+    // The image's own overrides apply as well (pid file, upgrade socket on the emptyDir).
+    let run_mount = container["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .any(|m| m["mountPath"] == "/run/tollgate");
+    assert!(
+        run_mount,
+        "/run/tollgate (the image's pid file and socket) needs a writable volume"
+    );
 }

@@ -2,6 +2,7 @@
 //! Redis under `<prefix>token:<api_key>` with the same lifetime).
 
 use crate::config::{format_duration, parse_duration, ClaimNames, RedisSettings};
+use crate::redis_client::{BlockingError, Unavailable};
 use anyhow::{anyhow, bail, Context};
 use base64::Engine;
 use jsonwebtoken::{encode, EncodingKey, Header};
@@ -117,9 +118,40 @@ pub fn store(redis: RedisSettings, issued: &Issued) -> anyhow::Result<String> {
         .arg("EX")
         .arg(issued.ttl.as_secs())
         .to_owned();
-    crate::redis_client::blocking_query::<()>(redis, "token_store", cmd)
-        .map_err(|e| anyhow!("cannot store the token in Redis: {e}"))?;
+    let at = redis
+        .urls
+        .iter()
+        .map(|u| masked(u))
+        .collect::<Vec<_>>()
+        .join(", ");
+    crate::redis_client::blocking_query::<()>(redis, "token_store", cmd).map_err(|e| {
+        let why = match e {
+            BlockingError::Redis(Unavailable::Failed { cause, .. }) => cause,
+            BlockingError::Redis(Unavailable::TimedOut { .. }) => "no answer in 5 s".into(),
+            other => other.to_string(),
+        };
+        anyhow!("cannot store the token in Redis at {at}: {why}")
+    })?;
     Ok(key)
+}
+
+/// A Redis URL fit for a message: its password replaced by `***`.
+pub fn masked(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        // `user:password`, or a lone word that may well be a password.
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{path}"),
+            None => format!("{scheme}://***@{host}{path}"),
+        },
+        None => url.to_string(),
+    }
 }
 
 /// `tollgate token issue`: options from the command line, falling back to
@@ -294,5 +326,19 @@ mod tests {
         let mut o = opts();
         o.api_key = Some("has space".into());
         assert!(mint(&o).is_err());
+    }
+
+    #[test]
+    fn redis_passwords_never_reach_a_message() {
+        assert_eq!(masked("redis://127.0.0.1:1"), "redis://127.0.0.1:1");
+        assert_eq!(
+            masked("redis://:hunter2@db:6379/0"),
+            "redis://:***@db:6379/0"
+        );
+        assert_eq!(
+            masked("rediss://app:hunter2@db:6380"),
+            "rediss://app:***@db:6380"
+        );
+        assert_eq!(masked("redis://hunter2@db"), "redis://***@db");
     }
 }

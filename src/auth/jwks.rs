@@ -5,7 +5,6 @@
 //! requests wait for it briefly and then get a 503, never a 401.
 
 use crate::metrics;
-use crate::state::SharedState;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
@@ -85,6 +84,12 @@ impl Jwks {
         matches!(&settings.key, crate::config::KeySource::JwksUrl(url) if *url == self.client.url)
             && self.refresh == settings.jwks_refresh
             && self.algorithms == settings.algorithms
+            && self.ca_unchanged()
+    }
+
+    /// Whether `jwks_ca_file` still holds the CAs the client was built with.
+    pub fn ca_unchanged(&self) -> bool {
+        self.client.ca_unchanged()
     }
 
     /// Where the key set comes from (for logs).
@@ -233,9 +238,12 @@ impl Jwks {
     }
 }
 
+/// Yields the key set the current config verifies with (`None`: no JWKS).
+pub type CurrentJwks = Box<dyn Fn() -> Option<Arc<Jwks>> + Send + Sync>;
+
 /// Keeps the key set of whatever config is current.
 pub struct JwksRefresher {
-    pub state: SharedState,
+    pub current: CurrentJwks,
 }
 
 #[async_trait]
@@ -243,8 +251,7 @@ impl BackgroundService for JwksRefresher {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         // Every second, or at once when a request asks for a key it lacks.
         crate::background::every_or_woken(&mut shutdown, Duration::from_secs(1), || async {
-            let state = self.state.load_full();
-            let jwks = state.verifier.as_ref().and_then(|v| v.jwks())?;
+            let jwks = (self.current)()?;
             if jwks.due() {
                 // A failure is logged and counted there; the last good set stays.
                 let _ = jwks.refresh_once().await;

@@ -415,6 +415,11 @@ impl Verifier {
         self.settings.require_stored
     }
 
+    /// How long a confirmed stored token survives a store outage.
+    pub fn store_cache(&self) -> std::time::Duration {
+        self.settings.store_cache
+    }
+
     pub fn cached_tokens(&self) -> usize {
         self.cache.len()
     }

@@ -36,6 +36,7 @@ fn settings(algorithms: &[&str], key: KeySource) -> JwtSettings {
         },
         require_stored: false,
         cache_size: 100,
+        store_cache: Duration::from_secs(30),
     }
 }
 

@@ -31,7 +31,7 @@ impl<'de, T: DeserializeOwned> Deserialize<'de> for Checked<T> {
         let value = serde_yaml::Value::deserialize(deserializer)?;
         Ok(match T::deserialize(value) {
             Ok(v) => Checked::Valid(v),
-            Err(e) => Checked::Invalid(e.to_string()),
+            Err(e) => Checked::Invalid(super::words::friendly(&e.to_string())),
         })
     }
 }
@@ -46,10 +46,16 @@ impl<'de> Deserialize<'de> for Span {
         let text = match &value {
             serde_yaml::Value::String(s) => s.clone(),
             serde_yaml::Value::Number(n) => n.to_string(),
-            _ => {
-                return Err(serde::de::Error::custom(
-                    "expected a duration such as 250ms, 5s, 1m, 24h",
-                ))
+            other => {
+                let got = match other {
+                    serde_yaml::Value::Sequence(_) => "a list",
+                    serde_yaml::Value::Mapping(_) => "a mapping",
+                    serde_yaml::Value::Bool(_) => "true or false",
+                    _ => "an empty value",
+                };
+                return Err(serde::de::Error::custom(format!(
+                    "expected a duration like 30s (250ms, 5s, 1m, 24h), got {got}"
+                )));
             }
         };
         parse_duration(&text)
@@ -79,8 +85,13 @@ mod tests {
     #[test]
     fn collects_instead_of_failing() {
         let t: T = serde_yaml::from_str("a: soon\nb: 70000\n").unwrap();
-        assert!(matches!(t.a, Checked::Invalid(ref e) if e.contains("invalid duration \"soon\"")));
-        assert!(matches!(t.b, Checked::Invalid(_)));
+        assert!(
+            matches!(t.a, Checked::Invalid(ref e) if e == "expected a duration like 30s (250ms, 5s, 1m, 24h, 1h30m), got \"soon\"")
+        );
+        assert_eq!(
+            t.b,
+            Checked::Invalid("expected a whole number from 0 to 65535, got 70000".into())
+        );
         let t: T = serde_yaml::from_str("a: 1m30s\nb: 8\n").unwrap();
         assert_eq!(t.a, Checked::Valid(Span(Duration::from_secs(90))));
         assert_eq!(t.b, Checked::Valid(8));

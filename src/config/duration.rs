@@ -5,15 +5,17 @@ use std::time::Duration;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DurationError {
-    #[error("empty duration (expected e.g. 250ms, 5s, 1m, 24h)")]
+    #[error("expected a duration like 30s (250ms, 5s, 1m, 24h, 1h30m), got an empty value")]
     Empty,
-    #[error("invalid duration {0:?} (expected e.g. 250ms, 5s, 1m, 24h)")]
+    #[error("expected a duration like 30s (250ms, 5s, 1m, 24h, 1h30m), got {0:?}")]
     Invalid(String),
-    #[error("invalid duration {0:?}: a unit is required (ms, s, m, h or d)")]
+    #[error("expected a duration like 30s, got {0:?}: a unit is required (ms, s, m, h or d)")]
     NoUnit(String),
-    #[error("invalid duration {text:?}: unknown unit {unit:?} (ms, s, m, h or d)")]
+    #[error(
+        "expected a duration like 30s, got {text:?}: unknown unit {unit:?} (ms, s, m, h or d)"
+    )]
     UnknownUnit { text: String, unit: String },
-    #[error("invalid duration {0:?}: too large")]
+    #[error("duration {0:?} is too large")]
     TooLarge(String),
 }
 

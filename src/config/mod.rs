@@ -6,8 +6,10 @@ mod duration;
 pub mod env;
 pub mod keyexpr;
 pub mod raw;
+mod shape;
 mod types;
 mod validate;
+mod words;
 
 pub use duration::{format_duration, parse_duration};
 pub use keyexpr::{KeyExpr, KeyExprError, KeyPart};
@@ -85,34 +87,100 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
             path.display()
         )))
     })?;
-    from_str_with_env(&text, std::env::vars())
+    parse(&text, std::env::vars(), Some(path))
 }
 
 pub fn from_str_with_env<I>(text: &str, vars: I) -> Result<Config, ConfigErrors>
 where
     I: IntoIterator<Item = (String, String)>,
 {
+    parse(text, vars, None)
+}
+
+/// `file`, when known, names the file in problems of the file as a whole.
+fn parse<I>(text: &str, vars: I, file: Option<&Path>) -> Result<Config, ConfigErrors>
+where
+    I: IntoIterator<Item = (String, String)>,
+{
+    let of_file = |message: String| match file {
+        Some(f) => ConfigProblem::whole(format!("{}: {message}", f.display())),
+        None => ConfigProblem::whole(message),
+    };
     let mut tree: serde_yaml::Value =
-        serde_yaml::from_str(text).map_err(|e| one(ConfigProblem::whole(yaml_error(&e))))?;
+        serde_yaml::from_str(text).map_err(|e| one(of_file(yaml_error(&e))))?;
     if tree.is_null() {
         tree = serde_yaml::Value::Mapping(Default::default());
     }
-    let env_problems = env::apply_overrides(&mut tree, vars);
-    if !env_problems.is_empty() {
-        return Err(ConfigErrors {
-            problems: env_problems.into_iter().map(ConfigProblem::whole).collect(),
-        });
+    if !tree.is_mapping() {
+        return Err(one(of_file(format!(
+            "expected a mapping of sections (server:, upstreams:, routes:, ...) at the top of the file, found {}",
+            kind(&tree)
+        ))));
     }
-    let raw: raw::RawConfig = serde_path_to_error::deserialize(tree).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner().to_string();
-        if path == "." {
-            one(ConfigProblem::whole(inner))
-        } else {
-            one(ConfigProblem::new(path, inner))
+    let (sources, mut problems) = env::apply_overrides(&mut tree, vars);
+    let (raw, shape_problems) = shape::typed(tree);
+    problems.extend(shape_problems);
+    if let Some(raw) = raw {
+        match Config::try_from(raw) {
+            Ok(config) if problems.is_empty() => return Ok(config),
+            Ok(_) => {}
+            Err(more) => {
+                // A key already reported (and repaired to a stand-in) is
+                // not reported again for what the stand-in causes.
+                let reported: Vec<String> = problems
+                    .iter()
+                    .filter(|p| !p.path.is_empty())
+                    .map(|p| p.path.clone())
+                    .collect();
+                problems.extend(
+                    more.into_iter()
+                        .filter(|p| !reported.iter().any(|r| shape::within(&p.path, r))),
+                );
+            }
         }
-    })?;
-    Config::try_from(raw).map_err(|problems| ConfigErrors { problems })
+    }
+    // A value that could not be read stands in as its default, which the
+    // checks after may refuse too: one problem per key is enough.
+    let mut unreadable: Vec<String> = Vec::new();
+    problems.retain(|p| {
+        if unreadable.contains(&p.path) {
+            return false;
+        }
+        if !p.path.is_empty() && p.message.starts_with("expected ") {
+            unreadable.push(p.path.clone());
+        }
+        true
+    });
+    for p in &mut problems {
+        name_the_variable(p, &sources);
+    }
+    Err(ConfigErrors { problems })
+}
+
+/// `server.threads` -> `server.threads (from TOLLGATE_SERVER__THREADS)` when
+/// that variable set the key (or a list or section it lies in), or created
+/// the unknown key the problem is about.
+fn name_the_variable(p: &mut ConfigProblem, sources: &[env::Source]) {
+    if p.path.is_empty() || p.path.contains(" (from ") {
+        return;
+    }
+    let unknown = p.message.starts_with("unknown key");
+    if let Some(source) = sources
+        .iter()
+        .find(|s| shape::within(&p.path, &s.path) || (unknown && shape::within(&s.path, &p.path)))
+    {
+        p.path = format!("{} (from {})", p.path, source.var);
+    }
+}
+
+fn kind(value: &serde_yaml::Value) -> &'static str {
+    match value {
+        serde_yaml::Value::Sequence(_) => "a list",
+        serde_yaml::Value::String(_) => "a string",
+        serde_yaml::Value::Number(_) => "a number",
+        serde_yaml::Value::Bool(_) => "true or false",
+        _ => "a single value",
+    }
 }
 
 fn yaml_error(e: &serde_yaml::Error) -> String {
@@ -170,7 +238,7 @@ routes:
         let joined = errs.join("\n");
         for expected in [
             "server.threads: must be at least 1",
-            "server.grace_period: invalid duration \"soon\"",
+            "server.grace_period: expected a duration like 30s (250ms, 5s, 1m, 24h, 1h30m), got \"soon\"",
             "upstreams.backend.read_timeout: must be greater than zero",
             "routes[1].upstream: unknown upstream \"billing\"",
             "routes[2].name: duplicate route name \"api\"",
@@ -189,8 +257,65 @@ routes:
         let errs = from_str_with_env(&text, no_env()).unwrap_err().lines();
         assert_eq!(errs.len(), 1);
         assert!(
-            errs[0].starts_with("routes[0].psth: unknown field `psth`"),
+            errs[0].starts_with("routes[0].psth: unknown key \"psth\" (did you mean \"path\"?)"),
             "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_key_does_not_hide_the_other_problems() {
+        let text = GOOD.replace("auth: none", "auth: none, psth: /x, cost: 0")
+            + "server: { threads: 0, h2c: sometimes }\n";
+        let errs = from_str_with_env(&text, no_env()).unwrap_err().lines();
+        assert_eq!(errs.len(), 4, "{errs:#?}");
+        assert!(errs[0].starts_with("routes[0].psth: unknown key \"psth\" (did you mean \"path\"?); valid keys: name, path_prefix, path,"));
+        assert_eq!(
+            errs[1..],
+            [
+                "server.h2c: expected true or false, got \"sometimes\"",
+                "server.threads: must be at least 1",
+                "routes[0].cost: must be from 1 to 1000000000",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_list_at_the_top_is_not_a_config() {
+        let errs = from_str_with_env("- a\n- b\n", no_env())
+            .unwrap_err()
+            .lines();
+        assert_eq!(
+            errs,
+            vec!["expected a mapping of sections (server:, upstreams:, routes:, ...) at the top of the file, found a list"]
+        );
+    }
+
+    #[test]
+    fn problems_name_the_variable_that_set_the_value() {
+        let env = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
+        let errs = from_str_with_env(GOOD, env("TOLLGATE_SERVER__THREADS", "abc"))
+            .unwrap_err()
+            .lines();
+        assert_eq!(
+            errs,
+            vec!["server.threads (from TOLLGATE_SERVER__THREADS): expected a whole number, got \"abc\""]
+        );
+        let errs = from_str_with_env(GOOD, env("TOLLGATE_SERVR__THREADS", "3"))
+            .unwrap_err()
+            .lines();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].starts_with(
+                "servr (from TOLLGATE_SERVR__THREADS): unknown key \"servr\" (did you mean \"server\"?)"
+            ),
+            "{errs:?}"
+        );
+        let errs = from_str_with_env(GOOD, env("TOLLGATE_SERVER__LISTEN", "[\"8080\"]"))
+            .unwrap_err()
+            .lines();
+        assert_eq!(
+            errs,
+            vec!["server.listen[0] (from TOLLGATE_SERVER__LISTEN): invalid listen address \"8080\" (expected IP:PORT, e.g. 0.0.0.0:8080)"]
         );
     }
 

@@ -11,6 +11,7 @@ use super::types::{
     Algorithm, Calendar, HeaderMode, JwtAlgorithm, LogFormat, LogLevel, OnFailure, RouteAuth,
     SyncMode, TlsVersion, UpstreamProtocol,
 };
+use super::types::{ClientIpHeader, PathPolicy};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -44,7 +45,8 @@ pub struct RawServer {
     pub ready_path: String,
     pub grace_period: Checked<Span>,
     pub upgrade_sock: String,
-    pub pid_file: String,
+    /// Written in the foreground too when set; with `--daemon` a default applies.
+    pub pid_file: Option<String>,
     /// Idle upstream connections kept per worker thread.
     pub upstream_pool_size: usize,
     /// Let worker threads steal each other's tasks (tokio's multi-thread
@@ -63,6 +65,12 @@ pub struct RawServer {
     pub h2c: bool,
     /// HTTPS listeners.
     pub tls: Vec<RawTlsListener>,
+    /// The header that names the client behind a trusted proxy.
+    pub client_ip_header: Checked<ClientIpHeader>,
+    /// Longest a reload may take to make its new parts ready.
+    pub reload_timeout: Checked<Span>,
+    /// Reload when the config file or a certificate it names changes.
+    pub watch_config: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -90,7 +98,7 @@ impl Default for RawServer {
             ready_path: "/ready".into(),
             grace_period: span("5s"),
             upgrade_sock: "/tmp/tollgate_upgrade.sock".into(),
-            pid_file: "/tmp/tollgate.pid".into(),
+            pid_file: None,
             upstream_pool_size: 128,
             work_stealing: false,
             error_log: None,
@@ -99,6 +107,9 @@ impl Default for RawServer {
             trusted_proxies: Vec::new(),
             h2c: false,
             tls: Vec::new(),
+            client_ip_header: Checked::default(),
+            reload_timeout: span("10s"),
+            watch_config: false,
         }
     }
 }
@@ -187,6 +198,9 @@ pub struct RawJwt {
     pub require_stored: bool,
     /// Verified tokens kept so a repeated token costs a lookup, not a signature check.
     pub cache_size: usize,
+    /// With `require_stored`: how long a token confirmed stored keeps working
+    /// while the store cannot answer.
+    pub store_cache: Checked<Span>,
 }
 
 impl Default for RawJwt {
@@ -205,6 +219,7 @@ impl Default for RawJwt {
             claims: RawClaims::default(),
             require_stored: false,
             cache_size: 10_000,
+            store_cache: span("30s"),
         }
     }
 }
@@ -367,6 +382,8 @@ pub struct RawRoute {
     /// `Upgrade: websocket` is tunnelled after auth and limits.
     #[serde(default)]
     pub websocket: bool,
+    #[serde(default)]
+    pub path_policy: Checked<PathPolicy>,
 }
 
 fn default_cost() -> u64 {

@@ -31,7 +31,7 @@ pub struct ServerSettings {
     pub ready_path: String,
     pub grace_period: Duration,
     pub upgrade_sock: String,
-    pub pid_file: String,
+    pub pid_file: Option<String>,
     pub upstream_pool_size: usize,
     pub work_stealing: bool,
     pub error_log: Option<String>,
@@ -40,6 +40,9 @@ pub struct ServerSettings {
     pub trusted_proxies: Vec<Cidr>,
     pub h2c: bool,
     pub tls: Vec<TlsListenerSettings>,
+    pub client_ip_header: ClientIpHeader,
+    pub reload_timeout: Duration,
+    pub watch_config: bool,
 }
 
 /// An HTTPS listener: its certificates (chosen by SNI; the first is the
@@ -303,6 +306,9 @@ pub struct JwtSettings {
     pub claims: ClaimNames,
     pub require_stored: bool,
     pub cache_size: usize,
+    /// With `require_stored`: a token confirmed stored this recently is
+    /// still admitted while the store cannot answer.
+    pub store_cache: Duration,
 }
 
 /// How a window counts.
@@ -473,6 +479,9 @@ pub struct UpstreamAuthSettings {
     pub client_secret: String,
     pub scope: Option<String>,
     pub refresh: Duration,
+    /// Names the token these settings get (`credentials::token_key`): a
+    /// change of endpoint, client, secret or scope is another token.
+    pub token_key: String,
 }
 
 /// `routes[].auth`.
@@ -499,6 +508,41 @@ pub struct RouteSettings {
     pub cost_from_response_header: Option<HeaderName>,
     pub upstream_auth: Option<UpstreamAuthSettings>,
     pub websocket: bool,
+    pub path_policy: PathPolicy,
+}
+
+/// `routes[].path_policy`: which path forms reach the route's upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathPolicy {
+    /// Dot segments (also encoded), parameters on them, backslashes and
+    /// encoded slashes are refused with `400 bad_path`.
+    #[default]
+    Strict,
+    /// Those forms pass (dot segments resolved, the rest as written), as
+    /// long as every reading of the path stays on this route.
+    Permissive,
+}
+
+/// `server.client_ip_header`: the one header whose entries name the client
+/// when the peer is a trusted proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientIpHeader {
+    #[default]
+    XForwardedFor,
+    Forwarded,
+    XRealIp,
+}
+
+impl ClientIpHeader {
+    pub fn header_name(self) -> &'static str {
+        match self {
+            ClientIpHeader::XForwardedFor => "x-forwarded-for",
+            ClientIpHeader::Forwarded => "forwarded",
+            ClientIpHeader::XRealIp => "x-real-ip",
+        }
+    }
 }
 
 #[cfg(test)]

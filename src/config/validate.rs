@@ -131,6 +131,9 @@ fn server(p: &mut Problems, s: &RawServer) -> ServerSettings {
         max_header_bytes: s.max_header_bytes,
         header_timeout: p.positive_duration("server.header_timeout", &s.header_timeout),
         trusted_proxies,
+        client_ip_header: p.take("server.client_ip_header", &s.client_ip_header),
+        reload_timeout: p.positive_duration("server.reload_timeout", &s.reload_timeout),
+        watch_config: s.watch_config,
     }
 }
 
@@ -327,6 +330,9 @@ fn key_source(
     Some(key)
 }
 
+/// Longest `auth.jwt.store_cache`.
+const MAX_STORE_CACHE: Duration = Duration::from_secs(24 * 3600);
+
 fn jwt(p: &mut Problems, raw: &RawJwt) -> Option<JwtSettings> {
     if raw.algorithms.is_empty() {
         p.add("auth.jwt.algorithms", "list at least one algorithm");
@@ -372,6 +378,13 @@ fn jwt(p: &mut Problems, raw: &RawJwt) -> Option<JwtSettings> {
     }
     let leeway = p.duration("auth.jwt.leeway", &raw.leeway);
     let jwks_refresh = p.positive_duration("auth.jwt.jwks_refresh", &raw.jwks_refresh);
+    let store_cache = p.duration("auth.jwt.store_cache", &raw.store_cache);
+    if store_cache > MAX_STORE_CACHE {
+        p.add(
+            "auth.jwt.store_cache",
+            "at most 24h (a revocation this instance cannot hear of during an outage stays unseen this long)",
+        );
+    }
     Some(JwtSettings {
         algorithms,
         key: key?,
@@ -388,6 +401,7 @@ fn jwt(p: &mut Problems, raw: &RawJwt) -> Option<JwtSettings> {
         },
         require_stored: raw.require_stored,
         cache_size: raw.cache_size,
+        store_cache,
     })
 }
 
@@ -794,6 +808,12 @@ fn upstream_auth(
         }
     };
     Some(UpstreamAuthSettings {
+        token_key: crate::credentials::token_key(
+            &token_url,
+            &raw.client_id,
+            &raw.client_secret,
+            raw.scope.as_deref(),
+        ),
         token_url,
         client_id: raw.client_id.clone(),
         client_secret: raw.client_secret.clone(),
@@ -860,6 +880,17 @@ fn route(
         .upstream_auth
         .as_ref()
         .and_then(|ua| upstream_auth(p, &base, ua));
+    let path_policy = p.take(&format!("{base}.path_policy"), &raw.path_policy);
+    if let (PathPolicy::Strict, Some(PathMatch::Exact(v) | PathMatch::Prefix(v))) =
+        (path_policy, &path)
+    {
+        if crate::path::strict_violation(v).is_some() {
+            p.add(
+                format!("{base}.path_policy"),
+                format!("the route's own path {v:?} is a form strict refuses; set path_policy: permissive"),
+            );
+        }
+    }
     Some(RouteSettings {
         name: raw.name.clone(),
         host: route_host(p, &base, raw),
@@ -872,6 +903,7 @@ fn route(
         cost_from_response_header,
         upstream_auth,
         websocket: raw.websocket,
+        path_policy,
     })
 }
 

@@ -4,13 +4,17 @@
 //! client sent can pass for something tollgate vouches for.
 
 use super::{respond, Ctx};
-use crate::config::Cidr;
+use crate::config::{ClientIpHeader, ServerSettings};
 use pingora::http::RequestHeader;
 use pingora::prelude::*;
 use std::net::IpAddr;
 
 /// Headers only a trusted proxy may set; from anyone else they are dropped.
 const PROXY_HEADERS: [&str; 3] = ["forwarded", "x-real-ip", "x-forwarded-host"];
+
+/// Headers that may name the client: only the one `server.client_ip_header`
+/// names is believed.
+const CLIENT_HEADERS: [&str; 2] = ["forwarded", "x-real-ip"];
 
 /// The client address as `X-Forwarded-For` carries it. IPv4, nearly every
 /// caller, is written without the formatting machinery.
@@ -31,79 +35,53 @@ pub fn client_ip(ip: IpAddr) -> String {
     }
 }
 
-pub fn trusted(peer: IpAddr, proxies: &[Cidr]) -> bool {
-    proxies.iter().any(|c| c.contains(peer))
-}
+pub use super::client_ip::{client_address, trusted};
 
-/// The client's address as limits key it: the peer's, or — when the peer is
-/// a trusted proxy — the last address of `X-Forwarded-For` (else of the
-/// `for=` parameters of `Forwarded`) that is not a trusted proxy itself
-/// (the one the nearest trusted hop saw).
-pub fn client_address(peer: IpAddr, req: &RequestHeader, proxies: &[Cidr]) -> IpAddr {
-    if !trusted(peer, proxies) {
-        return peer;
-    }
-    let mut hops: Vec<IpAddr> = req
-        .headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|a| a.trim().parse().ok())
-        .collect();
-    if hops.is_empty() {
-        hops = req
-            .headers
-            .get_all("forwarded")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split([',', ';']))
-            .filter_map(forwarded_for_param)
-            .collect();
-    }
-    hops.into_iter()
-        .rev()
-        .find(|a| !trusted(*a, proxies))
-        .unwrap_or(peer)
-}
-
-/// The address of one `for=` parameter of `Forwarded` (RFC 7239): a bare
-/// IPv4 address, or quoted, IPv6 in brackets, either with a port.
-fn forwarded_for_param(param: &str) -> Option<IpAddr> {
-    let (name, value) = param.trim().split_once('=')?;
-    if !name.trim().eq_ignore_ascii_case("for") {
-        return None;
-    }
-    let value = value.trim().trim_matches('"');
-    if let Some(rest) = value.strip_prefix('[') {
-        return rest.split_once(']')?.0.parse().ok();
-    }
-    value
-        .parse()
-        .ok()
-        .or_else(|| value.rsplit_once(':')?.0.parse().ok())
-}
-
-/// `X-Forwarded-For`: appended to when the peer is a trusted proxy, else
-/// replaced by the peer's address (a client cannot name someone else).
-fn forwarded_for(req: &mut RequestHeader, peer: Option<IpAddr>, proxies: &[Cidr]) -> Result<()> {
+/// The client-address headers the upstream receives. From an untrusted
+/// peer: `X-Forwarded-For` is the peer, `Forwarded`, `X-Real-IP` and
+/// `X-Forwarded-Host` are removed. From a trusted proxy: the header named by
+/// `server.client_ip_header` goes on (`X-Forwarded-For` appended to with the
+/// peer); the other two are not believed, so they are not passed on as if
+/// they were — `X-Forwarded-For` then says what tollgate believes (the
+/// client, then the peer), and the other is removed.
+fn forwarded_for(
+    req: &mut RequestHeader,
+    peer: Option<IpAddr>,
+    server: &ServerSettings,
+) -> Result<()> {
     let Some(peer) = peer else {
         req.remove_header("x-forwarded-for");
         return Ok(());
     };
     let ip = client_ip(peer);
-    if !trusted(peer, proxies) {
-        // One pass over the names: removing costs more than looking.
-        let present: Vec<http::HeaderName> = req
-            .headers
-            .keys()
-            .filter(|k| PROXY_HEADERS.contains(&k.as_str()))
-            .cloned()
-            .collect();
-        for name in present {
-            req.remove_header(&name);
-        }
+    let named = server.client_ip_header;
+    let believed = trusted(peer, &server.trusted_proxies);
+    // One pass over the names: removing costs more than looking.
+    let present: Vec<http::HeaderName> = req
+        .headers
+        .keys()
+        .filter(|k| {
+            let k = k.as_str();
+            (PROXY_HEADERS.contains(&k) && !believed)
+                || (believed && k != named.header_name() && CLIENT_HEADERS.contains(&k))
+        })
+        .cloned()
+        .collect();
+    for name in present {
+        req.remove_header(&name);
+    }
+    if !believed {
         req.insert_header("x-forwarded-for", ip)?;
+        return Ok(());
+    }
+    if named != ClientIpHeader::XForwardedFor {
+        let client = client_address(peer, req, &server.trusted_proxies, named);
+        let value = if client == peer {
+            ip
+        } else {
+            format!("{}, {ip}", client_ip(client))
+        };
+        req.insert_header("x-forwarded-for", value)?;
         return Ok(());
     }
     let chain: Vec<&str> = req
@@ -166,7 +144,7 @@ pub fn upstream_request(
     let Some((state, route)) = ctx.route() else {
         return Ok(());
     };
-    forwarded_for(req, peer, &state.config.server.trusted_proxies)?;
+    forwarded_for(req, peer, &state.config.server)?;
     req.insert_header(
         "x-forwarded-proto",
         http::HeaderValue::from_static(if tls { "https" } else { "http" }),
@@ -229,63 +207,64 @@ mod tests {
         r
     }
 
-    #[test]
-    fn forwarded_for_is_believed_only_from_trusted_proxies() {
-        let proxies = [Cidr::parse("10.0.0.0/8").unwrap()];
-        let mut r = head(&[
-            ("x-forwarded-for", "1.2.3.4"),
-            ("forwarded", "for=1.2.3.4"),
-            ("x-real-ip", "1.2.3.4"),
-        ]);
-        forwarded_for(&mut r, Some("192.0.2.7".parse().unwrap()), &proxies).unwrap();
-        assert_eq!(r.headers["x-forwarded-for"], "192.0.2.7");
-        assert!(r.headers.get("forwarded").is_none());
-        assert!(r.headers.get("x-real-ip").is_none());
-
-        let mut r = head(&[("x-forwarded-for", "1.2.3.4"), ("forwarded", "for=1.2.3.4")]);
-        forwarded_for(&mut r, Some("10.1.2.3".parse().unwrap()), &proxies).unwrap();
-        assert_eq!(r.headers["x-forwarded-for"], "1.2.3.4, 10.1.2.3");
-        assert_eq!(r.headers["forwarded"], "for=1.2.3.4");
+    fn server(header: &str) -> ServerSettings {
+        let text = format!(
+            "server: {{ trusted_proxies: [10.0.0.0/8], client_ip_header: {header} }}\n\
+             upstreams: {{ b: {{ peers: [\"127.0.0.1:1\"] }} }}\n\
+             routes: [{{ name: a, path_prefix: /, upstream: b, auth: none }}]\n"
+        );
+        crate::config::from_str_with_env(&text, Vec::new())
+            .unwrap()
+            .server
     }
 
     #[test]
-    fn the_client_address_comes_from_trusted_hops_only() {
-        let proxies = [Cidr::parse("10.0.0.0/8").unwrap()];
-        let r = head(&[("x-forwarded-for", "6.6.6.6, 192.0.2.9, 10.0.0.2")]);
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    fn only_the_named_header_is_believed_and_passed_on() {
+        let sent = [
+            ("x-forwarded-for", "1.2.3.4"),
+            ("forwarded", "for=5.6.7.8"),
+            ("x-real-ip", "9.9.9.9"),
+            ("x-forwarded-host", "h.example"),
+        ];
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        let after = |header: &str, peer: &str| {
+            let mut r = head(&sent);
+            forwarded_for(&mut r, ip(peer), &server(header)).unwrap();
+            let get = |n: &str| r.headers.get(n).map(|v| v.to_str().unwrap().to_string());
+            (
+                get("x-forwarded-for"),
+                get("forwarded"),
+                get("x-real-ip"),
+                get("x-forwarded-host"),
+            )
+        };
+        let s = |v: &str| Some(v.to_string());
+        // An untrusted peer names only itself.
         assert_eq!(
-            client_address(ip("10.0.0.1"), &r, &proxies),
-            ip("192.0.2.9")
+            after("x-forwarded-for", "192.0.2.7"),
+            (s("192.0.2.7"), None, None, None)
         );
         assert_eq!(
-            client_address(ip("198.51.100.1"), &r, &proxies),
-            ip("198.51.100.1")
+            after("forwarded", "192.0.2.7"),
+            (s("192.0.2.7"), None, None, None)
         );
-        let none = head(&[]);
+        // A trusted proxy: the named header goes on, the others do not.
         assert_eq!(
-            client_address(ip("10.0.0.1"), &none, &proxies),
-            ip("10.0.0.1")
-        );
-        let mut fwd = RequestHeader::build("GET", b"/", None).unwrap();
-        fwd.insert_header(
-            "forwarded",
-            "for=203.0.113.9:4711;proto=https, for=\"[2001:db8::1]:80\", for=10.0.0.2",
-        )
-        .unwrap();
-        assert_eq!(
-            client_address(ip("10.0.0.1"), &fwd, &proxies),
-            ip("2001:db8::1")
-        );
-        fwd.remove_header("forwarded");
-        fwd.insert_header("forwarded", "for=203.0.113.9:4711, for=unknown")
-            .unwrap();
-        assert_eq!(
-            client_address(ip("10.0.0.1"), &fwd, &proxies),
-            ip("203.0.113.9")
+            after("x-forwarded-for", "10.1.2.3"),
+            (s("1.2.3.4, 10.1.2.3"), None, None, s("h.example"))
         );
         assert_eq!(
-            client_address(ip("198.51.100.1"), &fwd, &proxies),
-            ip("198.51.100.1")
+            after("forwarded", "10.1.2.3"),
+            (
+                s("5.6.7.8, 10.1.2.3"),
+                s("for=5.6.7.8"),
+                None,
+                s("h.example")
+            )
+        );
+        assert_eq!(
+            after("x-real-ip", "10.1.2.3"),
+            (s("9.9.9.9, 10.1.2.3"), None, s("9.9.9.9"), s("h.example"))
         );
     }
 

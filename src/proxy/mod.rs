@@ -4,6 +4,7 @@
 //! then forwarding. Each step either passes or returns a [`Refusal`] that
 //! `respond::refuse` renders.
 
+pub mod client_ip;
 pub mod forward;
 pub mod limit_headers;
 pub mod request;
@@ -12,7 +13,7 @@ pub mod respond;
 use crate::analytics::Analytics;
 use crate::auth::store::{Status, TokenStore};
 use crate::auth::{bearer_token, Identity, VerifyError};
-use crate::config::{OnFailure, RouteSettings};
+use crate::config::RouteSettings;
 use crate::credentials::Credentials;
 use crate::edge::drain::Drain;
 use crate::error::Refusal;
@@ -57,6 +58,10 @@ pub struct Ctx {
     pub label: &'static str,
     /// Normalised path and query, forwarded upstream.
     pub target: String,
+    /// The path as a lenient backend reads it (`..;`, `\`, escapes
+    /// resolved) — as sent and as forwarded — where that differs from
+    /// `target`: permissions must allow these too.
+    pub lenient_paths: Vec<String>,
     pub tried: Vec<SocketAddr>,
     pub status: u16,
     /// Why the request was not answered by the upstream: a refusal code or
@@ -71,6 +76,9 @@ pub struct Ctx {
     pub slot: Option<Slot>,
     /// Headers added to tollgate's own answers (rate-limit headers, ...).
     pub extra_headers: Vec<(&'static str, String)>,
+    /// A refusal went to a gRPC client as HTTP 200: metrics and the access
+    /// log record `status`, the HTTP status it stands for.
+    pub grpc_refused: bool,
     /// Where each window charged the request, kept when the route settles
     /// the cost the upstream reports.
     pub charges: Vec<ratelimit::Charge>,
@@ -110,10 +118,15 @@ fn caller<'a>(
     let client_ip = if state.config.limits.rules.is_empty() {
         None
     } else {
-        session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| forward::client_address(a.ip(), req, &state.config.server.trusted_proxies))
+        session.client_addr().and_then(|a| a.as_inet()).map(|a| {
+            let server = &state.config.server;
+            forward::client_address(
+                a.ip(),
+                req,
+                &server.trusted_proxies,
+                server.client_ip_header,
+            )
+        })
     };
     rules::Caller {
         client_ip,
@@ -215,20 +228,63 @@ impl Proxy {
         Ok(Step::Continue)
     }
 
+    /// Step 2: the normalised path, the route it names, and that route's
+    /// `path_policy`. The policy of the route the path lands on is applied
+    /// to the whole raw path, and a path that a lenient backend would read
+    /// as another route is refused whatever the policy: choosing a
+    /// permissive route never lets a path out of it.
     fn route(&self, session: &Session, ctx: &mut Ctx, state: &State) -> Result<usize, Refusal> {
         let req = session.req_header();
-        let normalised = path::normalize(req.uri.path()).map_err(|e| {
+        let raw = req.uri.path();
+        let invalid = |ctx: &mut Ctx, r: Refusal| {
             ctx.label = "_invalid";
-            Refusal::BadRequest(e.to_string().into())
-        })?;
+            r
+        };
+        let refused = path::strict_violation(raw);
+        let normalised = match path::normalize(raw) {
+            Ok(n) => n,
+            // Always a `..`: a dot form, refused under either policy.
+            Err(path::PathError::AboveRoot) => {
+                return Err(invalid(
+                    ctx,
+                    Refusal::BadPath(path::BadPath::DotSegment.message()),
+                ))
+            }
+            Err(e) => return Err(invalid(ctx, Refusal::BadRequest(e.to_string().into()))),
+        };
         let host = request::host(req).inspect_err(|_| ctx.label = "_invalid")?;
-        let route = state
-            .routes
-            .find(host, &req.method, &normalised)
-            .ok_or_else(|| {
-                ctx.label = "_unmatched";
-                Refusal::NoRoute
-            })?;
+        let found = state.routes.find(host, &req.method, &normalised);
+        let strict = found.is_none_or(|i| {
+            state.config.routes[i].path_policy == crate::config::PathPolicy::Strict
+        });
+        if let (Some(why), true) = (refused, strict) {
+            return Err(invalid(ctx, Refusal::BadPath(why.message())));
+        }
+        let route = found.ok_or_else(|| {
+            ctx.label = "_unmatched";
+            Refusal::NoRoute
+        })?;
+        // Read leniently both as the client wrote it and as it is forwarded
+        // (normalising can pop a `..;` with a later `..`): each reading
+        // must stay on this route.
+        if path::may_read_differently(raw) {
+            for text in [raw, normalised.as_str()] {
+                let other = path::lenient_reading(text)
+                    .ok()
+                    .filter(|o| {
+                        *o == normalised || state.routes.find(host, &req.method, o) == Some(route)
+                    })
+                    .ok_or_else(|| {
+                        invalid(
+                            ctx,
+                            Refusal::BadPath(path::BadPath::ReadsAsAnotherRoute.message()),
+                        )
+                    })?;
+                if other != normalised && !ctx.lenient_paths.contains(&other) {
+                    ctx.lenient_paths.push(other);
+                }
+            }
+        }
         ctx.target = match req.uri.query() {
             Some(q) => format!("{normalised}?{q}"),
             None => normalised,
@@ -268,26 +324,32 @@ impl Proxy {
         };
         self.check_stored(state, &identity).await?;
         let path = ctx.target.split('?').next().unwrap_or_default();
-        if !identity.routes.allows(path) {
+        let lenient = &ctx.lenient_paths;
+        if !identity.routes.allows(path) || lenient.iter().any(|p| !identity.routes.allows(p)) {
             return Err(Refusal::RouteForbidden);
         }
         Ok(Some(identity))
     }
 
     /// `require_stored`: the key must be stored in Redis and not blocked.
+    /// Fails closed whatever `redis.on_failure` says: when the store cannot
+    /// answer, only a token it confirmed within `store_cache` passes.
     async fn check_stored(&self, state: &State, identity: &Identity) -> Result<(), Refusal> {
-        let required = state.verifier.as_ref().is_some_and(|v| v.require_stored());
-        let Some(redis) = state.redis.as_ref().filter(|_| required) else {
+        let Some(verifier) = state.verifier.as_ref().filter(|v| v.require_stored()) else {
             return Ok(());
         };
-        match self.tokens.status(redis, &identity.key).await {
+        let Some(redis) = state.redis.as_ref() else {
+            return Ok(());
+        };
+        let status = self
+            .tokens
+            .status(redis, &identity.key, verifier.store_cache())
+            .await;
+        match status {
             Ok(Status::Active) => Ok(()),
             Ok(Status::Blocked) => Err(Refusal::KeyBlocked),
-            Ok(Status::Missing) => Err(Refusal::TokenRevoked),
-            Err(_) => match redis.settings.on_failure {
-                OnFailure::Closed => Err(Refusal::AuthUnavailable),
-                OnFailure::Local | OnFailure::Open => Ok(()),
-            },
+            Ok(Status::Missing) => Err(Refusal::TokenNotStored),
+            Err(_) => Err(Refusal::TokenStoreUnavailable),
         }
     }
 
@@ -378,7 +440,9 @@ impl Proxy {
     }
 
     async fn refuse(&self, session: &mut Session, ctx: &mut Ctx, r: Refusal) -> Result<bool> {
-        if matches!(r.status(), 401 | 403) || matches!(r, Refusal::AuthUnavailable) {
+        if matches!(r.status(), 401 | 403)
+            || matches!(r, Refusal::AuthUnavailable | Refusal::TokenStoreUnavailable)
+        {
             metrics::AUTH_FAILURES.with_label_values(&[r.code()]).inc();
         }
         respond::refuse(session, ctx, &r).await?;
@@ -431,6 +495,7 @@ impl ProxyHttp for Proxy {
             route: None,
             label: "_unmatched",
             target: String::new(),
+            lenient_paths: Vec::new(),
             tried: Vec::new(),
             status: 0,
             error: None,
@@ -438,6 +503,7 @@ impl ProxyHttp for Proxy {
             websocket: false,
             slot: None,
             extra_headers: Vec::new(),
+            grpc_refused: false,
             charges: Vec::new(),
         }
     }
@@ -493,8 +559,7 @@ impl ProxyHttp for Proxy {
             return self.refuse(session, ctx, r).await;
         }
         if let Some(auth) = &state.config.routes[route].upstream_auth {
-            let name = &state.config.routes[route].name;
-            match self.credentials.token_for(name, auth).await {
+            match self.credentials.token_for(auth).await {
                 Some(token) => ctx.upstream_token = Some(format!("Bearer {token}")),
                 None => {
                     return self
@@ -629,9 +694,12 @@ impl ProxyHttp for Proxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
-        let status = session
-            .response_written()
-            .map_or(ctx.status, |r| r.status.as_u16());
+        // A gRPC refusal is HTTP 200 on the wire; alerts on 401/429/5xx
+        // must still see it, so it counts as the status it stands for.
+        let status = match session.response_written() {
+            Some(r) if !ctx.grpc_refused => r.status.as_u16(),
+            _ => ctx.status,
+        };
         let route = ctx.route_name();
         let elapsed = ctx.start.elapsed();
         // Indexes of `metrics::PROTOCOLS`.

@@ -5,6 +5,7 @@ use crate::error::Refusal;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
+use pingora::protocols::http::ServerSession as HttpSession;
 use pingora::proxy::Session;
 
 pub const REQUEST_ID: &str = "x-request-id";
@@ -61,33 +62,35 @@ fn grpc_message(text: &str) -> String {
     out
 }
 
-/// A refusal to a gRPC client: HTTP 200 and `content-type: application/grpc`,
-/// no message, then trailers with the status in `grpc-status` and the
-/// sentence in `grpc-message`.
+/// A refusal to a gRPC client in the trailers-only form: HTTP 200,
+/// `content-type: application/grpc`, and `grpc-status` / `grpc-message` in
+/// the response headers themselves — on HTTP/2 one HEADERS frame that ends
+/// the stream, on HTTP/1.1 a head with an empty body — so every client
+/// sees the status, including those that never read trailers.
 async fn refuse_grpc(session: &mut Session, ctx: &mut Ctx, refusal: &Refusal) -> Result<()> {
-    let mut h = ResponseHeader::build(200, Some(4))?;
+    let mut h = ResponseHeader::build(200, Some(6))?;
     h.insert_header(http::header::CONTENT_TYPE, "application/grpc")?;
+    h.insert_header("grpc-status", u16::from(refusal.grpc_status()))?;
+    if let Ok(message) = http::HeaderValue::from_str(&grpc_message(&refusal.message())) {
+        h.insert_header("grpc-message", message)?;
+    }
     h.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
     ctx.status = refusal.status();
+    ctx.grpc_refused = true;
     for (name, value) in ctx.extra_headers.drain(..) {
         h.insert_header(name, value)?;
     }
     if !session.as_downstream_mut().is_body_empty() {
         session.set_keepalive(None);
     }
-    let mut trailers = http::HeaderMap::with_capacity(2);
-    trailers.insert(
-        "grpc-status",
-        http::HeaderValue::from(u16::from(refusal.grpc_status())),
-    );
-    if let Ok(message) = http::HeaderValue::from_str(&grpc_message(&refusal.message())) {
-        trailers.insert("grpc-message", message);
+    if let HttpSession::H2(h2) = session.as_downstream_mut() {
+        // Pingora's session-level writer never ends an HTTP/2 stream with
+        // the headers; its HTTP/2 session does when asked.
+        return h2.write_response_header(Box::new(h), true);
     }
+    h.set_content_length(0)?;
     session.write_response_header(Box::new(h), false).await?;
-    session
-        .as_downstream_mut()
-        .write_response_trailers(trailers)
-        .await
+    session.write_response_body(None, true).await
 }
 
 /// Writes `{"error","message"}` with the status and headers of the README
@@ -107,6 +110,10 @@ pub async fn refuse(session: &mut Session, ctx: &mut Ctx, refusal: &Refusal) -> 
     } = refusal
     {
         h.insert_header(http::header::RETRY_AFTER, retry_after_secs.to_string())?;
+    }
+    // The Redis client tries the store again a second after a failure.
+    if let Refusal::TokenStoreUnavailable = refusal {
+        h.insert_header(http::header::RETRY_AFTER, "1")?;
     }
     send(session, ctx, h, body).await
 }

@@ -568,7 +568,7 @@ impl Leases {
             }
         }
         let background = match &current {
-            Some(ns) if ns.redis.settings == redis.settings => ns.background.clone(),
+            Some(ns) if ns.redis.same_as(redis) => ns.background.clone(),
             _ => Arc::new(redis.detached()),
         };
         let fresh = Arc::new(Namespace {

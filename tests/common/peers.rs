@@ -15,10 +15,10 @@ const WS_PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/ws_pee
 const CERTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/certs.py");
 
 const MISSING: &str = "python3 with grpcio, websockets and cryptography is needed: \
-     run scripts/setup.sh, or `pip install grpcio websockets cryptography`";
+     run `scripts/setup.sh test` (it makes .venv from tests/requirements.txt)";
 
 fn python(script: &str) -> Command {
-    let mut cmd = Command::new("python3");
+    let mut cmd = Command::new(super::python3());
     cmd.arg(script);
     cmd
 }

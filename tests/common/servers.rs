@@ -227,7 +227,7 @@ impl TlsFront {
         let dir = tempfile::tempdir().expect("tempdir");
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/tls_front.py");
         let (log, file) = log_file(dir.path(), "tls_front.log");
-        let mut child = Command::new("python3")
+        let mut child = Command::new(python3())
             .arg(script)
             .arg(dir.path())
             .arg(backend_port.to_string())

@@ -206,7 +206,7 @@ pub fn admin_call(
 /// Mints a token with PyJWT (tests/support/mint.py).
 pub fn pyjwt(request: serde_json::Value) -> String {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/mint.py");
-    let mut child = Command::new("python3")
+    let mut child = Command::new(python3())
         .arg(script)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -231,7 +231,7 @@ pub fn pyjwt(request: serde_json::Value) -> String {
 /// The public JWK of a PEM public key, made by PyJWT (tests/support/jwk.py).
 pub fn jwk(pem: &str, kid: &str, alg: &str) -> serde_json::Value {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/jwk.py");
-    let out = Command::new("python3")
+    let out = Command::new(python3())
         .args([script, pem, kid, alg])
         .output()
         .expect("python3");
@@ -241,4 +241,35 @@ pub fn jwk(pem: &str, kid: &str, alg: &str) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("jwk JSON")
+}
+
+impl Tollgate {
+    /// `serve -c config_path` on a config the test laid out itself (a
+    /// symlinked directory, say), listening on `port` and `admin_port`.
+    pub fn start_at(
+        dir: tempfile::TempDir,
+        config_path: PathBuf,
+        (port, admin_port): (u16, u16),
+        env: &[(&str, &str)],
+    ) -> Tollgate {
+        let (log, file) = log_file(dir.path(), "tollgate.log");
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "-c"])
+            .arg(&config_path)
+            .stdout(file.try_clone().expect("log"))
+            .stderr(file);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn tollgate serve");
+        let mut t = Tollgate {
+            port,
+            admin_port,
+            proc: Proc { child, log },
+            dir,
+            config_path,
+        };
+        t.wait_healthy();
+        t
+    }
 }

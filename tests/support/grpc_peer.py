@@ -3,14 +3,17 @@
 No generated code: the service is registered with grpcio's generic handlers
 and messages are raw bytes (no protobuf), which the proxy never looks into.
 
-usage: grpc_peer.py server [--tls DIR]
+usage: grpc_peer.py server [--tls DIR] [--port N]
        grpc_peer.py call --target HOST:PORT --method unary|stream|fail
                          [--payload TEXT] [--token T] [--meta KEY=VALUE ...]
                          [--tls-ca CA.pem --authority NAME] [--timeout SECONDS]
+                         [--brief]
 
 server: listens on a free port of 127.0.0.1, plaintext HTTP/2 (h2c, prior
 knowledge) or, with --tls DIR, TLS with DIR/server.pem (chain) and
 DIR/server.key (ALPN h2); prints "PORT <n>" and serves until stdin closes.
+With --port N it listens on that port and serves until it is killed (for
+the README's recipes, where it runs in the background).
 Service tollgate.test.Echo:
   Unary   answers the request bytes unchanged
   Stream  request is an ASCII integer n: streams b"msg-0" .. b"msg-<n-1>",
@@ -30,7 +33,10 @@ object, whatever the gRPC status:
    "messages": [text, ...], "trailing": {key: value}, "initial": {key: value}}
 --token T sends metadata "authorization: Bearer T"; --meta adds any other
 metadata. --tls-ca makes a secure channel trusting CA.pem, --authority sets
-the TLS server name (SNI and verification) and :authority. Proxy variables
+the TLS server name (SNI and verification) and :authority. --brief prints
+only code, details, messages and the rate-limit headers (for the README's
+recipes: nothing that changes from run to run or between grpcio versions).
+Proxy variables
 in the environment (http_proxy, grpc_proxy) are ignored. Exits non-zero only
 on usage errors.
 """
@@ -109,13 +115,16 @@ def serve(args):
         with open(f"{args.tls}/server.pem", "rb") as f:
             chain = f.read()
         creds = grpc.ssl_server_credentials([(key, chain)])
-        port = server.add_secure_port("127.0.0.1:0", creds)
+        port = server.add_secure_port(f"127.0.0.1:{args.port}", creds)
     else:
-        port = server.add_insecure_port("127.0.0.1:0")
+        port = server.add_insecure_port(f"127.0.0.1:{args.port}")
     if not port:
         sys.exit("grpc_peer.py: could not bind a port")
     server.start()
     print("PORT", port, flush=True)
+    if args.port:
+        server.wait_for_termination()
+        return
     # Runs until the test closes stdin (or dies).
     sys.stdin.read()
     server.stop(0)
@@ -185,6 +194,10 @@ def call(args):
             "trailing": as_dict(rpc.trailing_metadata()),
             "initial": as_dict(rpc.initial_metadata()),
         }
+    if args.brief:
+        limits = {k: v for k, v in result["initial"].items() if k.startswith("ratelimit")}
+        result = {k: result[k] for k in ("code", "details", "messages")}
+        result.update(limits)
     print(json.dumps(result), flush=True)
 
 
@@ -193,6 +206,7 @@ def main():
     modes = parser.add_subparsers(dest="mode", required=True)
     server = modes.add_parser("server")
     server.add_argument("--tls", metavar="DIR")
+    server.add_argument("--port", type=int, default=0)
     client = modes.add_parser("call")
     client.add_argument("--target", required=True)
     client.add_argument("--method", required=True, choices=["unary", "stream", "fail"])
@@ -202,6 +216,7 @@ def main():
     client.add_argument("--tls-ca")
     client.add_argument("--authority")
     client.add_argument("--timeout", type=float, default=10.0)
+    client.add_argument("--brief", action="store_true")
     args = parser.parse_args()
     if args.mode == "server":
         serve(args)

@@ -1,11 +1,12 @@
 """A TLS front for the tests' plain HTTP servers, on Python's ssl module.
 
-usage: tls_front.py DIR BACKEND_PORT
+usage: tls_front.py DIR BACKEND_PORT [PORT]
 
 Makes a private CA and a certificate for 127.0.0.1 / localhost signed by it
 (DIR/ca.pem, DIR/server.pem, DIR/server.key), listens with TLS on a free
 port of 127.0.0.1, prints "PORT <n>" and relays every connection's bytes to
-127.0.0.1:BACKEND_PORT until stdin closes.
+127.0.0.1:BACKEND_PORT until stdin closes. Given a PORT, it listens there
+and relays until it is killed (the README's recipes run it in the background).
 """
 import asyncio
 import datetime
@@ -57,6 +58,7 @@ def write(path, data):
 
 
 def make_certificates(directory):
+    os.makedirs(directory, exist_ok=True)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = certificate("tollgate test CA", "tollgate test CA", ca_key, ca_key, True)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -86,7 +88,7 @@ async def pipe(reader, writer):
         writer.close()
 
 
-async def main(directory, backend_port):
+async def main(directory, backend_port, port):
     make_certificates(directory)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(
@@ -101,8 +103,10 @@ async def main(directory, backend_port):
             return
         await asyncio.gather(pipe(client_reader, writer), pipe(reader, client_writer))
 
-    server = await asyncio.start_server(relay, "127.0.0.1", 0, ssl=context)
+    server = await asyncio.start_server(relay, "127.0.0.1", port, ssl=context)
     print("PORT", server.sockets[0].getsockname()[1], flush=True)
+    if port:
+        await asyncio.Future()
     loop = asyncio.get_running_loop()
     # Runs until the test closes stdin (or dies).
     await loop.run_in_executor(None, sys.stdin.read)
@@ -110,4 +114,4 @@ async def main(directory, backend_port):
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+    asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 0))

@@ -84,11 +84,14 @@ async def echo(ws):
         pass
 
 
-async def run_server():
+async def run_server(port):
     async with serve(
-        echo, "127.0.0.1", 0, process_request=process_request, ping_interval=None
+        echo, "127.0.0.1", port, process_request=process_request, ping_interval=None
     ) as server:
         print("PORT", server.sockets[0].getsockname()[1], flush=True)
+        if port:
+            # A fixed port (the README's recipes): until killed.
+            await asyncio.Future()
         # Runs until the test closes stdin (or dies).
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
 
@@ -163,7 +166,8 @@ async def run_client(args):
 def main():
     parser = argparse.ArgumentParser(description="WebSocket test peer")
     modes = parser.add_subparsers(dest="mode", required=True)
-    modes.add_parser("server")
+    server = modes.add_parser("server")
+    server.add_argument("--port", type=int, default=0)
     client = modes.add_parser("client")
     client.add_argument("--url", required=True)
     client.add_argument("--tls-ca")
@@ -175,13 +179,21 @@ def main():
     client.add_argument("--hold", type=float, default=0.0)
     client.add_argument("--headers-probe", action="store_true")
     client.add_argument("--timeout", type=float, default=10.0)
+    # Only status, echoed messages (or the refusal's body) and rate-limit
+    # headers: what does not change between runs (the README's recipes).
+    client.add_argument("--brief", action="store_true")
     args = parser.parse_args()
     if args.mode == "server":
-        asyncio.run(run_server())
+        asyncio.run(run_server(args.port))
     else:
         if not args.url.startswith(("ws://", "wss://")):
             parser.error("--url must start with ws:// or wss://")
-        print(json.dumps(asyncio.run(run_client(args))), flush=True)
+        result = asyncio.run(run_client(args))
+        if args.brief:
+            headers = result.pop("response_headers", {})
+            result.pop("headers", None)
+            result.update({k: v for k, v in headers.items() if k.startswith("ratelimit")})
+        print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
