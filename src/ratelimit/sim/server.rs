@@ -192,6 +192,16 @@ impl Server {
         }
     }
 
+    /// The fields of a hash key now.
+    pub fn hash(&self, key: &str) -> BTreeMap<String, String> {
+        let mut s = lock(&self.0);
+        let now = s.now_us();
+        match s.get(key, now).map(|e| e.data.clone()) {
+            Some(Data::Hash(h)) => h,
+            _ => BTreeMap::new(),
+        }
+    }
+
     /// What restarts lost of an integer key.
     pub fn lost(&self, key: &str) -> u64 {
         lock(&self.0).lost.get(key).copied().unwrap_or(0).max(0) as u64
@@ -777,8 +787,9 @@ impl Link for SimLink {
             let span = hi.saturating_sub(lo).as_micros() as u64;
             let there = lo + Duration::from_micros(s.rng.u64(0..=span));
             let back = lo + Duration::from_micros(s.rng.u64(0..=span));
-            let dropped = std::mem::take(&mut s.dropped[instance]);
             let partitioned = s.faults.partitioned.contains(&instance);
+            // A call that vanishes in a partition learns nothing of a lost socket.
+            let dropped = !partitioned && std::mem::take(&mut s.dropped[instance]);
             (there, back, dropped, partitioned)
         };
         if partitioned {
