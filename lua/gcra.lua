@@ -34,7 +34,9 @@ for i = 1, n do
     grant = math.min(grant, avail)
   else
     ok = false
-    retry = tat + need * interval - now - window
+    -- Capped: a huge need over a long window is past any integer Redis
+    -- can return (it would come back as a negative number).
+    retry = math.min(tat + need * interval - now - window, 2 ^ 62)
   end
   plan[i] = { key, grant, avail, tat, interval, retry, was }
 end
@@ -54,7 +56,7 @@ for i = 1, n do
   end
   out[#out + 1] = grant
   out[#out + 1] = p[3] - grant
-  out[#out + 1] = tat - now
+  out[#out + 1] = math.min(tat - now, 2 ^ 62)
   out[#out + 1] = p[6]
   out[#out + 1] = 0
   out[#out + 1] = -1

@@ -18,6 +18,7 @@
 //! `cargo test --lib ratelimit::sim` runs a few thousand schedules;
 //! `SIM_SCHEDULES=N` runs more, `SIM_SEED=S` replays one.
 
+mod differential;
 mod server;
 
 use super::concurrency::Concurrency;

@@ -192,6 +192,25 @@ impl Server {
         }
     }
 
+    /// Runs one command the way a connection's would reach the server, at
+    /// the server's now (the differential test against a real Redis).
+    pub fn execute_now(&self, args: Vec<Vec<u8>>) -> Result<Value, RedisError> {
+        match self.execute(0, args)? {
+            Value::ServerError(e) => Err(e.into()),
+            v => Ok(v),
+        }
+    }
+
+    /// The value of a string key now.
+    pub fn string(&self, key: &str) -> Option<String> {
+        let mut s = lock(&self.0);
+        let now = s.now_us();
+        match s.get(key, now).map(|e| e.data.clone()) {
+            Some(Data::Str(v)) => Some(v),
+            _ => None,
+        }
+    }
+
     /// The fields of a hash key now.
     pub fn hash(&self, key: &str) -> BTreeMap<String, String> {
         let mut s = lock(&self.0);
@@ -746,7 +765,11 @@ fn from_lua(v: &LuaValue) -> Value {
         LuaValue::Nil | LuaValue::Boolean(false) => Value::Nil,
         LuaValue::Boolean(true) => Value::Int(1),
         LuaValue::Integer(i) => Value::Int(*i),
-        LuaValue::Number(n) => Value::Int(*n as i64),
+        // Redis converts with a C cast: out of range is i64::MIN on x86-64.
+        LuaValue::Number(n) if n.is_finite() && n.abs() < 9.223_372_036_854_775e18 => {
+            Value::Int(*n as i64)
+        }
+        LuaValue::Number(_) => Value::Int(i64::MIN),
         LuaValue::String(s) => Value::BulkString(s.as_bytes().to_vec()),
         LuaValue::Table(t) => {
             if let Ok(e) = t.get::<String>("err") {
