@@ -175,7 +175,10 @@ pub fn align(
     now: u64,
     wall: u64,
 ) -> Vec<Lease> {
-    let keep = |l: &Lease, w: &Window| l.window.same_counter(w) && l.live(now);
+    // A lease of a window whose limit a reload changed is dropped (what it
+    // held goes back) and a new one counts on in the same counter: units
+    // leased under the old limit are never spent under the new one.
+    let keep = |l: &Lease, w: &Window| l.window.is(w) && l.live(now);
     let current = held.slice();
     let same =
         current.len() == windows.len() && current.iter().zip(windows).all(|(l, w)| keep(l, w));
@@ -198,13 +201,7 @@ pub fn align(
         }
         l
     });
-    for (l, w) in held.slice_mut().iter_mut().zip(windows) {
-        if !l.window.is(w) {
-            // A reload changed the limit: the lease keeps its counter and
-            // ledger; what Redis refused under the old limit is asked again.
-            l.window = PackedWindow::of(w);
-            l.over_until = 0;
-        }
+    for l in held.slice_mut() {
         if l.over_until != 0 && l.over_until <= now {
             l.over_until = 0;
         }

@@ -97,8 +97,6 @@ struct Tally {
     /// A decision that took a Redis call across the period's start or end
     /// belongs to either period: the period is not checked.
     straddled: bool,
-    /// Units were handed back to Redis in the period.
-    handed_back: bool,
     /// The largest limit the period was counted against.
     limit: u64,
     /// Instances that decided on their own in the period, with the fleet
@@ -212,15 +210,7 @@ impl Fleet {
     /// lost budget. Judged only with no call under way and no fault for a
     /// while; a refusal an instance made from what Redis told it earlier is
     /// excused when units were handed back meanwhile.
-    fn judge_refusal(
-        &self,
-        t: &mut Truth,
-        scope: &str,
-        w: &Window,
-        cost: u64,
-        local: bool,
-        asked_us: u64,
-    ) {
+    fn judge_refusal(&self, t: &mut Truth, scope: &str, w: &Window, cost: u64, asked_us: u64) {
         let now = now_us();
         let period = super::algo::Period::of(w);
         if period.bounds(asked_us).0 != period.bounds(now).0 {
@@ -238,7 +228,10 @@ impl Fleet {
         let key = period_key(scope, w, start);
         let tally = t.tallies.get(&key).cloned().unwrap_or_default();
         let (prefix, id) = unscope(scope);
-        if tally.straddled || (local && tally.handed_back) || prefix != self.prefix() {
+        // A refusal made from what Redis said before units were handed back
+        // (by this instance's reload or another's idle lease) is excused.
+        let handed_back = self.server.handed_back(&base_key(prefix, id, w), start);
+        if tally.straddled || handed_back || prefix != self.prefix() {
             return;
         }
         let held: u64 = self
@@ -608,7 +601,7 @@ async fn request(
                 let scope = scoped(&prefix, &scopes[c.scope].id);
                 let mut t = lock(&truth);
                 if !d.fallback {
-                    fleet.judge_refusal(&mut t, &scope, &w, cost, d.source == "local", asked_us);
+                    fleet.judge_refusal(&mut t, &scope, &w, cost, asked_us);
                 }
                 t.refused += 1;
             }
@@ -654,8 +647,8 @@ async fn request(
                     // A refund reaches only the lease and period that were
                     // charged: after a reload dropped the lease it is lost
                     // (the period is then left unchecked).
-                    let at = t.admitted[r].at_us;
-                    if t.reloads.iter().any(|&x| x >= at) {
+                    let asked = t.admitted[r].asked_us;
+                    if t.reloads.iter().any(|&x| x >= asked) {
                         let key = period_key(&t.admitted[r].scope, &c.window, charged_in);
                         t.tallies.entry(key).or_default().straddled = true;
                     } else if period.bounds(now).0 == charged_in {
@@ -872,47 +865,10 @@ impl World {
         ))
     }
 
-    /// Notes the periods in which units were handed back (from what the
-    /// server ran).
-    fn note_hand_backs(&self) {
-        let executed = self.server.take_executed();
-        let mut t = lock(&self.truth);
-        let limits = lock(&self.limits).clone();
-        for e in executed {
-            // Window scripts: ARGV n, instance, then 10 values per window.
-            let n: usize = e.args.first().and_then(|a| a.parse().ok()).unwrap_or(0);
-            if e.args.len() != 2 + 10 * n || e.reply.len() != 6 * n {
-                continue;
-            }
-            for i in 0..n {
-                let back: u64 = e.args[2 + 10 * i + 7].parse().unwrap_or(0);
-                if back == 0 {
-                    continue;
-                }
-                let Some(key) = e.keys.get(i) else { continue };
-                let period = e.reply[6 * i + 4].max(0) as u64;
-                for prefix in lock(&self.fleet.prefixes).iter() {
-                    for key_ix in 0..self.spec.keys {
-                        for scope in scopes(&limits, key_ix) {
-                            for w in scope.windows.iter() {
-                                if redis_key(prefix, &scope.id, w, period).starts_with(key.as_str())
-                                {
-                                    t.tallies
-                                        .entry(period_key(&scoped(prefix, &scope.id), w, period))
-                                        .or_default()
-                                        .handed_back = true;
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-
     /// Every invariant, on what happened so far.
     fn check(&self) -> Result<(), String> {
-        self.note_hand_backs();
+        // Drained so the log does not grow; the checks read the server's state.
+        let _ = self.server.take_executed();
         let mut problems = std::mem::take(&mut lock(&self.truth).violations);
         problems.extend(
             self.server
@@ -970,6 +926,15 @@ impl World {
         }
         out
     }
+}
+
+/// The base key of a window's counters (remote.rs's `base_key`).
+fn base_key(prefix: &str, key_id: &str, w: &Window) -> String {
+    let label = match w.calendar {
+        Some(_) => w.label(),
+        None => w.window.as_secs().to_string(),
+    };
+    format!("{prefix}rl:{{{key_id}}}:{label}")
 }
 
 /// The Redis key the window scripts count a period in.

@@ -77,6 +77,8 @@ struct State {
     lost: HashMap<String, i64>,
     /// Calls on their way to or back from the server.
     in_flight: usize,
+    /// Window counters units were handed back to: (base key, period start).
+    handed_back: std::collections::HashSet<(String, u64)>,
     /// Offset of the server's clock from the simulation's wall clock.
     skew_us: i64,
 }
@@ -133,6 +135,7 @@ impl Server {
             restarts: 0,
             lost: HashMap::new(),
             in_flight: 0,
+            handed_back: Default::default(),
             skew_us: 0,
         })))
     }
@@ -219,6 +222,13 @@ impl Server {
             Some(Data::Hash(h)) => h,
             _ => BTreeMap::new(),
         }
+    }
+
+    /// Whether units were handed back to a window's counter in a period.
+    pub fn handed_back(&self, base_key: &str, period: u64) -> bool {
+        lock(&self.0)
+            .handed_back
+            .contains(&(base_key.to_string(), period))
     }
 
     /// What restarts lost of an integer key.
@@ -340,6 +350,17 @@ impl State {
                 argv,
                 ints
             );
+        }
+        // Window scripts: ARGV n, instance, then 10 values per window.
+        let n: usize = argv.first().and_then(|a| a.parse().ok()).unwrap_or(0);
+        if argv.len() == 2 + 10 * n && ints.len() == 6 * n {
+            for i in 0..n {
+                let back: u64 = argv[2 + 10 * i + 7].parse().unwrap_or(0);
+                if let (true, Some(key)) = (back > 0, keys.get(i)) {
+                    let period = ints[6 * i + 4].max(0) as u64;
+                    self.handed_back.insert((key.clone(), period));
+                }
+            }
         }
         self.executed.push(Executed {
             instance,
