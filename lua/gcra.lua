@@ -3,7 +3,7 @@
 -- per `window`, one every window/limit, with bursts up to `limit`.
 --
 -- KEYS[i]  base key of window i: <prefix>rl:{<key>}:<window seconds> (":gcra" is appended)
--- ARGV     as in fixed_window.lua, but GCRA keeps no ledger and has no
+-- ARGV     as in fixed_window.lua (10 values per window), but GCRA keeps no ledger and has no
 --          periods: `period` and `consumed` are ignored, `floor` is units
 --          to charge as they are (admitted while Redis was unreachable, or
 --          reported after the answer), `back` units handed back.
@@ -16,7 +16,7 @@ local n = tonumber(ARGV[1])
 local plan = {}
 local ok = true
 for i = 1, n do
-  local a = 2 + (i - 1) * 9
+  local a = 2 + (i - 1) * 10
   local limit, window = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   local need, divisor, max_chunk = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
   local add, back = tonumber(ARGV[a + 7]), tonumber(ARGV[a + 8])
@@ -34,7 +34,9 @@ for i = 1, n do
     grant = math.min(grant, avail)
   else
     ok = false
-    retry = tat + need * interval - now - window
+    -- Capped: a huge need over a long window is past any integer Redis
+    -- can return (it would come back as a negative number).
+    retry = math.min(tat + need * interval - now - window, 2 ^ 62)
   end
   plan[i] = { key, grant, avail, tat, interval, retry, was }
 end
@@ -54,7 +56,7 @@ for i = 1, n do
   end
   out[#out + 1] = grant
   out[#out + 1] = p[3] - grant
-  out[#out + 1] = tat - now
+  out[#out + 1] = math.min(tat - now, 2 ^ 62)
   out[#out + 1] = p[6]
   out[#out + 1] = 0
   out[#out + 1] = -1

@@ -74,8 +74,9 @@ local function expire_ms(key, life, window)
 end
 
 -- The ledger of one period: a hash beside the period's count, one field per
--- instance holding the units the count holds for it (held or admitted), and
--- `<instance>:u`, the units that instance said it had admitted. It lives as
+-- lease of an instance ("<instance>:<lease>") holding the units the count
+-- holds for it (held or admitted), and "<instance>:<lease>:u", the units it
+-- said it had admitted. It lives as
 -- long as the count.
 --
 -- settle(used, mine, pstart, start, floor, back)

@@ -4,7 +4,8 @@
 -- KEYS[i] base key of window i; ARGV[1] n, ARGV[2] the caller's id, then per
 -- window: window (microseconds; -1 day, -2 month)
 -- Returns 3 integers per window: units counted (held or admitted by the
--- fleet), units the other instances reported admitted, µs to the period's end.
+-- fleet), units the other instances reported admitted (ledger fields are
+-- "<instance>:<lease>" and "<instance>:<lease>:u"), µs to the period's end.
 -- Needs prelude.lua in front.
 local now = now_us()
 local n = tonumber(ARGV[1])
@@ -19,7 +20,7 @@ for i = 1, n do
   local fields = redis.call('HGETALL', key .. ':l')
   for f = 1, #fields, 2 do
     local name = fields[f]
-    if string.sub(name, -2) == ':u' and name ~= me .. ':u' then
+    if string.sub(name, -2) == ':u' and string.sub(name, 1, #me + 1) ~= me .. ':' then
       admitted = admitted + tonumber(fields[f + 1])
     end
   end

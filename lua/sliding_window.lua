@@ -13,7 +13,7 @@ local me = ARGV[2]
 local plan = {}
 local ok = true
 for i = 1, n do
-  local a = 2 + (i - 1) * 9
+  local a = 2 + (i - 1) * 10
   local limit, window = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   local need, divisor, max_chunk = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
   local pstart, floor, back, consumed = tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7]), tonumber(ARGV[a + 8]), tonumber(ARGV[a + 9])
@@ -22,7 +22,8 @@ for i = 1, n do
   local cur_key = period_key(KEYS[i], start)
   local ledger = cur_key .. ':l'
   local was = tonumber(redis.call('GET', cur_key) or '0')
-  local was_mine = tonumber(redis.call('HGET', ledger, me) or '0')
+  local who = me .. ':' .. ARGV[a + 10]
+  local was_mine = tonumber(redis.call('HGET', ledger, who) or '0')
   local cur, mine = settle(was, was_mine, pstart, start, floor, back)
   local prev = 0
   local life = stop - now
@@ -54,7 +55,7 @@ for i = 1, n do
       retry = math.min(math.max(at - elapsed, 1), length - elapsed)
     end
   end
-  plan[i] = { cur_key, ledger, grant, avail, length - elapsed, retry, life, window, start, pstart, was, cur, was_mine, mine, consumed }
+  plan[i] = { cur_key, ledger, grant, avail, length - elapsed, retry, life, window, start, pstart, was, cur, was_mine, mine, consumed, who }
 end
 local out = {}
 for i = 1, n do
@@ -62,7 +63,7 @@ for i = 1, n do
   local grant = 0
   if ok then grant = p[3] end
   local mine = p[14] + grant
-  store(p[1], p[2], me, p[12] + grant - p[11], mine, p[13], p[15], p[10], p[9], p[7], p[8])
+  store(p[1], p[2], p[16], p[12] + grant - p[11], mine, p[13], p[15], p[10], p[9], p[7], p[8])
   out[#out + 1] = grant
   out[#out + 1] = p[4] - grant
   out[#out + 1] = p[5]

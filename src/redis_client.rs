@@ -50,6 +50,15 @@ pub struct Redis {
     down_until: Mutex<Option<Instant>>,
     /// Calls that found the connection lost (Redis restarted, or went away).
     reconnects: std::sync::atomic::AtomicU64,
+    /// When the client was built, in order: a later config's client has a
+    /// higher number (a detached copy keeps its parent's).
+    generation: u64,
+}
+
+/// The next `Redis::generation`.
+fn next_generation() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 // One per config: its size does not matter.
@@ -167,6 +176,7 @@ impl Redis {
             conn: OnceCell::new(),
             down_until: Mutex::new(None),
             reconnects: Default::default(),
+            generation: next_generation(),
         })
     }
 
@@ -193,6 +203,7 @@ impl Redis {
             conn: OnceCell::new(),
             down_until: Mutex::new(None),
             reconnects: Default::default(),
+            generation: next_generation(),
         }
     }
 
@@ -206,6 +217,7 @@ impl Redis {
             conn: OnceCell::new(),
             down_until: Mutex::new(None),
             reconnects: Default::default(),
+            generation: self.generation,
         }
     }
 
@@ -347,6 +359,11 @@ impl Redis {
             self.failed(&err);
             return Err(err);
         }
+    }
+
+    /// Clients built later (by a later config) have higher generations.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// How many calls found the connection lost so far: a change tells the

@@ -55,14 +55,13 @@ const KEEP_EVERY: Duration = Duration::from_secs(1);
 /// A key this instance has not seen for this long hands its lease back.
 /// The trade: a key whose requests come further apart than this pays a
 /// hand-back and a new lease per request (when its lease is worth returning,
-/// below), and budget can sit idle on an instance this long.
+/// below), and budget can sit idle on an instance this long. A hand-back
+/// names its period, so it never lands in the next one.
 pub const IDLE: Duration = Duration::from_secs(5);
 /// Leases smaller than 1/RETURN_SHARE of the limit are not worth a Redis
 /// call to hand back (they end with their window): far from a large limit
 /// (the common many-keys case) nothing is handed back.
 const RETURN_SHARE: u64 = 256;
-/// A lease whose window ends sooner than this is left to end.
-const RETURN_MARGIN_US: u64 = 1_000_000;
 /// Background calls (syncs, hand-backs) per keeper round; the rest wait
 /// for the next round, and a round stops at the first failure.
 const CALLS_PER_ROUND: usize = 2000;
@@ -141,6 +140,55 @@ struct Shard {
     done: tokio::sync::Notify,
 }
 
+/// Calls that give back what dropped leases held and state their floors
+/// (a key forgotten, a window a reload removed, a namespace left): made at
+/// once, and by the keeper again until they succeed or their periods end.
+struct Return {
+    ns: Arc<Namespace>,
+    key: String,
+    windows: Vec<Window>,
+    asks: Vec<Ask>,
+    /// When the last of the leases ends (instance µs): no call after that.
+    until: u64,
+}
+
+type Returns = Arc<Mutex<Vec<Return>>>;
+
+/// Makes `returns` in the background; what fails waits in `unreturned`.
+fn send_returns(instance: String, unreturned: Returns, returns: Vec<Return>) {
+    if returns.is_empty() {
+        return;
+    }
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        lock(&unreturned).extend(returns);
+        return;
+    };
+    runtime.spawn(async move {
+        let mut failed = false;
+        for r in returns {
+            if !failed {
+                let ns = &r.ns;
+                let answer = remote::lease(
+                    &ns.background,
+                    ns.algo,
+                    &instance,
+                    &r.key,
+                    &r.windows,
+                    &r.asks,
+                    DIVISOR,
+                    0,
+                )
+                .await;
+                if answer.is_ok() {
+                    continue;
+                }
+                failed = true;
+            }
+            lock(&unreturned).push(r);
+        }
+    });
+}
+
 /// Where leases were taken: the Redis (its URL, key prefix) and algorithm.
 struct Namespace {
     redis: Arc<Redis>,
@@ -176,6 +224,8 @@ struct Inner {
     reconnects_seen: AtomicU64,
     /// Keys kept per shard; beyond it the least recently used go.
     per_shard: AtomicUsize,
+    /// Returns that failed, for the keeper to make again.
+    unreturned: Returns,
 }
 
 pub struct Leases {
@@ -199,8 +249,8 @@ pub struct Acquired {
     pub allowed: bool,
     pub outcomes: Vec<Outcome>,
     pub asked_redis: bool,
-    /// The period each window was charged in.
-    pub periods: Vec<u64>,
+    /// The lease (its incarnation) and period each window was charged in.
+    pub periods: Vec<(u32, u64)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -317,35 +367,67 @@ impl Inner {
             if k.busy() || k.last_used() > cut {
                 return true;
             }
-            if let Some(r) = returnable(key, k, ns.algo, now, |_| true) {
+            // Only leases worth a call (as idle ones, or owing units).
+            let worth = |l: &Lease| l.budget().saturating_mul(RETURN_SHARE) >= l.window.requests;
+            if let Some(r) = returnable(&ns, key, k, now, worth) {
                 returns.push(r);
             }
             false
         });
         metrics::RATELIMIT_KEYS_EVICTED.inc_by((before - map.len()) as u64);
-        if !returns.is_empty() {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                let instance = self.instance.clone();
-                runtime.spawn(async move {
-                    for (key, windows, asks) in returns {
-                        let _ = remote::lease(
-                            &ns.background,
-                            ns.algo,
-                            &instance,
-                            &key,
-                            &windows,
-                            &asks,
-                            DIVISOR,
-                            0,
-                        )
-                        .await;
-                    }
-                });
-            }
+        send_returns(self.instance.clone(), self.unreturned.clone(), returns);
+    }
+
+    /// Hands back the unused units of leases a realignment dropped (a
+    /// reload removed their window), so Redis does not count them for an
+    /// instance that no longer holds them.
+    fn return_dropped(&self, ns: &Arc<Namespace>, key: &str, dropped: Vec<Lease>) {
+        let mut k = KeyState::new(0);
+        k.held = Slots::from_vec(dropped);
+        // Every live one: what it admitted must stay counted (its floor
+        // is stated again, in case Redis lost it), what it holds goes back.
+        if let Some(r) = returnable(ns, key, &mut k, self.now(), |l| {
+            l.consumed > 0 || l.budget() > 0
+        }) {
+            send_returns(self.instance.clone(), self.unreturned.clone(), vec![r]);
         }
     }
 
-    /// Every key states its floor again at its next call or sync.
+    /// The keeper's round of returns that failed before.
+    async fn retry_returns(&self) {
+        let now = self.now();
+        let pending: Vec<Return> = std::mem::take(&mut *lock(&self.unreturned))
+            .into_iter()
+            .filter(|r| r.until > now)
+            .collect();
+        let mut failed = false;
+        for r in pending {
+            if !failed {
+                let ns = &r.ns;
+                let answer = remote::lease(
+                    &ns.background,
+                    ns.algo,
+                    &self.instance,
+                    &r.key,
+                    &r.windows,
+                    &r.asks,
+                    DIVISOR,
+                    0,
+                )
+                .await;
+                if answer.is_ok() {
+                    continue;
+                }
+                failed = true;
+            }
+            lock(&self.unreturned).push(r);
+        }
+    }
+
+    /// A connection to Redis was lost (it may have restarted and lost its
+    /// counts): every key states its floor again at its next call or sync,
+    /// and what Redis refused before is asked again rather than refused
+    /// from memory.
     fn sync_all(&self) {
         for shard in self.shards.iter() {
             for k in lock(&shard.map).values_mut() {
@@ -355,6 +437,9 @@ impl Inner {
                     .any(|l| l.ledger > 0 || l.consumed > 0)
                 {
                     k.set_sync(true);
+                }
+                for l in k.held.slice_mut() {
+                    l.over_until = 0;
                 }
             }
         }
@@ -377,7 +462,12 @@ impl Inner {
         let now = self.now();
         let mut map = lock(&shard.map);
         let before = map.len();
-        map.retain(|_, k| k.busy() || k.held.slice().iter().any(|l| l.live(now) || l.over(now)));
+        // A key that owes a sync stays even when its leases ended: a call
+        // that timed out may still land in the next period, and the sync
+        // finds it under the lease's name.
+        map.retain(|_, k| {
+            k.busy() || k.owes_sync() || k.held.slice().iter().any(|l| l.live(now) || l.over(now))
+        });
         // Shrunk only well below capacity, so a map that empties and
         // fills again with each window does not reallocate every time.
         if map.len() < before && map.capacity() > 4 * map.len() + 64 {
@@ -403,7 +493,7 @@ impl Inner {
                 }
                 let idle_key = stopping || now.saturating_sub(k.last_used()) >= idle;
                 let worth = |l: &Lease| {
-                    l.expires > now.saturating_add(RETURN_MARGIN_US)
+                    l.live(now)
                         && (stopping
                             || l.budget().saturating_mul(RETURN_SHARE) >= l.window.requests)
                 };
@@ -487,27 +577,41 @@ impl Inner {
 /// The windows and hand-back calls of a key about to be forgotten (evicted
 /// or at a stop): its unused units go back, its floor is stated.
 fn returnable(
+    ns: &Arc<Namespace>,
     key: &str,
     k: &mut KeyState,
-    algo: Algorithm,
     now: u64,
     worth: impl Fn(&Lease) -> bool,
-) -> Option<(String, Vec<Window>, Vec<Ask>)> {
-    let owes = k.held.slice().iter().any(|l| {
-        l.expires > now.saturating_add(RETURN_MARGIN_US)
-            && (l.budget() > 0 && worth(l) || l.pending() > 0)
-    });
+) -> Option<Return> {
+    let owes = k
+        .held
+        .slice()
+        .iter()
+        .any(|l| l.live(now) && (worth(l) || l.pending() > 0));
     if !owes {
         return None;
     }
     let windows = k.held.slice().iter().map(|l| l.window.window()).collect();
+    let until = k
+        .held
+        .slice()
+        .iter()
+        .map(|l| l.expires)
+        .max()
+        .unwrap_or(now);
     let asks = k
         .held
         .slice_mut()
         .iter_mut()
-        .map(|l| lease::hand_back(l, algo))
+        .map(|l| lease::hand_back(l, ns.algo))
         .collect();
-    Some((key.to_string(), windows, asks))
+    Some(Return {
+        ns: ns.clone(),
+        key: key.to_string(),
+        windows,
+        asks,
+        until,
+    })
 }
 
 impl Leases {
@@ -530,6 +634,7 @@ impl Leases {
                 keeper_running: AtomicBool::new(false),
                 reconnects_seen: AtomicU64::new(0),
                 per_shard: AtomicUsize::new(DEFAULT_MAX_KEYS.div_ceil(SHARDS)),
+                unreturned: Arc::default(),
             }),
         }
     }
@@ -566,6 +671,11 @@ impl Leases {
             if Arc::ptr_eq(&ns.redis, redis) && ns.algo == algo {
                 return ns.clone();
             }
+            // A request still running on the config before a reload: it is
+            // counted where the leases are now, never moves them back.
+            if redis.generation() < ns.redis.generation() {
+                return ns.clone();
+            }
         }
         let background = match &current {
             Some(ns) if ns.redis.same_as(redis) => ns.background.clone(),
@@ -592,33 +702,13 @@ impl Leases {
         for shard in inner.shards.iter() {
             let mut map = lock(&shard.map);
             for (key, k) in map.iter_mut() {
-                if let Some(r) = returnable(key, k, old.algo, now, |_| true) {
+                if let Some(r) = returnable(&old, key, k, now, |l| l.budget() > 0) {
                     returns.push(r);
                 }
             }
             map.clear();
         }
-        if returns.is_empty() {
-            return;
-        }
-        let instance = inner.instance.clone();
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                for (key, windows, asks) in returns {
-                    let _ = remote::lease(
-                        &old.background,
-                        old.algo,
-                        &instance,
-                        &key,
-                        &windows,
-                        &asks,
-                        DIVISOR,
-                        0,
-                    )
-                    .await;
-                }
-            });
-        }
+        send_returns(inner.instance.clone(), inner.unreturned.clone(), returns);
     }
 
     pub async fn acquire(
@@ -631,16 +721,19 @@ impl Leases {
         cost: u64,
     ) -> Result<Acquired, Unavailable> {
         let inner = &*self.inner;
-        let ns = self.namespace(redis, algo);
         inner.usage.observe(key_id, cost, inner.now());
         let shard = inner.shard(key_id);
         let hybrid = sync == SyncMode::Hybrid;
         // Waits are capped so a lost wake-up can only cost time, never hang.
         let wait_cap = redis.settings.timeout + Duration::from_millis(50);
-        let (asks, reserved, max_chunk) = loop {
+        let (ns, asks, reserved, max_chunk) = loop {
+            // Again after every wait: a reload may have moved the leases.
+            let ns = self.namespace(redis, algo);
             let done = shard.done.notified();
             tokio::pin!(done);
-            let step = self.try_local(shard, &ns, algo, hybrid, key_id, windows, cost, &mut done);
+            let step = self.try_local(
+                shard, &ns, ns.algo, hybrid, key_id, windows, cost, &mut done,
+            );
             // After the key is in the map, so a keeper that is stopping sees it.
             self.keep();
             match step {
@@ -652,9 +745,12 @@ impl Leases {
                     asks,
                     reserved,
                     max_chunk,
-                } => break (asks, reserved, max_chunk),
+                } => break (ns, asks, reserved, max_chunk),
             }
         };
+        // The namespace's Redis and algorithm (a request of an older config
+        // is counted under the current one).
+        let (redis, algo) = (&ns.redis, ns.algo);
         let _busy = hybrid.then_some(Busy { shard, key: key_id });
         let divisor = if hybrid { DIVISOR } else { u64::MAX / 2 };
         let sent = inner.now();
@@ -702,7 +798,12 @@ impl Leases {
                     allowed,
                     outcomes,
                     asked_redis: true,
-                    periods: k.held.slice().iter().map(|l| l.period).collect(),
+                    periods: k
+                        .held
+                        .slice()
+                        .iter()
+                        .map(|l| (l.incarnation, l.period))
+                        .collect(),
                 })
             }
             (Ok(grants), None) => {
@@ -714,7 +815,8 @@ impl Leases {
                     allowed,
                     outcomes,
                     asked_redis: true,
-                    periods: grants.iter().map(|g| g.period).collect(),
+                    // Charged in no lease this instance keeps.
+                    periods: grants.iter().map(|g| (u32::MAX, g.period)).collect(),
                 })
             }
             (Err(e), state) => {
@@ -756,7 +858,10 @@ impl Leases {
             return Step::Wait;
         };
         state.used_at(now);
-        lease::align(&mut state.held, windows, algo, now, crate::clock::now_us());
+        let dropped = lease::align(&mut state.held, windows, algo, now, crate::clock::now_us());
+        if !dropped.is_empty() {
+            inner.return_dropped(ns, key_id, dropped);
+        }
         let busy = state.busy();
         if let Some((allowed, outcomes)) = lease::local(state.held.slice_mut(), cost, now) {
             if allowed && hybrid && !busy && lease::needs_top_up(state.held.slice()) {
@@ -773,7 +878,12 @@ impl Leases {
             }
             return Step::Done(Acquired {
                 allowed,
-                periods: state.held.slice().iter().map(|l| l.period).collect(),
+                periods: state
+                    .held
+                    .slice()
+                    .iter()
+                    .map(|l| (l.incarnation, l.period))
+                    .collect(),
                 outcomes,
                 asked_redis: false,
             });
@@ -824,7 +934,10 @@ impl Leases {
             };
         };
         k.used_at(now);
-        lease::align(&mut k.held, windows, algo, now, crate::clock::now_us());
+        let dropped = lease::align(&mut k.held, windows, algo, now, crate::clock::now_us());
+        if let (false, Some(ns)) = (dropped.is_empty(), inner.namespace.load_full()) {
+            inner.return_dropped(&ns, key_id, dropped);
+        }
         let (allowed, outcomes) = lease::fallback(k.held.slice_mut(), cost, fleet, now);
         if allowed {
             k.set_sync(true);
@@ -836,20 +949,31 @@ impl Leases {
             allowed,
             outcomes,
             asked_redis: false,
-            periods: k.held.slice().iter().map(|l| l.period).collect(),
+            periods: k
+                .held
+                .slice()
+                .iter()
+                .map(|l| (l.incarnation, l.period))
+                .collect(),
         }
     }
 
-    /// Gives back `units` charged to `window` of `key_id` in `period`.
-    pub fn refund(&self, key_id: &str, window: &Window, units: u64, period: u64) {
+    /// Gives back `units` charged to `window` of `key_id` in `period`, by
+    /// the lease `incarnation` (a lease made since, in another namespace
+    /// or after the window was dropped, never gets them).
+    pub fn refund(&self, key_id: &str, window: &Window, units: u64, incarnation: u32, period: u64) {
         let inner = &*self.inner;
         let mut map = lock(&inner.shard(key_id).map);
         let now = inner.now();
-        if let Some(l) = map
-            .get_mut(key_id)
-            .and_then(|k| k.held.slice_mut().iter_mut().find(|l| l.window.is(window)))
-        {
-            lease::refund(l, units, period, now);
+        if let Some(l) = map.get_mut(key_id).and_then(|k| {
+            k.held
+                .slice_mut()
+                .iter_mut()
+                .find(|l| l.window.same_counter(window))
+        }) {
+            if l.incarnation == incarnation {
+                lease::refund(l, units, period, now);
+            }
         }
     }
 
@@ -873,13 +997,19 @@ impl Leases {
             return;
         };
         // The key may have been forgotten, or hold other windows now.
-        if !k.held.slice().iter().any(|l| l.window.is(window)) {
+        if !k.held.slice().iter().any(|l| l.window.same_counter(window)) {
             let mut windows: Vec<Window> =
                 k.held.slice().iter().map(|l| l.window.window()).collect();
             windows.push(*window);
-            lease::align(&mut k.held, &windows, ns.algo, now, crate::clock::now_us());
+            let dropped = lease::align(&mut k.held, &windows, ns.algo, now, crate::clock::now_us());
+            inner.return_dropped(&ns, key_id, dropped);
         }
-        let Some(l) = k.held.slice_mut().iter_mut().find(|l| l.window.is(window)) else {
+        let Some(l) = k
+            .held
+            .slice_mut()
+            .iter_mut()
+            .find(|l| l.window.same_counter(window))
+        else {
             return;
         };
         if !l.live(now) {
@@ -944,24 +1074,45 @@ impl Leases {
                 k.held
                     .slice()
                     .iter()
-                    .find(|l| l.window.is(window) && l.live(now))
+                    .find(|l| l.window.same_counter(window) && l.live(now))
             })
             .map_or(0, |l| l.consumed)
+    }
+
+    /// The lease of `window` of `key_id`, as this instance keeps it (tests).
+    #[cfg(test)]
+    pub fn lease_of(&self, key_id: &str, window: &Window) -> Option<Lease> {
+        let map = lock(&self.inner.shard(key_id).map);
+        map.get(key_id).and_then(|k| {
+            k.held
+                .slice()
+                .iter()
+                .find(|l| l.window.same_counter(window))
+                .copied()
+        })
     }
 
     /// Unused units this instance holds for `window` of `key_id` in the
     /// period that starts at `period` (tests; a lease may end a little
     /// before its period: it holds the units, unused, until the period ends).
     #[cfg(test)]
-    pub fn held(&self, key_id: &str, window: &Window, period: u64) -> u64 {
+    pub fn held(&self, prefix: &str, key_id: &str, window: &Window, period: u64) -> u64 {
         let inner = &*self.inner;
+        if inner
+            .namespace
+            .load()
+            .as_ref()
+            .is_none_or(|ns| ns.redis.prefix() != prefix)
+        {
+            return 0;
+        }
         let map = lock(&inner.shard(key_id).map);
         map.get(key_id)
             .and_then(|k| {
                 k.held
                     .slice()
                     .iter()
-                    .find(|l| l.window.is(window) && l.period == period)
+                    .find(|l| l.window.same_counter(window) && l.period == period)
             })
             .map_or(0, |l| l.budget())
     }
@@ -1013,6 +1164,7 @@ fn spawn_keeper(inner: Weak<Inner>) {
                     inner.sync_all();
                 }
                 inner.sweep().await;
+                inner.retry_returns().await;
                 inner.background_calls(&ns, IDLE, false).await;
             } else {
                 inner.sweep().await;
@@ -1122,12 +1274,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_key_state_is_80_bytes() {
+    fn a_key_state_is_88_bytes() {
         // Memory per key (README, bench/memory.py): one state per key, its
         // one lease inline.
-        assert_eq!(std::mem::size_of::<Lease>(), 72);
-        assert_eq!(std::mem::size_of::<Slots<Lease>>(), 72);
-        assert_eq!(std::mem::size_of::<KeyState>(), 80);
+        assert_eq!(std::mem::size_of::<Lease>(), 80);
+        assert_eq!(std::mem::size_of::<Slots<Lease>>(), 80);
+        assert_eq!(std::mem::size_of::<KeyState>(), 88);
         let mut k = KeyState::new(12_345);
         k.set_busy(true);
         k.set_sync(true);

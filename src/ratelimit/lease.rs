@@ -65,6 +65,18 @@ pub struct Lease {
     /// least this costly are refused locally; a smaller one may fit sooner
     /// (a sliding window frees units as it slides) and asks Redis.
     pub refused_cost: u32,
+    /// This lease's name in the period's ledger (with the instance's): a
+    /// lease dropped and made again in one period (a window a reload
+    /// removed and put back, a key forgotten and seen again) has a ledger
+    /// of its own, so what the old one held is never read as the new
+    /// one's budget.
+    pub incarnation: u32,
+}
+
+/// A new lease's incarnation.
+fn next_incarnation() -> u32 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 fn saturated(n: u64) -> u32 {
@@ -97,6 +109,7 @@ impl Lease {
             over_until: 0,
             last_grant: 0,
             refused_cost: 0,
+            incarnation: next_incarnation(),
         }
     }
 
@@ -136,6 +149,7 @@ impl Lease {
             floor: self.floor(algo),
             back: 0,
             consumed: Some(self.consumed),
+            incarnation: self.incarnation,
         }
     }
 
@@ -152,17 +166,47 @@ impl Lease {
 /// Lines a key's leases up with the windows that apply now (in place when
 /// they already are: the common case costs no allocation); a lease whose
 /// period ended starts afresh.
-pub fn align(held: &mut Slots<Lease>, windows: &[Window], algo: Algorithm, now: u64, wall: u64) {
-    held.align(
-        windows,
-        |l, w| l.window.is(w) && l.live(now),
-        |w| Lease::fresh(w, algo, now, wall),
-    );
+/// Returns the leases of windows no longer named (their unused units
+/// should go back to Redis).
+pub fn align(
+    held: &mut Slots<Lease>,
+    windows: &[Window],
+    algo: Algorithm,
+    now: u64,
+    wall: u64,
+) -> Vec<Lease> {
+    // A lease of a window whose limit a reload changed is dropped (what it
+    // held goes back) and a new one counts on in the same counter: units
+    // leased under the old limit are never spent under the new one.
+    let keep = |l: &Lease, w: &Window| l.window.is(w) && l.live(now);
+    let current = held.slice();
+    let same =
+        current.len() == windows.len() && current.iter().zip(windows).all(|(l, w)| keep(l, w));
+    // A lease whose period ended is followed by one under the same name in
+    // the ledger: a grant made for it after the period turned (its call
+    // was slow) is found by the next one.
+    let ended: Vec<(PackedWindow, u32)> = if same {
+        Vec::new()
+    } else {
+        current
+            .iter()
+            .filter(|l| !l.live(now))
+            .map(|l| (l.window, l.incarnation))
+            .collect()
+    };
+    let dropped = held.align(windows, keep, |w| {
+        let mut l = Lease::fresh(w, algo, now, wall);
+        if let Some((_, incarnation)) = ended.iter().find(|(e, _)| e.same_counter(w)) {
+            l.incarnation = *incarnation;
+        }
+        l
+    });
     for l in held.slice_mut() {
         if l.over_until != 0 && l.over_until <= now {
             l.over_until = 0;
         }
     }
+    dropped
 }
 
 /// A request of `cost` decided from what this instance holds, when it can
@@ -270,7 +314,11 @@ pub fn apply(
             if !is_gcra || g.granted > 0 {
                 l.expires = expires;
             }
-            if !top_up {
+            // A request's own grant ends a refusal; a background answer
+            // ends it when it shows room for what was refused (units
+            // handed back, or a count restated after a restart).
+            if !top_up || g.available.saturating_add(l.budget()) >= u64::from(l.refused_cost.max(1))
+            {
                 l.over_until = 0;
             }
             if g.granted > 0 {

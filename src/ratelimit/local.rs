@@ -160,14 +160,18 @@ impl LocalStore {
         entry.used = u32::try_from(now / 1_000_000).unwrap_or(u32::MAX);
         let slots = &mut entry.slots;
         // Keep the state of windows that still apply, start new ones.
-        slots.align(
+        let _ = slots.align(
             windows,
-            |s, w| s.window.is(w),
+            |s, w| s.window.same_counter(w),
             |w| Slot {
                 window: PackedWindow::of(w),
                 state: WindowState::EMPTY,
             },
         );
+        // A reload that changed only a limit keeps the count.
+        for (s, w) in slots.slice_mut().iter_mut().zip(windows) {
+            s.window = PackedWindow::of(w);
+        }
         let outcomes: Vec<Outcome> = slots
             .slice_mut()
             .iter_mut()
@@ -208,7 +212,7 @@ impl LocalStore {
                 .slots
                 .slice_mut()
                 .iter_mut()
-                .filter(|s| windows.iter().any(|w| s.window.is(w)))
+                .filter(|s| windows.iter().any(|w| s.window.same_counter(w)))
             {
                 f(&mut s.state, s.window.requests, s.window.period());
             }
@@ -238,7 +242,7 @@ impl LocalStore {
                 let mut state = shard
                     .as_ref()
                     .and_then(|s| s.keys.get(key))
-                    .and_then(|e| e.slots.slice().iter().find(|s| s.window.is(w)))
+                    .and_then(|e| e.slots.slice().iter().find(|s| s.window.same_counter(w)))
                     .map_or(WindowState::EMPTY, |s| s.state);
                 algo::check(algo, &mut state, now, w.requests, period(w), 0)
             })

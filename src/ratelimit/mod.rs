@@ -52,9 +52,10 @@ pub struct Counted {
 /// the answer goes back to exactly that place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Store {
-    /// The instance's lease of that period (counted in Redis, or to be
-    /// counted there at the next call when admitted while Redis was away).
-    Lease { period: u64 },
+    /// The instance's lease (by its incarnation) of that period (counted in
+    /// Redis, or to be counted there at the next call when admitted while
+    /// Redis was away).
+    Lease { incarnation: u32, period: u64 },
     /// The in-process store (no Redis configured).
     Local,
     /// Nothing was charged (a refusal, or a scope that did not count it).
@@ -408,7 +409,10 @@ impl Limiter {
                     let stores = acquired
                         .periods
                         .iter()
-                        .map(|&period| Store::Lease { period })
+                        .map(|&(incarnation, period)| Store::Lease {
+                            incarnation,
+                            period,
+                        })
                         .collect();
                     (acquired.allowed, acquired.outcomes, stores)
                 }
@@ -479,7 +483,12 @@ impl Limiter {
                 continue;
             };
             match c.store {
-                Store::Lease { period } => self.leases.refund(&scope.id, &c.window, cost, period),
+                Store::Lease {
+                    incarnation,
+                    period,
+                } => self
+                    .leases
+                    .refund(&scope.id, &c.window, cost, incarnation, period),
                 Store::Local => self.local.refund(
                     limits.algorithm,
                     &scope.id,
@@ -518,10 +527,15 @@ impl Limiter {
                 (Store::Lease { .. }, true) => {
                     self.leases.extra(&c.key, &c.window, actual - charged)
                 }
-                (Store::Lease { period }, false) => {
-                    self.leases
-                        .refund(&c.key, &c.window, charged - actual, period)
-                }
+                (
+                    Store::Lease {
+                        incarnation,
+                        period,
+                    },
+                    false,
+                ) => self
+                    .leases
+                    .refund(&c.key, &c.window, charged - actual, incarnation, period),
                 (Store::Local, true) => {
                     self.local
                         .charge(limits.algorithm, &c.key, w, actual - charged, now)
@@ -627,10 +641,16 @@ impl Limiter {
         self.leases.fleet()
     }
 
+    /// The lease of a window of a key (tests).
+    #[cfg(test)]
+    pub fn lease_of(&self, key_id: &str, window: &Window) -> Option<lease::Lease> {
+        self.leases.lease_of(key_id, window)
+    }
+
     /// Unused units this instance holds for a window of a key (tests).
     #[cfg(test)]
-    pub fn held(&self, key_id: &str, window: &Window, period: u64) -> u64 {
-        self.leases.held(key_id, window, period)
+    pub fn held(&self, prefix: &str, key_id: &str, window: &Window, period: u64) -> u64 {
+        self.leases.held(prefix, key_id, window, period)
     }
 }
 

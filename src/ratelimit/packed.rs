@@ -40,6 +40,13 @@ impl PackedWindow {
         *self == PackedWindow::of(w)
     }
 
+    /// Counted in the same counter as `w`: the same length or calendar
+    /// (Redis names a window's counter by its length, not its limit). A
+    /// reload that only changes a window's limit keeps what was counted.
+    pub fn same_counter(&self, w: &Window) -> bool {
+        self.span == PackedWindow::of(w).span
+    }
+
     fn length_nanos(&self) -> u64 {
         (self.span.get() - 1) & LENGTH_MASK
     }
@@ -89,16 +96,18 @@ impl<T> Default for Slots<T> {
 impl<T: Copy> Slots<T> {
     /// Makes the entries one per window, in the windows' order: for each
     /// window the entry `keep` accepts stays (a window a reload kept keeps
-    /// its state), and `fresh` makes one for any other.
+    /// its state), and `fresh` makes one for any other. Returns the entries
+    /// no window kept (nothing, and no allocation, when the windows are
+    /// the same).
     pub fn align(
         &mut self,
         windows: &[Window],
         keep: impl Fn(&T, &Window) -> bool,
         fresh: impl Fn(&Window) -> T,
-    ) {
+    ) -> Vec<T> {
         let held = self.slice();
         if held.len() == windows.len() && held.iter().zip(windows).all(|(e, w)| keep(e, w)) {
-            return;
+            return Vec::new();
         }
         let aligned = windows
             .iter()
@@ -109,7 +118,13 @@ impl<T: Copy> Slots<T> {
                     .unwrap_or_else(|| fresh(w))
             })
             .collect();
+        let dropped = held
+            .iter()
+            .filter(|e| !windows.iter().any(|w| keep(e, w)))
+            .copied()
+            .collect();
         *self = Slots::from_vec(aligned);
+        dropped
     }
 }
 
@@ -177,17 +192,18 @@ mod tests {
         let keep = |e: &(u64, u64), w: &Window| e.0 == w.requests;
         let fresh = |w: &Window| (w.requests, 0);
         let mut slots = Slots::default();
-        slots.align(&[a], keep, fresh);
+        assert!(slots.align(&[a], keep, fresh).is_empty());
         assert!(matches!(slots, Slots::One((1, 0))));
         slots.slice_mut()[0].1 = 7;
-        slots.align(&[a], keep, fresh);
+        let _ = slots.align(&[a], keep, fresh);
         assert_eq!(slots.slice(), &[(1, 7)]);
-        slots.align(&[b, a], keep, fresh);
+        let _ = slots.align(&[b, a], keep, fresh);
         assert_eq!(slots.slice(), &[(2, 0), (1, 7)]);
         slots.slice_mut()[0].1 = 5;
-        slots.align(&[c, b], keep, fresh);
+        // The entry of a window no longer named comes back.
+        assert_eq!(slots.align(&[c, b], keep, fresh), vec![(1, 7)]);
         assert_eq!(slots.slice(), &[(3, 0), (2, 5)]);
-        slots.align(&[b], keep, fresh);
+        let _ = slots.align(&[b], keep, fresh);
         assert!(matches!(slots, Slots::One((2, 5))));
     }
 

@@ -49,6 +49,8 @@ pub struct Ask {
     pub back: u64,
     /// Units the instance admitted in the period (the quota view).
     pub consumed: Option<u64>,
+    /// The lease's name in the ledger, with the instance's.
+    pub incarnation: u32,
 }
 
 /// What Redis answered for one window.
@@ -110,7 +112,8 @@ pub async fn lease(
             .arg(period)
             .arg(ask.floor)
             .arg(ask.back)
-            .arg(consumed);
+            .arg(consumed)
+            .arg(ask.incarnation);
     }
     let values: Vec<i64> = redis
         .invoke("acquire", &invocation, redis.settings.timeout)

@@ -18,6 +18,7 @@
 //! `cargo test --lib ratelimit::sim` runs a few thousand schedules;
 //! `SIM_SCHEDULES=N` runs more, `SIM_SEED=S` replays one.
 
+mod differential;
 mod server;
 
 use super::concurrency::Concurrency;
@@ -83,8 +84,9 @@ struct Admission {
     extra: u64,
 }
 
-/// A window's period of one scope: (scope, limit, length in ns, calendar, start).
-type PeriodKey = (String, u64, u128, u8, u64);
+/// A window's period of one scope: (scope, length in ns, calendar, start).
+/// Not its limit: a reload that changes only the limit keeps the counter.
+type PeriodKey = (String, u128, u8, u64);
 
 /// Units admitted in one period.
 #[derive(Debug, Default, Clone)]
@@ -95,8 +97,8 @@ struct Tally {
     /// A decision that took a Redis call across the period's start or end
     /// belongs to either period: the period is not checked.
     straddled: bool,
-    /// Units were handed back to Redis in the period.
-    handed_back: bool,
+    /// The largest limit the period was counted against.
+    limit: u64,
     /// Instances that decided on their own in the period, with the fleet
     /// size each knew: each may admit its share of what was left.
     fell_back: BTreeMap<usize, u64>,
@@ -108,13 +110,7 @@ fn period_key(scope: &str, w: &Window, start: u64) -> PeriodKey {
         Some(Calendar::Day) => 1,
         Some(Calendar::Month) => 2,
     };
-    (
-        scope.to_string(),
-        w.requests,
-        w.window.as_nanos(),
-        calendar,
-        start,
-    )
+    (scope.to_string(), w.window.as_nanos(), calendar, start)
 }
 
 #[derive(Default)]
@@ -133,6 +129,11 @@ struct Truth {
     requests: u64,
     /// Wall-clock intervals (µs) during which a fault was in effect.
     faults: Vec<(u64, u64, Fault)>,
+    /// When the Redis key prefix changed (concurrency counts start afresh
+    /// there while requests still hold slots under the old one).
+    namespace_changes: Vec<u64>,
+    /// When any reload happened.
+    reloads: Vec<u64>,
 }
 
 impl Truth {
@@ -145,6 +146,7 @@ impl Truth {
             .tallies
             .entry(period_key(&a.scope, &a.window, start))
             .or_default();
+        t.limit = t.limit.max(a.window.requests);
         t.units += a.units;
         t.extra += a.extra;
         if asked != start {
@@ -176,12 +178,29 @@ impl Truth {
     }
 }
 
+/// A limiter key under a Redis key prefix: a reload that changes the
+/// prefix starts every count afresh.
+fn scoped(prefix: &str, id: &str) -> String {
+    format!("{prefix}\u{1}{id}")
+}
+
+fn unscope(scoped: &str) -> (&str, &str) {
+    scoped.split_once('\u{1}').unwrap_or(("", scoped))
+}
+
 /// What a request task needs to judge a refusal the moment it happens.
 struct Fleet {
     server: Server,
     limiters: Vec<Arc<Limiter>>,
     algorithm: Algorithm,
-    prefix: String,
+    /// The Redis key prefix now, and every one used so far.
+    prefixes: Mutex<Vec<String>>,
+}
+
+impl Fleet {
+    fn prefix(&self) -> String {
+        lock(&self.prefixes).last().cloned().unwrap_or_default()
+    }
 }
 
 impl Fleet {
@@ -191,15 +210,7 @@ impl Fleet {
     /// lost budget. Judged only with no call under way and no fault for a
     /// while; a refusal an instance made from what Redis told it earlier is
     /// excused when units were handed back meanwhile.
-    fn judge_refusal(
-        &self,
-        t: &mut Truth,
-        scope: &str,
-        w: &Window,
-        cost: u64,
-        local: bool,
-        asked_us: u64,
-    ) {
+    fn judge_refusal(&self, t: &mut Truth, scope: &str, w: &Window, cost: u64, asked_us: u64) {
         let now = now_us();
         let period = super::algo::Period::of(w);
         if period.bounds(asked_us).0 != period.bounds(now).0 {
@@ -216,25 +227,25 @@ impl Fleet {
         let start = period.bounds(now).0;
         let key = period_key(scope, w, start);
         let tally = t.tallies.get(&key).cloned().unwrap_or_default();
-        if tally.straddled || (local && tally.handed_back) {
+        let (prefix, id) = unscope(scope);
+        // A refusal made from what Redis said before units were handed back
+        // (by this instance's reload or another's idle lease) is excused.
+        let handed_back = self.server.handed_back(&base_key(prefix, id, w), start);
+        if tally.straddled || handed_back || prefix != self.prefix() {
             return;
         }
-        let held: u64 = self.limiters.iter().map(|l| l.held(scope, w, start)).sum();
-        let counted = self
-            .server
-            .int(&redis_key(&self.prefix, scope, w, start))
-            .max(0) as u64;
+        let held: u64 = self
+            .limiters
+            .iter()
+            .map(|l| l.held(prefix, id, w, start))
+            .sum();
+        let counted = self.server.int(&redis_key(prefix, id, w, start)).max(0) as u64;
         // A sliding window also weighs the previous period's count.
         let weighted = match period {
             super::algo::Period::Every(length) if self.algorithm == Algorithm::SlidingWindow => {
                 let prev = self
                     .server
-                    .int(&redis_key(
-                        &self.prefix,
-                        scope,
-                        w,
-                        start.saturating_sub(length),
-                    ))
+                    .int(&redis_key(prefix, id, w, start.saturating_sub(length)))
                     .max(0) as u128;
                 // As when the decision was asked for: the weight only falls.
                 let left = u128::from(length - (asked_us.max(start) - start));
@@ -474,7 +485,9 @@ async fn request(
                 // fleet never has more in flight than the limit.
                 let now = now_us();
                 let lease = super::concurrency::LEASE.as_micros() as u64;
-                if n > limit && !t.fault_in(now.saturating_sub(lease + 5 * S), now) {
+                let since = now.saturating_sub(lease + 5 * S);
+                let moved = t.namespace_changes.iter().any(|&c| c >= since);
+                if n > limit && !moved && !t.fault_in(since, now) {
                     t.violations.push(format!(
                         "{id}: {n} requests in flight across the fleet, concurrency limit {limit}"
                     ));
@@ -507,11 +520,26 @@ async fn request(
             Err(e) => format!("error {e:?}"),
         }
     );
+    if tracing() {
+        for s in &scopes {
+            for w in s.windows.iter() {
+                trace!(
+                    "    {} {:?}: {:?}",
+                    s.id,
+                    w.window,
+                    limiter
+                        .lease_of(&s.id, w)
+                        .map(|l| (l.period, l.ledger, l.consumed))
+                );
+            }
+        }
+    }
     let mut rows = Vec::new();
     let charges = match &decision {
         Ok(Some(d)) if d.allowed => d.charges(&scopes),
         _ => Vec::new(),
     };
+    let prefix = redis.prefix().to_string();
     if let Ok(Some(d)) = &decision {
         if d.fallback {
             let fleet = limiter.fleet();
@@ -522,7 +550,7 @@ async fn request(
                     let start = super::algo::Period::of(w).bounds(now).0;
                     let n = t
                         .tallies
-                        .entry(period_key(&s.id, w, start))
+                        .entry(period_key(&scoped(&prefix, &s.id), w, start))
                         .or_default()
                         .fell_back
                         .entry(instance)
@@ -539,12 +567,28 @@ async fn request(
         }
         Ok(Some(d)) if d.allowed => {
             let mut t = lock(&truth);
+            // A request that began before the key prefix changed is counted
+            // under the prefix the leases had when it was decided: either.
+            let moved = t.namespace_changes.iter().any(|&c| c >= asked_us);
+            let prefix = if moved {
+                fleet.prefix()
+            } else {
+                prefix.clone()
+            };
             for c in &charges {
                 rows.push(t.admitted.len());
+                let scope = scoped(&prefix, &c.key);
+                if moved {
+                    let start = super::algo::Period::of(&c.window).bounds(at_us).0;
+                    t.tallies
+                        .entry(period_key(&scope, &c.window, start))
+                        .or_default()
+                        .straddled = true;
+                }
                 t.add(Admission {
                     at_us,
                     asked_us,
-                    scope: c.key.clone(),
+                    scope,
                     window: c.window,
                     units: cost,
                     extra: 0,
@@ -554,10 +598,10 @@ async fn request(
         }
         Ok(Some(d)) => {
             if let (Some(w), Some(c)) = (d.refused, d.closest()) {
-                let scope = scopes[c.scope].id.to_string();
+                let scope = scoped(&prefix, &scopes[c.scope].id);
                 let mut t = lock(&truth);
                 if !d.fallback {
-                    fleet.judge_refusal(&mut t, &scope, &w, cost, d.source == "local", asked_us);
+                    fleet.judge_refusal(&mut t, &scope, &w, cost, asked_us);
                 }
                 t.refused += 1;
             }
@@ -570,6 +614,19 @@ async fn request(
         if let Some(actual) = reported {
             trace!("i{instance} {id} settles {cost} -> {actual}");
             limiter.settle(&limits, &charges, cost, actual);
+            if tracing() {
+                for c in &charges {
+                    trace!(
+                        "    after settle {} {:?}: {:?} charged {:?}",
+                        c.key,
+                        c.window.window,
+                        limiter
+                            .lease_of(&c.key, &c.window)
+                            .map(|l| (l.period, l.ledger, l.consumed)),
+                        c.store
+                    );
+                }
+            }
             // What settle may charge: capped at the largest window's limit.
             let cap = charges
                 .iter()
@@ -583,21 +640,29 @@ async fn request(
             for (&r, c) in rows.iter().zip(&charges) {
                 let period = super::algo::Period::of(&c.window);
                 let charged_in = match c.store {
-                    super::Store::Lease { period } => period,
+                    super::Store::Lease { period, .. } => period,
                     _ => period.bounds(t.admitted[r].at_us).0,
                 };
                 if owed < cost {
-                    // A refund reaches only the period that was charged.
-                    if period.bounds(now).0 == charged_in {
+                    // A refund reaches only the lease and period that were
+                    // charged: after a reload dropped the lease it is lost
+                    // (the period is then left unchecked).
+                    let asked = t.admitted[r].asked_us;
+                    if t.reloads.iter().any(|&x| x >= asked) {
+                        let key = period_key(&t.admitted[r].scope, &c.window, charged_in);
+                        t.tallies.entry(key).or_default().straddled = true;
+                    } else if period.bounds(now).0 == charged_in {
                         t.owe(r, owed);
                     }
                 } else if owed > cost {
-                    // A cost reported later is charged where it is reported.
+                    // A cost reported later is charged where it is reported
+                    // (under the key prefix of the config then).
                     let row = Admission {
                         at_us: now,
                         asked_us: now,
                         units: owed - cost,
                         extra: owed - cost,
+                        scope: scoped(&fleet.prefix(), &c.key),
                         ..t.admitted[r].clone()
                     };
                     t.add(row);
@@ -635,7 +700,7 @@ impl World {
                 .map(|i: &Instance| i.limiter.clone())
                 .collect(),
             algorithm: spec.algorithm,
-            prefix: settings.key_prefix.clone(),
+            prefixes: Mutex::new(vec![settings.key_prefix.clone()]),
         });
         World {
             fleet,
@@ -666,6 +731,10 @@ impl World {
             ),
         };
         let until = Instant::now() + lasts;
+        if fault == Fault::Restart {
+            // Killed: its data is gone now; it comes back empty.
+            self.server.restart();
+        }
         self.server.set_faults(|f| match fault {
             Fault::Slow(d) => f.latency = (d / 2, d),
             Fault::Stall => f.stalled_until = Some(until),
@@ -689,15 +758,47 @@ impl World {
         }
         self.fault_ends = None;
         trace!("fault {fault:?} ends");
-        if fault == Fault::Restart {
-            self.server.restart();
-        }
         self.server.set_faults(|f| {
             f.latency = (Duration::from_micros(100), Duration::from_micros(400));
             f.stalled_until = None;
             f.down_until = None;
             f.partitioned.clear();
         });
+    }
+
+    /// A reload that changes the windows (as SIGHUP would).
+    fn reload_limits(&mut self) {
+        let mut spec = self.spec.clone();
+        loop {
+            let n = self.rng.usize(1..=2);
+            spec.windows = windows(&mut self.rng, spec.algorithm, n);
+            spec.org = if self.rng.bool() {
+                windows(&mut self.rng, spec.algorithm, 1)
+            } else {
+                Vec::new()
+            };
+            if valid(&spec.windows) && valid(&spec.org) {
+                break;
+            }
+        }
+        trace!("reload: windows {:?}, org {:?}", spec.windows, spec.org);
+        lock(&self.truth).reloads.push(now_us());
+        *lock(&self.limits) = Arc::new(spec.limits());
+    }
+
+    /// A reload that moves the limits to another Redis key prefix: leases
+    /// taken under the old one go back there.
+    fn reload_namespace(&mut self) {
+        let generation = lock(&self.fleet.prefixes).len();
+        let mut settings = self.spec.redis();
+        settings.key_prefix = format!("t{generation}:");
+        trace!("reload: key prefix {}", settings.key_prefix);
+        lock(&self.fleet.prefixes).push(settings.key_prefix.clone());
+        lock(&self.truth).namespace_changes.push(now_us());
+        lock(&self.truth).reloads.push(now_us());
+        for (i, instance) in self.instances.iter_mut().enumerate() {
+            instance.redis = Arc::new(Redis::simulated(settings.clone(), self.server.link(i)));
+        }
     }
 
     fn spawn_request(&mut self) {
@@ -740,6 +841,11 @@ impl World {
             if self.fault_ends.is_none() && self.rng.u32(0..25) == 0 {
                 self.start_fault();
             }
+            match self.rng.u32(0..150) {
+                0 | 1 => self.reload_limits(),
+                2 => self.reload_namespace(),
+                _ => {}
+            }
             for _ in 0..self.rng.usize(0..=5) {
                 self.spawn_request();
             }
@@ -759,46 +865,10 @@ impl World {
         ))
     }
 
-    /// Notes the periods in which units were handed back (from what the
-    /// server ran).
-    fn note_hand_backs(&self) {
-        let executed = self.server.take_executed();
-        let mut t = lock(&self.truth);
-        let limits = lock(&self.limits).clone();
-        for e in executed {
-            // Window scripts: ARGV n, instance, then 9 values per window.
-            let n: usize = e.args.first().and_then(|a| a.parse().ok()).unwrap_or(0);
-            if e.args.len() != 2 + 9 * n || e.reply.len() != 6 * n {
-                continue;
-            }
-            for i in 0..n {
-                let back: u64 = e.args[2 + 9 * i + 7].parse().unwrap_or(0);
-                if back == 0 {
-                    continue;
-                }
-                let Some(key) = e.keys.get(i) else { continue };
-                let period = e.reply[6 * i + 4].max(0) as u64;
-                for key_ix in 0..self.spec.keys {
-                    for scope in scopes(&limits, key_ix) {
-                        for w in scope.windows.iter() {
-                            if redis_key(&self.fleet.prefix, &scope.id, w, period)
-                                .starts_with(key.as_str())
-                            {
-                                t.tallies
-                                    .entry(period_key(&scope.id, w, period))
-                                    .or_default()
-                                    .handed_back = true;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-
     /// Every invariant, on what happened so far.
     fn check(&self) -> Result<(), String> {
-        self.note_hand_backs();
+        // Drained so the log does not grow; the checks read the server's state.
+        let _ = self.server.take_executed();
         let mut problems = std::mem::take(&mut lock(&self.truth).violations);
         problems.extend(
             self.server
@@ -819,9 +889,9 @@ impl World {
     fn over_admission(&self) -> Vec<String> {
         let t = lock(&self.truth);
         let mut out = Vec::new();
-        for ((scope, requests, nanos, calendar, start), tally) in &t.tallies {
+        for ((scope, nanos, calendar, start), tally) in &t.tallies {
             let w = Window {
-                requests: *requests,
+                requests: tally.limit,
                 window: Duration::from_nanos(*nanos as u64),
                 calendar: match calendar {
                     1 => Some(Calendar::Day),
@@ -843,8 +913,8 @@ impl World {
                 .values()
                 .map(|n| limit.div_ceil((*n).max(1)))
                 .sum();
-            let prefix = self.spec.redis().key_prefix;
-            let lost = self.server.lost(&redis_key(&prefix, scope, &w, *start));
+            let (prefix, id) = unscope(scope);
+            let lost = self.server.lost(&redis_key(prefix, id, &w, *start));
             let bound = shares + lost;
             if tally.units > limit + bound + tally.extra {
                 out.push(format!(
@@ -856,6 +926,15 @@ impl World {
         }
         out
     }
+}
+
+/// The base key of a window's counters (remote.rs's `base_key`).
+fn base_key(prefix: &str, key_id: &str, w: &Window) -> String {
+    let label = match w.calendar {
+        Some(_) => w.label(),
+        None => w.window.as_secs().to_string(),
+    };
+    format!("{prefix}rl:{{{key_id}}}:{label}")
 }
 
 /// The Redis key the window scripts count a period in.
@@ -878,10 +957,11 @@ impl World {
     fn conservation(&self) -> Vec<String> {
         let now = now_us();
         let t = lock(&self.truth);
-        if self.server.busy() || t.fault_in(now.saturating_sub(3 * S), now) {
+        if self.server.busy() || t.deciding > 0 || t.fault_in(now.saturating_sub(3 * S), now) {
             return Vec::new();
         }
         let limits = lock(&self.limits).clone();
+        let prefix = self.fleet.prefix();
         let mut out = Vec::new();
         for key in 0..self.spec.keys {
             for scope in scopes(&limits, key) {
@@ -893,21 +973,38 @@ impl World {
                     let (start, _) = period.bounds(now);
                     let tally = t
                         .tallies
-                        .get(&period_key(&scope.id, w, start))
+                        .get(&period_key(&scoped(&prefix, &scope.id), w, start))
                         .cloned()
                         .unwrap_or_default();
-                    if tally.straddled {
+                    // A lease a reload dropped is not restated after a
+                    // restart (README: what a restart lost and no instance
+                    // restated); such a period is left unchecked here.
+                    let restarted = t
+                        .faults
+                        .iter()
+                        .any(|&(a, _, f)| f == Fault::Restart && a >= start.saturating_sub(S));
+                    let reloaded = t.reloads.iter().any(|&r| r >= start.saturating_sub(S));
+                    if tally.straddled || (restarted && reloaded) {
                         continue;
                     }
                     let admitted = tally.units;
                     let held: u64 = self
                         .instances
                         .iter()
-                        .map(|i| i.limiter.held(&scope.id, w, start))
+                        .map(|i| i.limiter.held(&prefix, &scope.id, w, start))
                         .sum();
-                    let prefix = &self.spec.redis().key_prefix;
-                    let counted = self.server.int(&redis_key(prefix, &scope.id, w, start));
+                    let counted = self.server.int(&redis_key(&prefix, &scope.id, w, start));
                     if counted != (admitted + held) as i64 {
+                        let key = redis_key(&prefix, &scope.id, w, start);
+                        for (i, inst) in self.instances.iter().enumerate() {
+                            trace!("  i{i}: {:?}", inst.limiter.lease_of(&scope.id, w));
+                        }
+                        trace!("  redis {key}: {:?}", self.server.hash(&format!("{key}:l")));
+                        for a in t.admitted.iter().filter(|a| {
+                            a.scope == scoped(&prefix, &scope.id) && a.window.window == w.window
+                        }) {
+                            trace!("  row {a:?}");
+                        }
                         out.push(format!(
                             "{}: Redis counts {counted} units in this period of {w:?}, \
                              the instances admitted {admitted} and hold {held}",

@@ -77,6 +77,8 @@ struct State {
     lost: HashMap<String, i64>,
     /// Calls on their way to or back from the server.
     in_flight: usize,
+    /// Window counters units were handed back to: (base key, period start).
+    handed_back: std::collections::HashSet<(String, u64)>,
     /// Offset of the server's clock from the simulation's wall clock.
     skew_us: i64,
 }
@@ -133,6 +135,7 @@ impl Server {
             restarts: 0,
             lost: HashMap::new(),
             in_flight: 0,
+            handed_back: Default::default(),
             skew_us: 0,
         })))
     }
@@ -190,6 +193,42 @@ impl Server {
             Some(Data::Str(v)) => v.parse().unwrap_or(0),
             _ => 0,
         }
+    }
+
+    /// Runs one command the way a connection's would reach the server, at
+    /// the server's now (the differential test against a real Redis).
+    pub fn execute_now(&self, args: Vec<Vec<u8>>) -> Result<Value, RedisError> {
+        match self.execute(0, args)? {
+            Value::ServerError(e) => Err(e.into()),
+            v => Ok(v),
+        }
+    }
+
+    /// The value of a string key now.
+    pub fn string(&self, key: &str) -> Option<String> {
+        let mut s = lock(&self.0);
+        let now = s.now_us();
+        match s.get(key, now).map(|e| e.data.clone()) {
+            Some(Data::Str(v)) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The fields of a hash key now.
+    pub fn hash(&self, key: &str) -> BTreeMap<String, String> {
+        let mut s = lock(&self.0);
+        let now = s.now_us();
+        match s.get(key, now).map(|e| e.data.clone()) {
+            Some(Data::Hash(h)) => h,
+            _ => BTreeMap::new(),
+        }
+    }
+
+    /// Whether units were handed back to a window's counter in a period.
+    pub fn handed_back(&self, base_key: &str, period: u64) -> bool {
+        lock(&self.0)
+            .handed_back
+            .contains(&(base_key.to_string(), period))
     }
 
     /// What restarts lost of an integer key.
@@ -311,6 +350,17 @@ impl State {
                 argv,
                 ints
             );
+        }
+        // Window scripts: ARGV n, instance, then 10 values per window.
+        let n: usize = argv.first().and_then(|a| a.parse().ok()).unwrap_or(0);
+        if argv.len() == 2 + 10 * n && ints.len() == 6 * n {
+            for i in 0..n {
+                let back: u64 = argv[2 + 10 * i + 7].parse().unwrap_or(0);
+                if let (true, Some(key)) = (back > 0, keys.get(i)) {
+                    let period = ints[6 * i + 4].max(0) as u64;
+                    self.handed_back.insert((key.clone(), period));
+                }
+            }
         }
         self.executed.push(Executed {
             instance,
@@ -736,7 +786,11 @@ fn from_lua(v: &LuaValue) -> Value {
         LuaValue::Nil | LuaValue::Boolean(false) => Value::Nil,
         LuaValue::Boolean(true) => Value::Int(1),
         LuaValue::Integer(i) => Value::Int(*i),
-        LuaValue::Number(n) => Value::Int(*n as i64),
+        // Redis converts with a C cast: out of range is i64::MIN on x86-64.
+        LuaValue::Number(n) if n.is_finite() && n.abs() < 9.223_372_036_854_775e18 => {
+            Value::Int(*n as i64)
+        }
+        LuaValue::Number(_) => Value::Int(i64::MIN),
         LuaValue::String(s) => Value::BulkString(s.as_bytes().to_vec()),
         LuaValue::Table(t) => {
             if let Ok(e) = t.get::<String>("err") {
@@ -777,8 +831,9 @@ impl Link for SimLink {
             let span = hi.saturating_sub(lo).as_micros() as u64;
             let there = lo + Duration::from_micros(s.rng.u64(0..=span));
             let back = lo + Duration::from_micros(s.rng.u64(0..=span));
-            let dropped = std::mem::take(&mut s.dropped[instance]);
             let partitioned = s.faults.partitioned.contains(&instance);
+            // A call that vanishes in a partition learns nothing of a lost socket.
+            let dropped = !partitioned && std::mem::take(&mut s.dropped[instance]);
             (there, back, dropped, partitioned)
         };
         if partitioned {
