@@ -296,6 +296,7 @@ pub fn serve(opts: ServeOptions<'_>) -> anyhow::Result<()> {
     // and nothing but serving is left to fail.
     let pid_path =
         crate::pid_file::claim(config.server.pid_file.as_deref(), opts.daemon, opts.upgrade)?;
+    stop.remove_at_exit(pid_path.clone());
     let addrs: Vec<String> = listeners(&config).into_iter().map(|(_, a)| a).collect();
     log::info!(
         "tollgate {} serving on {} (admin on {})",

@@ -36,6 +36,9 @@ pub struct Stop {
     /// Services wrapped and not yet finished.
     running: AtomicUsize,
     exiting: AtomicBool,
+    /// The pid file this process wrote (`server.pid_file`), removed on the
+    /// early exit as it is when Pingora's own shutdown returns.
+    pid_file: std::sync::Mutex<Option<std::path::PathBuf>>,
 }
 
 impl Stop {
@@ -46,7 +49,15 @@ impl Stop {
             first,
             running: AtomicUsize::new(0),
             exiting: AtomicBool::new(false),
+            pid_file: std::sync::Mutex::new(None),
         })
+    }
+
+    /// The pid file to remove if the process exits here.
+    pub fn remove_at_exit(&self, pid_file: Option<std::path::PathBuf>) {
+        if let Ok(mut slot) = self.pid_file.lock() {
+            *slot = pid_file;
+        }
     }
 
     /// Starts the stop: listeners close, background services do their
@@ -95,6 +106,9 @@ impl Stop {
             return;
         }
         log::info!("stopped: no connection open and every service's stop work done; exiting");
+        if let Some(path) = self.pid_file.lock().ok().and_then(|mut p| p.take()) {
+            crate::pid_file::remove_if_ours(&path, std::process::id());
+        }
         log::logger().flush();
         std::process::exit(0);
     }
