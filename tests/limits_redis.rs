@@ -173,9 +173,10 @@ fn redis_keys_are_hash_tagged_and_expire_spread_after_their_window() {
     let mut lingers = Vec::new();
     for name in &names {
         let prefix = format!("tg:rl:{{k:{name}}}:60:");
+        // The counter (its ledger, `<counter>:l`, is checked below).
         let key = keys
             .lines()
-            .find(|k| k.starts_with(&prefix))
+            .find(|k| k.starts_with(&prefix) && !k.ends_with(":l"))
             .unwrap_or_else(|| {
                 panic!("no key <prefix>rl:{{<key>}}:<window>:<start> for {name} in {keys:?}")
             });
@@ -193,6 +194,22 @@ fn redis_keys_are_hash_tagged_and_expire_spread_after_their_window() {
             "{key} expires {linger} ms after its window"
         );
         lingers.push(linger);
+        // The period's ledger: the same hash tag, the instance's unit, and
+        // the counter's life.
+        let ledger = format!("{key}:l");
+        let fields = cli(&["HGETALL", &ledger]);
+        assert_eq!(
+            fields.lines().nth(1),
+            Some("1"),
+            "{ledger} holds the instance's unit: {fields:?}"
+        );
+        // (A later call that rewrites only the ledger works its expiry out
+        // again from its own time: the same instant, to a millisecond.)
+        let ledger_expires: u64 = cli(&["PEXPIRETIME", &ledger]).parse().unwrap();
+        assert!(
+            ledger_expires.abs_diff(expires_ms) <= 2,
+            "{ledger} expires at {ledger_expires}, its counter at {expires_ms}"
+        );
     }
     let spread = lingers.iter().max().unwrap() - lingers.iter().min().unwrap();
     assert!(
