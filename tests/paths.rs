@@ -356,7 +356,7 @@ routes:
         "{text}"
     );
     assert!(
-        text.contains("routes[2].path_policy: unknown variant"),
+        text.contains(r#"routes[2].path_policy: expected strict or permissive, got "lenient""#),
         "{text}"
     );
     assert!(!text.contains("routes[1]"), "{text}");
