@@ -412,16 +412,18 @@ fn http2_and_h2c_carry_the_whole_request_path() {
         "{report}"
     );
     assert_eq!(up.hits(), hits + 50);
-    let m = t.metrics();
-    assert!(
-        metric_value(
+    // Requests are counted just after their answer: the last ones are
+    // waited for, not raced.
+    let m = wait_for("55 h2 answers counted", Duration::from_secs(30), || {
+        let m = t.metrics();
+        (metric_value(
             &m,
-            r#"tollgate_requests_total{route="api",status="200",protocol="h2"}"#
+            r#"tollgate_requests_total{route="api",status="200",protocol="h2"}"#,
         )
         .unwrap_or(0.0)
-            >= 55.0,
-        "{m}"
-    );
+            >= 55.0)
+            .then_some(m)
+    });
     assert!(
         metric_value(
             &m,

@@ -175,9 +175,10 @@ fn redis_keys_are_hash_tagged_and_expire_spread_after_their_window() {
     let mut lingers = Vec::new();
     for name in &names {
         let prefix = format!("tg:rl:{{k:{name}}}:60:");
+        // The counter (its ledger, `<counter>:l`, is checked below).
         let key = keys
             .lines()
-            .find(|k| k.starts_with(&prefix))
+            .find(|k| k.starts_with(&prefix) && !k.ends_with(":l"))
             .unwrap_or_else(|| {
                 panic!("no key <prefix>rl:{{<key>}}:<window>:<start> for {name} in {keys:?}")
             });
@@ -195,6 +196,22 @@ fn redis_keys_are_hash_tagged_and_expire_spread_after_their_window() {
             "{key} expires {linger} ms after its window"
         );
         lingers.push(linger);
+        // The period's ledger: the same hash tag, the instance's unit, and
+        // the counter's life.
+        let ledger = format!("{key}:l");
+        let fields = cli(&["HGETALL", &ledger]);
+        assert_eq!(
+            fields.lines().nth(1),
+            Some("1"),
+            "{ledger} holds the instance's unit: {fields:?}"
+        );
+        // (A later call that rewrites only the ledger works its expiry out
+        // again from its own time: the same instant, to a millisecond.)
+        let ledger_expires: u64 = cli(&["PEXPIRETIME", &ledger]).parse().unwrap();
+        assert!(
+            ledger_expires.abs_diff(expires_ms) <= 2,
+            "{ledger} expires at {ledger_expires}, its counter at {expires_ms}"
+        );
     }
     let spread = lingers.iter().max().unwrap() - lingers.iter().min().unwrap();
     assert!(
@@ -303,7 +320,11 @@ fn graceful_stop_hands_unused_leases_back() {
         );
     }
     let keys = redis.cli(&["KEYS", "tg:rl:*"]);
-    let key = keys.lines().next().expect("a window key").to_string();
+    let key = keys
+        .lines()
+        .find(|k| !k.ends_with(":l"))
+        .expect("a window key (not its ledger)")
+        .to_string();
     let leased: u64 = redis.cli(&["GET", &key]).parse().unwrap();
     assert!(
         leased > 3,

@@ -282,21 +282,20 @@ fn limits_headers_choose_the_fields() {
     }
 }
 
-/// Seconds from now to the next UTC midnight and to the next month start,
-/// worked out by Python's `datetime` (an implementation independent of
+/// The next UTC midnight and the next month start (Unix seconds), worked
+/// out by Python's `datetime` (an implementation independent of
 /// tollgate's), and the current month's length in seconds.
-fn calendar_now() -> (u64, u64, u64) {
+fn calendar_ends() -> (u64, u64, u64) {
     let out = Command::new(python3())
         .args([
             "-c",
             "import datetime as d, time\n\
-             now = time.time()\n\
-             t = d.datetime.fromtimestamp(now, d.timezone.utc)\n\
+             t = d.datetime.fromtimestamp(time.time(), d.timezone.utc)\n\
              day = t.replace(hour=0, minute=0, second=0, microsecond=0)\n\
              first = day.replace(day=1)\n\
              nxt = (first + d.timedelta(days=32)).replace(day=1)\n\
-             print(int((day + d.timedelta(days=1)).timestamp() - now),\n\
-                   int(nxt.timestamp() - now), int((nxt - first).total_seconds()))",
+             print(int((day + d.timedelta(days=1)).timestamp()),\n\
+                   int(nxt.timestamp()), int((nxt - first).total_seconds()))",
         ])
         .output()
         .expect("python3");
@@ -308,8 +307,29 @@ fn calendar_now() -> (u64, u64, u64) {
     (v[0], v[1], v[2])
 }
 
-fn near(a: u64, b: u64) -> bool {
-    a.abs_diff(b) <= 2
+/// Unix time in seconds, with its fraction.
+fn unix_f64() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// `f()`, and the Unix times just before and just after it ran: what it
+/// reports of "now" lies between them, however long the machine made it
+/// wait.
+fn bracketed<T>(f: impl FnOnce() -> T) -> (T, f64, f64) {
+    let before = unix_f64();
+    let out = f();
+    (out, before, unix_f64())
+}
+
+/// `left` seconds to `end`, said at some instant between `before` and
+/// `after`: within a second's rounding either side.
+fn left_until(left: u64, end: u64, before: f64, after: f64) -> bool {
+    let left = left as f64;
+    let end = end as f64;
+    left >= end - after - 1.5 && left <= end - before + 1.5
 }
 
 #[test]
@@ -326,13 +346,16 @@ fn calendar_windows_reset_at_utc_midnight_and_the_month_start() {
     );
     for (name, cfg) in [("redis", with_redis), ("local", limits("hybrid", body))] {
         let t = Tollgate::start(&config(&up.addr(), &cfg));
-        let (to_midnight, to_month, month_len) = calendar_now();
-        assert!(to_midnight > 30, "too close to midnight UTC to count a day");
         let auth = format!(
             "Authorization: Bearer {}\r\n",
             token(json!({"api_key": format!("calendar-{name}")}))
         );
-        let first = get_with(&t, "/api/x", &auth);
+        let (midnight, month_end, month_len) = calendar_ends();
+        assert!(
+            midnight as f64 - unix_f64() > 60.0,
+            "too close to midnight UTC to count a day"
+        );
+        let (first, before, after) = bracketed(|| get_with(&t, "/api/x", &auth));
         assert_eq!(first.status, 200);
         let policy = first.header("ratelimit-policy").unwrap_or_default();
         assert!(
@@ -350,18 +373,18 @@ fn calendar_windows_reset_at_utc_midnight_and_the_month_start() {
                 .unwrap_or_else(|| panic!("{item} in {current}"))
         };
         assert!(
-            near(t_of("\"quota-day\""), to_midnight),
-            "{name}: {current} vs {to_midnight}"
+            left_until(t_of("\"quota-day\""), midnight, before, after),
+            "{name}: {current} vs midnight at {midnight}, answered between {before} and {after}"
         );
         assert!(
-            near(t_of("\"quota-month\""), to_month),
-            "{name}: {current} vs {to_month}"
+            left_until(t_of("\"quota-month\""), month_end, before, after),
+            "{name}: {current} vs the month's end at {month_end}, answered between {before} and {after}"
         );
         assert!(current.contains("\"quota-day\";r=2;"), "{current}");
         assert!(current.contains("\"quota-month\";r=999;"), "{current}");
         get_with(&t, "/api/x", &auth);
         get_with(&t, "/api/x", &auth);
-        let refused = get_with(&t, "/api/x", &auth);
+        let (refused, before, after) = bracketed(|| get_with(&t, "/api/x", &auth));
         refused.assert_refusal(429, "rate_limited");
         assert!(
             refused.text().contains("3 requests per day"),
@@ -370,8 +393,8 @@ fn calendar_windows_reset_at_utc_midnight_and_the_month_start() {
         );
         let retry: u64 = refused.header("retry-after").unwrap().parse().unwrap();
         assert!(
-            near(retry, to_midnight),
-            "{name}: retry {retry} vs {to_midnight}"
+            left_until(retry, midnight, before, after),
+            "{name}: retry {retry} vs midnight at {midnight}, answered between {before} and {after}"
         );
         if name == "redis" {
             // The day's key dies just after midnight, the month's just after
@@ -380,22 +403,25 @@ fn calendar_windows_reset_at_utc_midnight_and_the_month_start() {
             let keys = redis.cli(&["--scan", "--pattern", "tg:rl:*"]);
             let day_key = keys
                 .lines()
-                .find(|k| k.contains(":day:"))
+                .find(|k| k.contains(":day:") && !k.ends_with(":l"))
                 .expect("a day key");
             let month_key = keys
                 .lines()
-                .find(|k| k.contains(":month:"))
+                .find(|k| k.contains(":month:") && !k.ends_with(":l"))
                 .expect("a month key");
-            let ttl = |k: &str| -> u64 { redis.cli(&["PTTL", k]).trim().parse().unwrap() };
             let lives_past = |k: &str, end: u64| {
-                let ttl = ttl(k) / 1000;
+                let (ttl, before, after) =
+                    bracketed(|| -> u64 { redis.cli(&["PTTL", k]).trim().parse().unwrap() });
+                let dies = ttl as f64 / 1000.0;
+                // It dies between a second and 61 s after `end` (a little
+                // more for the script's own time).
                 assert!(
-                    ttl + 2 > end && ttl <= end + 1 + 60 + 2,
-                    "{k} lives {ttl} s, its period ends in {end} s"
+                    dies + after >= end as f64 + 1.0 - 1.5 && dies + before <= end as f64 + 62.0,
+                    "{k} lives {dies} s from between {before} and {after}, its period ends at {end}"
                 );
             };
-            lives_past(day_key, to_midnight);
-            lives_past(month_key, to_month);
+            lives_past(day_key, midnight);
+            lives_past(month_key, month_end);
             // A rule's key is a hash: the api key it came from is not in it.
             assert!(
                 keys.lines()
@@ -494,7 +520,7 @@ fn the_quota_view_lists_rules_and_calendar_windows() {
     for _ in 0..2 {
         assert_eq!(get_with(&t, "/api/x", &auth).status, 200);
     }
-    let (_, _, month_len) = calendar_now();
+    let (_, _, month_len) = calendar_ends();
     let r = admin_call(&t, "admin-secret", "GET", "/admin/quota/viewed", "");
     assert_eq!(r.status, 200, "{}", r.text());
     let v = r.json();
