@@ -1069,3 +1069,68 @@ fn schedules() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// `RateLimit` fields are exact on every answer, refusals included: with
+/// one instance (in process, or through leases on a healthy Redis), the
+/// `r` each fixed window reports falls by exactly the cost of each
+/// admitted request and stays where it was on a refusal.
+#[test]
+fn remaining_falls_by_each_cost_and_stays_on_a_refusal() {
+    for seed in 0..120u64 {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            // A second into an hour: no window of this test ends during it.
+            crate::clock::virtual_wall(Some(1_780_002_000 * S + S));
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let limits = LimitSettings {
+                default: vec![
+                    Window::every(rng.u64(3..=40), Duration::from_secs(600)),
+                    Window::every(rng.u64(3..=60), Duration::from_secs(3600)),
+                ],
+                org: vec![Window::every(rng.u64(3..=40), Duration::from_secs(1800))],
+                sync: if rng.bool() { SyncMode::Hybrid } else { SyncMode::Exact },
+                ..Spec::draw(&mut rng).limits()
+            };
+            let limits = LimitSettings {
+                algorithm: Algorithm::FixedWindow,
+                ..limits
+            };
+            let server = Server::new(seed);
+            let redis = rng.bool().then(|| {
+                let mut settings = Spec::draw(&mut fastrand::Rng::with_seed(seed)).redis();
+                settings.on_failure = OnFailure::Closed;
+                Arc::new(Redis::simulated(settings, server.link(0)))
+            });
+            let limiter = Limiter::named("i0");
+            let mut last: BTreeMap<(usize, usize), u64> = BTreeMap::new();
+            for step in 0..60 {
+                let cost = rng.u64(1..=3);
+                let scopes = scopes(&limits, 0);
+                let d = limiter
+                    .check(&limits, redis.as_ref(), &scopes, cost)
+                    .await
+                    .unwrap()
+                    .unwrap();
+                let mut seen = BTreeMap::new();
+                for c in &d.windows {
+                    let i = *seen.entry(c.scope).and_modify(|i| *i += 1).or_insert(0);
+                    let r = c.outcome.remaining;
+                    if let Some(prev) = last.insert((c.scope, i), r) {
+                        let expected = if d.allowed { prev.saturating_sub(cost) } else { prev };
+                        assert_eq!(
+                            r, expected,
+                            "seed {seed} step {step}: scope {} window {i} cost {cost} allowed {}: {d:?}",
+                            c.scope, d.allowed
+                        );
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(rng.u64(0..=300))).await;
+            }
+            crate::clock::virtual_wall(None);
+        });
+    }
+}
