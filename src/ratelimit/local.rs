@@ -23,8 +23,10 @@ struct Slot {
     state: WindowState,
 }
 
-/// A key's windows and when it was last counted (wall-clock seconds): the
-/// least recently used go first when the store is full.
+/// A key's windows and when it was last counted (the shard's use counter,
+/// not the clock: keys counted within the same second must still be told
+/// apart, or a full store could forget a key used a moment ago): the least
+/// recently used go first when the store is full.
 struct Entry {
     slots: Slots<Slot>,
     used: u32,
@@ -33,6 +35,28 @@ struct Entry {
 struct Shard {
     keys: KeyMap<Box<str>, Entry>,
     sweep_at: usize,
+    /// Counts the shard's uses; `Entry::used` is its value at the key's
+    /// last use.
+    clock: u32,
+}
+
+impl Shard {
+    /// The next use's number. Once in 2^32 uses the numbers are renumbered
+    /// in their order, so the order survives the counter's wrap.
+    fn tick(&mut self) -> u32 {
+        if self.clock == u32::MAX {
+            let mut uses: Vec<u32> = self.keys.values().map(|e| e.used).collect();
+            uses.sort_unstable();
+            for e in self.keys.values_mut() {
+                // Rank among the uses: at most the number of keys.
+                let rank = uses.partition_point(|&u| u < e.used);
+                e.used = u32::try_from(rank).unwrap_or(u32::MAX - 1);
+            }
+            self.clock = u32::try_from(uses.len()).unwrap_or(u32::MAX - 1);
+        }
+        self.clock += 1;
+        self.clock
+    }
 }
 
 pub struct LocalStore {
@@ -50,6 +74,7 @@ impl Default for LocalStore {
                     Mutex::new(Shard {
                         keys: KeyMap::default(),
                         sweep_at: SWEEP_AT,
+                        clock: 0,
                     })
                 })
                 .collect(),
@@ -154,10 +179,11 @@ impl LocalStore {
                 },
             );
         }
+        let used = shard.tick();
         let Some(entry) = shard.keys.get_mut(key) else {
             return admit();
         };
-        entry.used = u32::try_from(now / 1_000_000).unwrap_or(u32::MAX);
+        entry.used = used;
         let slots = &mut entry.slots;
         // Keep the state of windows that still apply, start new ones.
         let _ = slots.align(
@@ -418,6 +444,54 @@ mod tests {
         assert!(store.len() <= SHARDS * 8, "{}", store.len());
         let o = store.peek(Algorithm::FixedWindow, "hot", &[w(1_000_000, 3600)], NOW);
         assert_eq!(o[0].remaining, 1_000_000 - SHARDS as u64 * 100);
+    }
+
+    #[test]
+    fn keys_counted_within_one_second_are_still_told_apart_when_the_store_is_full() {
+        let store = LocalStore::default();
+        store.set_max_keys(SHARDS * 16);
+        // Keys of one shard, so every new key presses on the hot ones.
+        let home = store.shard("hot0") as *const _;
+        let mut names = (0..).map(|i| format!("k{i}"));
+        let mut same_shard = || loop {
+            let name = names.next().unwrap_or_default();
+            if std::ptr::eq(store.shard(&name), home) {
+                return name;
+            }
+        };
+        let hot: Vec<String> = (0..4).map(|_| same_shard()).collect();
+        // All at the same instant: hot keys between floods of new keys.
+        for _ in 0..200 {
+            for h in &hot {
+                store.acquire(Algorithm::FixedWindow, h, &[w(5, 3600)], 1, NOW);
+            }
+            for _ in 0..4 {
+                let cold = same_shard();
+                store.acquire(Algorithm::FixedWindow, &cold, &[w(5, 3600)], 1, NOW);
+            }
+        }
+        for h in &hot {
+            let o = store.peek(Algorithm::FixedWindow, h, &[w(5, 3600)], NOW);
+            assert_eq!(o[0].remaining, 0, "{h}: the hot key's count was forgotten");
+        }
+    }
+
+    #[test]
+    fn the_use_counter_keeps_its_order_across_its_wrap() {
+        let store = LocalStore::default();
+        store.set_max_keys(SHARDS * 8);
+        for name in ["a", "b", "c"] {
+            store.acquire(Algorithm::FixedWindow, name, &[w(5, 3600)], 1, NOW);
+        }
+        let mut shard = store.shard("a").lock().unwrap();
+        shard.clock = u32::MAX - 1;
+        let before = shard.keys.get("a").map(|e| e.used);
+        let first = shard.tick();
+        assert_eq!(first, u32::MAX);
+        let second = shard.tick();
+        // Renumbered: every key's number is below the new one.
+        assert!(shard.keys.values().all(|e| e.used < second), "{second}");
+        assert!(before.is_some());
     }
 
     #[test]
