@@ -509,7 +509,9 @@ impl Inner {
                     .slice_mut()
                     .iter_mut()
                     .map(|l| {
-                        if hand_back && l.budget() > 0 && worth(l) {
+                        if stopping && l.unsure {
+                            lease::hand_back_last(l, ns.algo)
+                        } else if hand_back && l.budget() > 0 && worth(l) {
                             lease::hand_back(l, ns.algo)
                         } else {
                             l.sync(ns.algo)
@@ -587,7 +589,7 @@ fn returnable(
         .held
         .slice()
         .iter()
-        .any(|l| l.live(now) && (worth(l) || l.pending() > 0));
+        .any(|l| l.live(now) && (worth(l) || l.pending() > 0 || l.unsure));
     if !owes {
         return None;
     }
@@ -603,7 +605,7 @@ fn returnable(
         .held
         .slice_mut()
         .iter_mut()
-        .map(|l| lease::hand_back(l, ns.algo))
+        .map(|l| lease::hand_back_last(l, ns.algo))
         .collect();
     Some(Return {
         ns: ns.clone(),
@@ -983,24 +985,30 @@ impl Leases {
     /// the background).
     pub fn extra(&self, key_id: &str, window: &Window, units: u64) {
         let inner = &*self.inner;
+        // Where the key's leases are: after a reload that moved the key
+        // prefix, the old namespace until this instance's next request
+        // moves them (then nothing is left to charge).
         let Some(ns) = inner.namespace.load_full() else {
             return;
         };
         let shard = inner.shard(key_id);
         let mut map = lock(&shard.map);
         let now = inner.now();
-        if !map.contains_key(key_id) {
-            inner.make_room(&mut map);
-            map.insert(key_id.into(), KeyState::new(now));
-        }
+        // Charged only where the key still holds the window: a key that
+        // holds other windows now was realigned by a reload that removed or
+        // changed this one, and a key forgotten meanwhile (evicted) has no
+        // count left to add to (realigning or recreating it would also void
+        // the answer of a call the key may have under way).
         let Some(k) = map.get_mut(key_id) else {
             return;
         };
-        // The key may have been forgotten, or hold other windows now.
         if !k.held.slice().iter().any(|l| l.window.same_counter(window)) {
-            let mut windows: Vec<Window> =
-                k.held.slice().iter().map(|l| l.window.window()).collect();
-            windows.push(*window);
+            return;
+        }
+        // A lease whose period ended is followed as a request's would be
+        // (same windows: a call under way keeps its answer).
+        if k.held.slice().iter().any(|l| !l.live(now)) {
+            let windows: Vec<Window> = k.held.slice().iter().map(|l| l.window.window()).collect();
             let dropped = lease::align(&mut k.held, &windows, ns.algo, now, crate::clock::now_us());
             inner.return_dropped(&ns, key_id, dropped);
         }
@@ -1012,9 +1020,6 @@ impl Leases {
         else {
             return;
         };
-        if !l.live(now) {
-            *l = Lease::fresh(window, ns.algo, now, crate::clock::now_us());
-        }
         if !lease::extra(l, units, now) {
             return;
         }
@@ -1092,6 +1097,16 @@ impl Leases {
         })
     }
 
+    /// The key prefix of the namespace the leases are in (tests).
+    #[cfg(test)]
+    pub fn namespace_prefix(&self) -> Option<String> {
+        self.inner
+            .namespace
+            .load()
+            .as_ref()
+            .map(|ns| ns.redis.prefix().to_string())
+    }
+
     /// Unused units this instance holds for `window` of `key_id` in the
     /// period that starts at `period` (tests; a lease may end a little
     /// before its period: it holds the units, unused, until the period ends).
@@ -1115,6 +1130,30 @@ impl Leases {
                     .find(|l| l.window.same_counter(window) && l.period == period)
             })
             .map_or(0, |l| l.budget())
+    }
+
+    /// Units this instance admitted in that period that Redis does not
+    /// count yet (charged after the answer; a call is owed) (tests).
+    #[cfg(test)]
+    pub fn owed(&self, prefix: &str, key_id: &str, window: &Window, period: u64) -> u64 {
+        let inner = &*self.inner;
+        if inner
+            .namespace
+            .load()
+            .as_ref()
+            .is_none_or(|ns| ns.redis.prefix() != prefix)
+        {
+            return 0;
+        }
+        let map = lock(&inner.shard(key_id).map);
+        map.get(key_id)
+            .and_then(|k| {
+                k.held
+                    .slice()
+                    .iter()
+                    .find(|l| l.window.same_counter(window) && l.period == period)
+            })
+            .map_or(0, |l| l.pending())
     }
 }
 

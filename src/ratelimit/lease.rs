@@ -71,6 +71,11 @@ pub struct Lease {
     /// of its own, so what the old one held is never read as the new
     /// one's budget.
     pub incarnation: u32,
+    /// A call of this lease failed after it may have reached Redis, and no
+    /// answer since told the ledger: Redis may count a grant this instance
+    /// never saw. A lease dropped or forgotten in that state still makes
+    /// its hand-back call, which tells Redis what it really admitted.
+    pub unsure: bool,
 }
 
 /// A new lease's incarnation.
@@ -110,6 +115,7 @@ impl Lease {
             last_grant: 0,
             refused_cost: 0,
             incarnation: next_incarnation(),
+            unsure: false,
         }
     }
 
@@ -185,19 +191,52 @@ pub fn align(
     // A lease whose period ended is followed by one under the same name in
     // the ledger: a grant made for it after the period turned (its call
     // was slow) is found by the next one.
-    let ended: Vec<(PackedWindow, u32)> = if same {
+    let ended: Vec<Lease> = if same {
         Vec::new()
     } else {
-        current
-            .iter()
-            .filter(|l| !l.live(now))
-            .map(|l| (l.window, l.incarnation))
-            .collect()
+        current.iter().filter(|l| !l.live(now)).copied().collect()
+    };
+    // Live leases a changed limit replaces.
+    let replaced: Vec<Lease> = if same {
+        Vec::new()
+    } else {
+        current.iter().filter(|l| l.live(now)).copied().collect()
     };
     let dropped = held.align(windows, keep, |w| {
         let mut l = Lease::fresh(w, algo, now, wall);
-        if let Some((_, incarnation)) = ended.iter().find(|(e, _)| e.same_counter(w)) {
-            l.incarnation = *incarnation;
+        if let Some(r) = replaced
+            .iter()
+            .find(|r| r.window.same_counter(w) && r.period == l.period && !gcra(&l.window, algo))
+        {
+            // Same counter, same period, a new limit: what the fleet used
+            // by the last answer, and what this instance admitted since,
+            // are not available under the new limit either (a fallback
+            // share is drawn from what is left, not from the whole new
+            // limit again).
+            let used = r
+                .window
+                .requests
+                .saturating_sub(r.available)
+                .saturating_add(r.pending());
+            l.available = w.requests.saturating_sub(used);
+        }
+        if let Some(e) = ended.iter().find(|e| e.window.same_counter(w)) {
+            l.incarnation = e.incarnation;
+            if !gcra(&l.window, algo) && e.period == l.period {
+                // Ended by the answer's timing (its period's end is taken
+                // from when the call was sent) while this instance's clock
+                // still sees the same period: the period may not have
+                // ended in Redis. What was admitted and what Redis said was
+                // left still count (a fallback share is not drawn from the
+                // whole limit again, a grant already spent is not read as
+                // budget again); nothing is spent without asking Redis.
+                l.consumed = e.consumed;
+                l.ledger = e.ledger.min(e.consumed);
+                l.available = e.available;
+                l.over_until = e.over_until;
+                l.refused_cost = e.refused_cost;
+                l.unsure = e.unsure;
+            }
         }
         l
     });
@@ -303,7 +342,10 @@ pub fn apply(
             reserved_here = 0;
         }
         match g.ledger {
-            Some(ledger) => l.ledger = ledger,
+            Some(ledger) => {
+                l.ledger = ledger;
+                l.unsure = false;
+            }
             None => l.ledger = l.ledger.saturating_add(ask.floor).saturating_add(g.granted),
         }
         l.available = g.available;
@@ -344,6 +386,7 @@ pub fn apply(
 pub fn undo(leases: &mut [Lease], reserved: &[u64]) {
     for (l, r) in leases.iter_mut().zip(reserved) {
         l.consumed = l.consumed.saturating_sub(*r);
+        l.unsure = true;
     }
 }
 
@@ -419,6 +462,31 @@ pub fn hand_back(lease: &mut Lease, algo: Algorithm) -> Ask {
     Ask {
         floor: lease.floor(algo),
         ..ask
+    }
+}
+
+/// `back` of a last hand-back that may have to cover a grant never seen:
+/// more than any count (Redis' numbers are exact to 2^53); the script keeps
+/// what the lease says it admitted (the floor) and releases the rest.
+const ALL_BACK: u64 = 1 << 52;
+
+/// The hand-back of a lease about to be forgotten (a reload dropped its
+/// window, its key was evicted, its namespace left): like [`hand_back`],
+/// and when a call of it failed after it may have reached Redis
+/// ([`Lease::unsure`]), everything Redis counts for the lease beyond what
+/// it admitted goes back, the grant whose answer was lost too. GCRA keeps
+/// no ledger to tell them apart: its lost grants stay counted until its
+/// bucket drains.
+pub fn hand_back_last(lease: &mut Lease, algo: Algorithm) -> Ask {
+    let unsure = lease.unsure && !gcra(&lease.window, algo);
+    let ask = hand_back(lease, algo);
+    if unsure {
+        Ask {
+            back: ALL_BACK,
+            ..ask
+        }
+    } else {
+        ask
     }
 }
 

@@ -507,7 +507,10 @@ impl Limiter {
     /// `charged` units were taken at admission in every window of
     /// `charges`, `actual` are owed. Each window is settled where it was
     /// charged: a lease of the same period (a refund never reaches the next
-    /// period), the in-process store, or nowhere (`on_failure: open`).
+    /// period), the in-process store, or nowhere (`on_failure: open`). A
+    /// cost found higher is charged in the windows the key's leases hold at
+    /// the answer (not in one a reload removed meanwhile, nor after a
+    /// reload moved the key prefix and this instance's leases with it).
     pub fn settle(&self, limits: &LimitSettings, charges: &[Charge], charged: u64, actual: u64) {
         // What one answer may charge is capped at the largest window's limit:
         // a reported cost of 2^64-1 fills the windows, it does not wrap them.
@@ -651,6 +654,18 @@ impl Limiter {
     #[cfg(test)]
     pub fn held(&self, prefix: &str, key_id: &str, window: &Window, period: u64) -> u64 {
         self.leases.held(prefix, key_id, window, period)
+    }
+
+    /// The key prefix the leases are taken under (tests).
+    #[cfg(test)]
+    pub fn namespace_prefix(&self) -> Option<String> {
+        self.leases.namespace_prefix()
+    }
+
+    /// Admitted units of a window of a key Redis does not count yet (tests).
+    #[cfg(test)]
+    pub fn owed(&self, prefix: &str, key_id: &str, window: &Window, period: u64) -> u64 {
+        self.leases.owed(prefix, key_id, window, period)
     }
 }
 
