@@ -253,6 +253,13 @@ pub static CONNECTIONS_REJECTED: LazyLock<IntCounter> = LazyLock::new(|| {
     ))
 });
 
+pub static SEND_TIMEOUTS: LazyLock<IntCounter> = LazyLock::new(|| {
+    must!(register_int_counter!(
+        "tollgate_send_timeouts_total",
+        "Client connections closed because the client read nothing of its answer for server.send_timeout."
+    ))
+});
+
 /// Forces registration so `/metrics` lists every family from the first scrape.
 pub fn init() {
     BUILD_INFO
@@ -276,6 +283,7 @@ pub fn init() {
     LazyLock::force(&TOKEN_STORE_OUTAGE);
     LazyLock::force(&CONNECTIONS_OPEN);
     LazyLock::force(&CONNECTIONS_REJECTED);
+    LazyLock::force(&SEND_TIMEOUTS);
 }
 
 /// Called once SIGHUP is handled: the reload series appear at zero, so

@@ -126,6 +126,16 @@ pub enum BadPath {
     EncodedSlash,
     /// The path names another route when read the way those backends read it.
     ReadsAsAnotherRoute,
+    /// An encoded control character (`%00`, `%09`, `%7F`): C backends end
+    /// the path at `%00`, others trim whitespace, so `..%00` or `..%09`
+    /// can act as `..`.
+    ControlCharacter,
+    /// Escapes that do not decode to UTF-8, such as the overlong `%C0%AE`
+    /// (a `.` to decoders that do not check).
+    NotUtf8,
+    /// A character that Unicode compatibility normalisation (NFKC) turns
+    /// into `.`, `/` or `\`, such as the fullwidth `%EF%BC%8E` (`．`).
+    LookalikeSeparator,
 }
 
 impl BadPath {
@@ -137,6 +147,11 @@ impl BadPath {
             BadPath::EncodedSlash => "the path has an encoded slash (%2F)",
             BadPath::ReadsAsAnotherRoute => {
                 "the path reads as another route once '..;', '\\' or escapes are resolved"
+            }
+            BadPath::ControlCharacter => "the path has an encoded control character",
+            BadPath::NotUtf8 => "the path has escapes that are not UTF-8 (such as '%C0%AE')",
+            BadPath::LookalikeSeparator => {
+                "the path has a character that reads as '.', '/' or '\\' once Unicode is normalised"
             }
         }
     }
@@ -188,10 +203,27 @@ pub fn strict_violation(raw: &str) -> Option<BadPath> {
         if decoded.contains(&b'\\') {
             return Some(BadPath::Backslash);
         }
+        if decoded.iter().any(|&b| b < 0x20 || b == 0x7f) {
+            return Some(BadPath::ControlCharacter);
+        }
+        if !decoded.is_ascii() {
+            match std::str::from_utf8(decoded) {
+                Err(_) => return Some(BadPath::NotUtf8),
+                Ok(text) if text.chars().any(reads_as_separator) => {
+                    return Some(BadPath::LookalikeSeparator)
+                }
+                Ok(_) => {}
+            }
+        }
         let (base, parameter) = match decoded.iter().position(|&b| b == b';') {
             Some(at) => (&decoded[..at], true),
             None => (decoded, false),
         };
+        // Backends that trim trailing spaces from a segment read `.. ` as `..`.
+        let base = base
+            .iter()
+            .rposition(|&b| b != b' ')
+            .map_or(&base[..0], |last| &base[..=last]);
         if base == b"." || base == b".." {
             return Some(if parameter {
                 BadPath::DotParameter
@@ -201,6 +233,22 @@ pub fn strict_violation(raw: &str) -> Option<BadPath> {
         }
     }
     None
+}
+
+/// Characters whose compatibility decomposition (NFKC) is `.`, `..`,
+/// `...`, `/` or `\\`.
+fn reads_as_separator(c: char) -> bool {
+    matches!(
+        c,
+        '\u{2024}' // one dot leader
+            | '\u{2025}' // two dot leader
+            | '\u{2026}' // horizontal ellipsis
+            | '\u{FE52}' // small full stop
+            | '\u{FE68}' // small reverse solidus
+            | '\u{FF0E}' // fullwidth full stop
+            | '\u{FF0F}' // fullwidth solidus
+            | '\u{FF3C}' // fullwidth reverse solidus
+    )
 }
 
 /// Whether a lenient backend could read `raw` differently from `normalize`:
@@ -342,6 +390,16 @@ mod tests {
             ("/public\\admin", Backslash),
             ("/public/a%2fb", EncodedSlash),
             ("/public%2F..%2Fadmin", EncodedSlash),
+            ("/public/..%00/admin", ControlCharacter),
+            ("/public/..%09/admin", ControlCharacter),
+            ("/public/a%7Fb", ControlCharacter),
+            ("/public/%c0%ae%c0%ae/admin", NotUtf8),
+            ("/public/%e0%80%ae/admin", NotUtf8),
+            ("/public/%ef%bc%8e%ef%bc%8e/admin", LookalikeSeparator),
+            ("/public/..%ef%bc%8fadmin", LookalikeSeparator),
+            ("/public/%e2%80%a5/admin", LookalikeSeparator),
+            ("/public/..%20/admin", DotSegment),
+            ("/public/.%20%20;x/admin", DotParameter),
         ] {
             assert_eq!(strict_violation(path), Some(why), "{path}");
         }
@@ -353,6 +411,8 @@ mod tests {
             "/a/%41%20b",
             "/a/..x/x..",
             "/a/;../b",
+            "/a/%C3%A9t%C3%A9",
+            "/a/%20../b",
         ] {
             assert_eq!(strict_violation(path), None, "{path}");
         }

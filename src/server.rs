@@ -337,7 +337,7 @@ pub fn no_transparent_huge_pages() {
 
 /// SIGHUP's default action kills the process. Until the reload service takes
 /// it over, a SIGHUP (say, from `systemctl reload` during start) is ignored.
-#[allow(unsafe_code)] // the one unsafe call in the crate
+#[allow(unsafe_code)] // one of two unsafe places in the crate (the other: edge::linger)
 fn ignore_sighup_until_reloader_runs() {
     // SAFETY: setting a signal disposition to SIG_IGN has no preconditions.
     unsafe {

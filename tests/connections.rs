@@ -433,3 +433,256 @@ fn connections_over_max_connections_are_closed_at_once_and_counted() {
         Some(1.0)
     );
 }
+
+/// An upstream that answers every request with `len` bytes, written as fast
+/// as the connection takes them.
+fn big_upstream(len: usize) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut stream = stream;
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read(&mut byte).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let start = format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n");
+                if stream.write_all(start.as_bytes()).is_err() {
+                    return;
+                }
+                let chunk = vec![b'x'; 64 * 1024];
+                let mut left = len;
+                while left > 0 {
+                    let n = left.min(chunk.len());
+                    if stream.write_all(&chunk[..n]).is_err() {
+                        return;
+                    }
+                    left -= n;
+                }
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn a_client_that_stops_reading_is_cut_off_at_send_timeout() {
+    const LEN: usize = 256 * 1024 * 1024;
+    let up = big_upstream(LEN);
+    let t = Tollgate::start(&config(&format!("127.0.0.1:{up}"), "send_timeout: 1s"));
+    let mut s = TcpStream::connect(("127.0.0.1", t.port)).unwrap();
+    s.write_all(b"GET /public/big HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    // Nothing is read until tollgate has given up on this client.
+    t.wait_metric("tollgate_send_timeouts_total", 1.0);
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    assert!(
+        got > 0 && got < LEN,
+        "the client got {got} bytes of a {LEN}-byte answer it stopped reading"
+    );
+    wait_for("the connection counted closed", Duration::from_secs(10), || {
+        (metric_value(&t.metrics(), "tollgate_connections_open") == Some(0.0)).then_some(())
+    });
+    let r = get(t.port, "/health").unwrap();
+    assert_eq!(r.status, 200);
+}
+
+#[test]
+fn a_client_that_half_closes_after_its_request_gets_its_answer() {
+    let up = Echo::start();
+    let t = Tollgate::start(&config(&up.addr(), "max_header_bytes: 8192"));
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(("127.0.0.1", t.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /public/half?wait=300ms HTTP/1.1\r\nHost: a\r\n\r\n")
+            .unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        let text = String::from_utf8_lossy(&out).into_owned();
+        let r = response(&text);
+        assert_eq!(r.status, 200, "{text}");
+        assert!(
+            r.text().starts_with("GET /public/half?wait=300ms HTTP/1.1"),
+            "{text}"
+        );
+    }
+    let m = t.metrics();
+    assert_eq!(metric_value(&m, "tollgate_upstream_errors_total"), None, "{m}");
+}
+
+#[test]
+fn a_client_that_goes_away_is_no_upstream_error() {
+    let up = Echo::start();
+    let t = Tollgate::start(&config(&up.addr(), "max_header_bytes: 8192"));
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(("127.0.0.1", t.port)).unwrap();
+        s.write_all(b"GET /public/gone?wait=2s HTTP/1.1\r\nHost: a\r\n\r\n")
+            .unwrap();
+        // A reset, not a FIN: the client is gone, not just done sending.
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(s);
+    }
+    t.wait_metric(
+        "tollgate_requests_total{route=\"public\",status=\"499\"}",
+        3.0,
+    );
+    let m = t.metrics();
+    assert_eq!(metric_value(&m, "tollgate_upstream_errors_total"), None, "{m}");
+    assert_eq!(
+        metric_value(&m, "tollgate_requests_total{status=\"502\"}"),
+        None,
+        "{m}"
+    );
+}
+
+#[test]
+fn an_answer_before_a_close_survives_what_the_client_sent_after_it() {
+    let up = Echo::start();
+    let t = Tollgate::start(&config(&up.addr(), "max_header_bytes: 8192"));
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(("127.0.0.1", t.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        // A request that closes the connection, then more than tollgate
+        // reads with it: a request whose body is still arriving when the
+        // first answer is written and the connection closed.
+        let mut bytes =
+            b"GET /public/first HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".to_vec();
+        let body = vec![b'y'; 100 * 1024];
+        bytes.extend_from_slice(
+            format!(
+                "POST /public/second HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        bytes.extend_from_slice(&body);
+        let mut writer = s.try_clone().unwrap();
+        let sender = std::thread::spawn(move || {
+            let _ = writer.write_all(&bytes);
+        });
+        // Read only once tollgate is done with the connection: the answer
+        // is whole and ends in a clean close.
+        wait_for("the connection handed back", Duration::from_secs(20), || {
+            (metric_value(&t.metrics(), "tollgate_connections_open") == Some(0.0)).then_some(())
+        });
+        let mut out = Vec::new();
+        let read = s.read_to_end(&mut out);
+        sender.join().unwrap();
+        let text = String::from_utf8_lossy(&out).into_owned();
+        assert!(read.is_ok(), "{read:?} after {text:?}");
+        let r = response(&text);
+        assert_eq!(r.status, 200, "{text}");
+        assert!(r.text().starts_with("GET /public/first HTTP/1.1"), "{text}");
+    }
+}
+
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let up = Recorder::start();
+    let t = Tollgate::start(&config(&up.addr(), "max_header_bytes: 8192"));
+    let mut bytes = Vec::new();
+    for i in 0..5 {
+        bytes.extend_from_slice(format!("GET /public/p{i} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes());
+    }
+    bytes.extend_from_slice(
+        b"POST /public/p5 HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
+    );
+    bytes.extend_from_slice(b"GET /public/p6 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+    let out = exchange(t.port, &bytes);
+    let answers: Vec<&str> = out.matches("HTTP/1.1 ").collect();
+    assert_eq!(answers.len(), 7, "{out}");
+    assert_eq!(out.matches("HTTP/1.1 200 OK").count(), 7, "{out}");
+    assert_eq!(up.hits(), 7);
+    assert!(up.last_head().starts_with("GET /public/p6 "), "{}", up.last_head());
+
+    // A pipelined head is bounded too, and so is a pipelined request that
+    // never ends its head.
+    let big = format!(
+        "GET /public/a HTTP/1.1\r\nHost: a\r\n\r\nGET /public/b HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(40_000)
+    );
+    let out = exchange(t.port, big.as_bytes());
+    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+    assert!(out.contains("HTTP/1.1 431 "), "{out}");
+    assert_eq!(up.hits(), 8);
+}
+
+/// Streams of an `h2_burst.py` report: (id, stream).
+fn streams(run: &serde_json::Value) -> Vec<(u64, serde_json::Value)> {
+    let mut all: Vec<(u64, serde_json::Value)> = run["streams"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.parse().unwrap(), v.clone()))
+        .collect();
+    all.sort_by_key(|(id, _)| *id);
+    all
+}
+
+#[test]
+fn every_stream_below_the_goaway_gets_its_whole_answer() {
+    let up = Echo::start();
+    let t = Tollgate::start(&config(&up.addr(), "max_requests_per_connection: 5"));
+    for round in 0..10 {
+        let run = h2_burst(t.port, &["--requests", "60", "--path", "/public/burst"]);
+        let last = run["goaway"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|g| g["last_stream_id"].as_u64())
+            .min()
+            .unwrap_or_else(|| panic!("round {round}: no GOAWAY: {run}"));
+        assert!(run["closed"].as_f64().is_some(), "round {round}: {run}");
+        let mut served = 0;
+        for (id, s) in streams(&run) {
+            if id <= last && s["reset"] == 7 {
+                // REFUSED_STREAM: not processed, the client sends it again.
+                assert!(s["status"].is_null(), "round {round}, stream {id}: {run}");
+            } else if id <= last {
+                served += 1;
+                assert_eq!(s["status"], 200, "round {round}, stream {id}: {run}");
+                assert_eq!(s["complete"], true, "round {round}, stream {id}: {run}");
+            } else {
+                assert!(s["status"].is_null(), "round {round}, stream {id} above the GOAWAY was served: {run}");
+            }
+        }
+        assert!((5..=5 + 32).contains(&served), "round {round}: {served} served: {run}");
+    }
+}
+
+#[test]
+fn a_client_that_ignores_the_goaway_round_trip_is_still_cut_off() {
+    let up = Echo::start();
+    let t = Tollgate::start(&config(&up.addr(), "max_requests_per_connection: 5"));
+    // Bursts of 5 for as long as the connection serves them, PINGs unanswered.
+    let run = h2_burst(
+        t.port,
+        &["--requests", "5", "--rounds", "200", "--ignore-ping", "--path", "/public/x"],
+    );
+    let served = streams(&run)
+        .iter()
+        .filter(|(_, s)| s["status"] == 200)
+        .count();
+    assert!(
+        (5..=5 + 32).contains(&served),
+        "{served} requests served on a connection limited to 5: {}",
+        run["goaway"]
+    );
+    assert!(run["closed"].as_f64().is_some(), "{run}");
+}

@@ -75,6 +75,8 @@ pub struct RawServer {
     pub keepalive_timeout: Checked<Span>,
     /// Time an HTTP/2 connection may have no open stream before GOAWAY.
     pub h2_idle_timeout: Checked<Span>,
+    /// Longest a write may wait for the client to read (0: no limit).
+    pub send_timeout: Checked<Span>,
     /// Requests served on one connection before it is closed (0: no limit).
     pub max_requests_per_connection: u64,
     /// Connections open at once (0: no limit); beyond it new ones are closed.
@@ -120,6 +122,7 @@ impl Default for RawServer {
             watch_config: false,
             keepalive_timeout: span("75s"),
             h2_idle_timeout: span("75s"),
+            send_timeout: span("60s"),
             max_requests_per_connection: 1000,
             max_connections: 0,
         }

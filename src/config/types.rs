@@ -46,6 +46,8 @@ pub struct ServerSettings {
     /// Zero: no keep-alive (every answer closes its connection).
     pub keepalive_timeout: Duration,
     pub h2_idle_timeout: Duration,
+    /// Zero: no limit.
+    pub send_timeout: Duration,
     /// `None`: no limit.
     pub max_requests_per_connection: Option<u32>,
     /// `None`: no limit.

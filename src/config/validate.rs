@@ -136,6 +136,7 @@ fn server(p: &mut Problems, s: &RawServer) -> ServerSettings {
         watch_config: s.watch_config,
         keepalive_timeout: p.duration("server.keepalive_timeout", &s.keepalive_timeout),
         h2_idle_timeout: p.positive_duration("server.h2_idle_timeout", &s.h2_idle_timeout),
+        send_timeout: p.duration("server.send_timeout", &s.send_timeout),
         max_requests_per_connection: max_requests_per_connection(p, s),
         max_connections: (s.max_connections > 0).then_some(s.max_connections),
     }

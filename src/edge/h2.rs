@@ -27,6 +27,13 @@ use tokio::sync::Notify;
 /// budget Pingora's own loop keeps).
 const MAX_MALFORMED_STREAMS: usize = 32;
 
+/// Streams a client may still open after a graceful GOAWAY. The GOAWAY
+/// exchange takes a round trip (GOAWAY, PING, PING acknowledgement, final
+/// GOAWAY), so a few arrive normally; a client that never acknowledges the
+/// PING could go on forever, so beyond these its new streams are refused
+/// (`REFUSED_STREAM`: not processed, safe to send again elsewhere).
+const MAX_STREAMS_AFTER_GOAWAY: u64 = 32;
+
 /// After a GOAWAY with no stream open, how long the client has to close
 /// (the GOAWAY exchange takes a round trip) before the socket is dropped.
 const GOAWAY_LINGER: Duration = Duration::from_secs(5);
@@ -102,6 +109,8 @@ pub async fn serve(
     };
     let active = Arc::new(Active::default());
     let (mut served, mut malformed) = (0u64, 0usize);
+    // Streams accepted after the first GOAWAY (`None`: none sent yet).
+    let mut after_goaway: Option<u64> = None;
     // A connection accepted after the drain began is told at once:
     // `changed()` only reports values set after the subscription.
     let mut goaway = *closing.borrow_and_update();
@@ -145,7 +154,20 @@ pub async fn serve(
                     return;
                 }
             }
-            Ok(Some(H2Accept::Session(session))) => {
+            Ok(Some(H2Accept::Session(mut session))) => {
+                if goaway {
+                    let late = after_goaway.get_or_insert(0);
+                    *late += 1;
+                    if *late > MAX_STREAMS_AFTER_GOAWAY {
+                        // Not processed: the client may send it again on
+                        // a new connection (RFC 9113 §8.7).
+                        if *late == MAX_STREAMS_AFTER_GOAWAY + 1 {
+                            log::debug!("HTTP/2 client ignores the GOAWAY: its new streams are refused");
+                        }
+                        session.shutdown_with_reason(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                }
                 served += 1;
                 let guard = active.start();
                 let (proxy, shutdown) = (proxy.clone(), closing.clone());

@@ -11,6 +11,7 @@ pub mod drain;
 pub mod h2;
 pub mod head;
 pub mod io;
+pub mod linger;
 pub mod scan;
 pub mod stop;
 pub mod tls;
@@ -137,6 +138,17 @@ impl Edge {
         // `shutdown` is the drain's watch (see `process_new`).
         let guarded: Stream = Box::new(HeadGuard::new(stream, limits));
         let mut session = ServerSession::new_http1(guarded);
+        // A client that half-closes after its request (FIN, RFC 9112 §9.6)
+        // still gets its answer; a client that is really gone is seen when
+        // the answer cannot be written.
+        session.set_abort_on_close(false);
+        // Requests sent before the previous answer arrived (pipelining) are
+        // served in order, not refused (RFC 9112 §9.3.2). Their bytes may
+        // come with the previous request's, before the head guard is
+        // re-armed: such a head is bounded by the guard from the first byte
+        // read after the previous request, so by up to one read more than
+        // `max_header_bytes` (see `head`).
+        session.set_pipelining_enabled(true);
         // Pingora sets each request's keep-alive timeout from its headers
         // (`respect_keepalive`), so idle time is bounded by the head guard;
         // what it keeps across requests is the number of reuses left, which
@@ -156,6 +168,7 @@ impl Edge {
             if let Some(persistent) = persistent {
                 persistent.apply_to_session(&mut session);
             }
+            session.set_abort_on_close(false);
             result = self.proxy.process_new_http(session, shutdown).await;
         }
     }
@@ -190,6 +203,7 @@ impl ServerApp for Edge {
         } else {
             (false, stream)
         };
+        let stream: Stream = Box::new(linger::Linger::new(stream, server.send_timeout));
         if h2 {
             let h2_limits = h2::H2Limits {
                 idle: server.h2_idle_timeout,

@@ -452,6 +452,11 @@ impl Proxy {
 
 fn classify(e: &Error) -> Option<(Refusal, &'static str)> {
     use ErrorType::*;
+    // The client's side failing (it went away mid-request) is no upstream
+    // error, whatever its type.
+    if e.esource() == &ErrorSource::Downstream {
+        return None;
+    }
     let kind = match e.etype() {
         ConnectTimedout => "connect_timeout",
         ReadTimedout | WriteTimedout => "read_timeout",
@@ -467,6 +472,10 @@ fn classify(e: &Error) -> Option<(Refusal, &'static str)> {
     };
     Some((refusal, kind))
 }
+
+/// The status logged and counted for a request whose client went away
+/// before its answer was written (nothing is sent).
+const CLIENT_CLOSED: u16 = 499;
 
 fn count_upstream_error(ctx: &Ctx, e: &Error) {
     if let Some((_, kind)) = classify(e) {
@@ -683,6 +692,12 @@ impl ProxyHttp for Proxy {
             },
         };
         let mut code = 0;
+        if refusal.is_none() {
+            // nginx's "client closed request": nobody to answer, no
+            // upstream to blame.
+            ctx.error = Some("client_closed");
+            code = CLIENT_CLOSED;
+        }
         if let Some(r) = refusal {
             code = r.status();
             if session.response_written().is_none() {

@@ -299,6 +299,7 @@ fn read_json_line(out: &mut BufReader<std::process::ChildStdout>) -> serde_json:
 }
 
 const H2_PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/h2_peer.py");
+const H2_BURST: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/h2_burst.py");
 
 /// HTTP/2 (h2c) connections at the frame level (`tests/support/h2_peer.py`,
 /// hyperframe and hpack): e.g. `h2_peer(port, &["--connections", "5",
@@ -306,6 +307,14 @@ const H2_PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/h2_pee
 /// `{"connections": [{"answers": [{"status", "at", "complete",
 /// "goaway_before_end"}], "goaway": [{"at", "last_stream_id"}], "closed",
 /// "error"}]}`, times in seconds since each connection opened.
+/// `tests/support/h2_burst.py`: many requests at once on one h2c connection.
+pub fn h2_burst(port: u16, args: &[&str]) -> serde_json::Value {
+    let mut cmd = python(H2_BURST);
+    cmd.args(["--port", &port.to_string()]).args(args);
+    let out = run(cmd, "h2_burst.py");
+    json_out(&out, "h2_burst.py")
+}
+
 pub fn h2_peer(port: u16, args: &[&str]) -> serde_json::Value {
     let mut cmd = python(H2_PEER);
     cmd.args(["--port", &port.to_string()]).args(args);
