@@ -110,6 +110,14 @@ fn the_escapes_of_the_review_are_refused_and_reach_nothing() {
         "/public\\..\\admin/x",
         "/public/..\\admin/x",
         "/public/..%2Fadmin/x",
+        // The edge review's second round: control characters a backend may
+        // cut or trim, overlong UTF-8, compatibility forms of '.' and '/'.
+        "/public/..%00/admin/x",
+        "/public/..%09/admin/x",
+        "/public/..%20/admin/x",
+        "/public/%c0%ae%c0%ae/admin/x",
+        "/public/%ef%bc%8e%ef%bc%8e/admin/x",
+        "/public/..%ef%bc%8fadmin/x",
     ] {
         f.refused(target);
     }
