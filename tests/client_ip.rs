@@ -124,3 +124,43 @@ fn x_real_ip_when_the_proxy_sets_that() {
     });
     assert_eq!(statuses, TWO_OF_FOUR);
 }
+
+/// Headers other stacks read as the client's address, or as the path to
+/// serve, are not passed on from a client: the upstream sees only what
+/// tollgate vouches for, and none of them moves the rate-limit key.
+#[test]
+fn address_and_path_override_headers_from_a_client_do_not_pass() {
+    let echo = Echo::start();
+    // The test process is not a trusted proxy here.
+    let t = Tollgate::start(
+        &config(&echo.addr(), "client_ip_header: x-forwarded-for")
+            .replace("127.0.0.0/8", "10.0.0.0/8"),
+    );
+    avoid_window_edge(3600, Duration::from_secs(5));
+    let sent = |i: usize| {
+        format!(
+            "True-Client-IP: 198.51.100.{i}\r\nX-Client-IP: 198.51.100.{i}\r\n\
+             CF-Connecting-IP: 198.51.100.{i}\r\nX_Forwarded_For: 198.51.100.{i}\r\n\
+             X-Original-URL: /admin/{i}\r\nX-Rewrite-URL: /admin/{i}\r\n\
+             X-Forwarded-Port: 1{i}\r\nX-Forwarded-Prefix: /admin{i}\r\n"
+        )
+    };
+    let r = t.request(&format!(
+        "GET /public/y HTTP/1.1\r\nHost: a\r\n{}X-Request_Id: forged\r\nConnection: close\r\n\r\n",
+        sent(9)
+    ));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let body = r.text().to_ascii_lowercase();
+    assert!(body.contains("x-forwarded-for: 127.0.0.1\n"), "{body}");
+    for gone in [
+        "198.51.100",
+        "/admin",
+        "x_forwarded_for",
+        "forged",
+        "port: 19",
+    ] {
+        assert!(!body.contains(gone), "{gone}: {body}");
+    }
+    // That was the first of two; rotating them all gets one more.
+    assert_eq!(four(&t, sent), [200, 429, 429, 429]);
+}

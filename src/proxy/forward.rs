@@ -10,11 +10,56 @@ use pingora::prelude::*;
 use std::net::IpAddr;
 
 /// Headers only a trusted proxy may set; from anyone else they are dropped.
-const PROXY_HEADERS: [&str; 3] = ["forwarded", "x-real-ip", "x-forwarded-host"];
+/// Beyond the three tollgate knows, the ones web frameworks and CDNs read as
+/// the client's address, or as the host, port or prefix the client used.
+const PROXY_HEADERS: [&str; 11] = [
+    "forwarded",
+    "x-real-ip",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-server",
+    "x-client-ip",
+    "true-client-ip",
+    "x-cluster-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+];
 
 /// Headers that may name the client: only the one `server.client_ip_header`
-/// names is believed.
-const CLIENT_HEADERS: [&str; 2] = ["forwarded", "x-real-ip"];
+/// names is believed; from a trusted proxy the others are dropped too.
+const CLIENT_HEADERS: [&str; 7] = [
+    "forwarded",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "x-cluster-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+];
+
+/// Headers that make some backends (IIS URL Rewrite, Symfony, Laravel,
+/// Zend) serve another path than the request line's — the one tollgate
+/// checked. Dropped from everyone.
+const PATH_OVERRIDES: [&str; 2] = ["x-original-url", "x-rewrite-url"];
+
+/// Headers tollgate sets itself: a look-alike with `_` for `-` (which CGI
+/// and several frameworks merge with the real one) is dropped.
+const OWN_HEADERS: [&str; 3] = ["x-forwarded-for", "x-forwarded-proto", "x-request-id"];
+
+/// `name` is one of `list`, or reads as one once `_` is taken for `-`.
+fn is_one_of(name: &str, list: &[&str]) -> bool {
+    if !name.contains('_') {
+        return list.contains(&name);
+    }
+    list.iter().any(|l| {
+        l.len() == name.len()
+            && name
+                .bytes()
+                .zip(l.bytes())
+                .all(|(a, b)| (if a == b'_' { b'-' } else { a }) == b)
+    })
+}
 
 /// The client address as `X-Forwarded-For` carries it. IPv4, nearly every
 /// caller, is written without the formatting machinery.
@@ -62,8 +107,10 @@ fn forwarded_for(
         .keys()
         .filter(|k| {
             let k = k.as_str();
-            (PROXY_HEADERS.contains(&k) && !believed)
-                || (believed && k != named.header_name() && CLIENT_HEADERS.contains(&k))
+            is_one_of(k, &PATH_OVERRIDES)
+                || (!believed && is_one_of(k, &PROXY_HEADERS))
+                || (believed && k != named.header_name() && is_one_of(k, &CLIENT_HEADERS))
+                || (k.contains('_') && is_one_of(k, &OWN_HEADERS))
         })
         .cloned()
         .collect();
@@ -265,6 +312,44 @@ mod tests {
         assert_eq!(
             after("x-real-ip", "10.1.2.3"),
             (s("9.9.9.9, 10.1.2.3"), None, s("9.9.9.9"), s("h.example"))
+        );
+    }
+
+    #[test]
+    fn address_and_path_override_headers_do_not_pass_from_a_client() {
+        let sent = [
+            ("true-client-ip", "1.1.1.1"),
+            ("x-client-ip", "1.1.1.2"),
+            ("cf-connecting-ip", "1.1.1.3"),
+            ("x-forwarded-port", "8443"),
+            ("x-forwarded-prefix", "/admin"),
+            ("x-original-url", "/admin/x"),
+            ("x_rewrite_url", "/admin/y"),
+            ("x_forwarded_for", "6.6.6.6"),
+            ("x-real_ip", "6.6.6.7"),
+            ("x-other", "kept"),
+        ];
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        // From an untrusted peer nothing of it passes but the unrelated one.
+        let mut r = head(&sent);
+        forwarded_for(&mut r, ip("192.0.2.7"), &server("x-forwarded-for")).unwrap();
+        let names: Vec<&str> = r.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(names.contains(&"x-other") && names.contains(&"x-forwarded-for"));
+        // From a trusted proxy the port and prefix pass; other client
+        // addresses and path overrides do not.
+        let mut r = head(&sent);
+        forwarded_for(&mut r, ip("10.1.2.3"), &server("x-forwarded-for")).unwrap();
+        let mut names: Vec<&str> = r.headers.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "x-forwarded-for",
+                "x-forwarded-port",
+                "x-forwarded-prefix",
+                "x-other"
+            ]
         );
     }
 
