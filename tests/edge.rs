@@ -649,3 +649,41 @@ fn upstreams_over_tls_are_verified_and_h2_upstreams_multiplex() {
         "nine calls, eight at once, must share a few multiplexed upstream connections: {connections}"
     );
 }
+
+/// `header_timeout` runs from the accept, the TLS handshake included: a
+/// client cannot take most of it to shake hands and then the whole of it
+/// again to send its head.
+#[test]
+fn a_slow_handshake_comes_out_of_the_header_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = certs(dir.path());
+    let up = Recorder::start();
+    let upstreams = format!("  backend: {{ peers: [\"{}\"] }}", up.addr());
+    let routes = "  - { name: pub, path_prefix: /, upstream: backend, auth: none }";
+    let template = config(&pairs(&c, &["api.example.com"]), "1.2", &upstreams, routes)
+        .replace("  h2c: true\n", "  h2c: true\n  header_timeout: 4s\n");
+    let (_t, tls) = start(&template);
+    let sni = ["--sni", "api.example.com"];
+    // 3 s to shake hands, then the head at once: within the 4 s.
+    let mut quick = TlsClient::connect(
+        tls,
+        &c.ca(),
+        &[&sni[..], &["--delay-handshake", "3"]].concat(),
+    );
+    assert_eq!(quick.get("/x")["status"], 200, "{}", quick.handshake);
+    // 3 s to shake hands, then a head that takes 2 s more: past the 4 s
+    // from the accept (it used to be given 4 s from the handshake's end).
+    let mut slow = TlsClient::connect(
+        tls,
+        &c.ca(),
+        &[
+            &sni[..],
+            &["--delay-handshake", "3", "--pause-in-head", "2"],
+        ]
+        .concat(),
+    );
+    assert!(slow.handshake["version"].is_string(), "{}", slow.handshake);
+    let answer = slow.get("/x");
+    assert_ne!(answer["status"], 200, "{answer}");
+    assert_eq!(up.hits(), 1);
+}

@@ -265,7 +265,7 @@ proptest! {
         let (got, answer) = runtime.block_on(async {
             let (mut client, server) = tokio::io::duplex(1 << 16);
             let limits = HeadLimits { max_bytes: max, timeout: std::time::Duration::from_secs(30), keepalive: std::time::Duration::from_secs(30) };
-            let mut guard = HeadGuard::new(Box::new(server), limits);
+            let mut guard = HeadGuard::new(Box::new(server), limits, tokio::time::Instant::now());
             let mut cuts: Vec<usize> = cuts.into_iter().filter(|c| *c < wire.len()).collect();
             cuts.sort_unstable();
             cuts.dedup();

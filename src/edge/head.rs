@@ -135,13 +135,16 @@ fn substitute_for(written: &[u8]) -> Arc<[u8]> {
 }
 
 impl HeadGuard {
-    /// Wraps a new connection; its first head's deadline runs from now.
-    pub fn new(inner: Stream, limits: HeadLimits) -> Self {
+    /// Wraps a new connection; its first head's deadline runs from
+    /// `accepted`.
+    /// `accepted`: when the connection was accepted (a TLS handshake or an
+    /// h2c preface wait comes out of the first head's time).
+    pub fn new(inner: Stream, limits: HeadLimits, accepted: Instant) -> Self {
         HeadGuard {
             inner,
             limits,
             phase: Phase::Head {
-                deadline: Instant::now() + limits.timeout,
+                deadline: accepted + limits.timeout,
                 scan: HeadScan::new(limits.max_bytes),
             },
             timer: None,

@@ -132,11 +132,12 @@ impl Edge {
         &self,
         stream: Stream,
         limits: HeadLimits,
+        accepted: tokio::time::Instant,
         server: &ServerSettings,
         shutdown: &ShutdownWatch,
     ) {
         // `shutdown` is the drain's watch (see `process_new`).
-        let guarded: Stream = Box::new(HeadGuard::new(stream, limits));
+        let guarded: Stream = Box::new(HeadGuard::new(stream, limits, accepted));
         let mut session = ServerSession::new_http1(guarded);
         // A client that half-closes after its request (FIN, RFC 9112 §9.6)
         // still gets its answer; a client that is really gone is seen when
@@ -181,6 +182,9 @@ impl ServerApp for Edge {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        // The first request head must be whole within `header_timeout` of
+        // this instant, TLS handshake and h2c detection included.
+        let accepted = tokio::time::Instant::now();
         let _open = self.drain.adopt();
         // Pingora's HTTP handling closes connections once its shutdown signal
         // is set; it gets the drain's instead, which is set only when clients
@@ -195,11 +199,12 @@ impl ServerApp for Edge {
             keepalive: server.keepalive_timeout,
         };
         let stream = self.accept_tls(stream, &state, limits.timeout).await?;
+        let left = |timeout: Duration| timeout.saturating_sub(accepted.elapsed());
         let (h2, stream) = if stream.get_ssl_digest().is_some() {
             let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
             (h2, stream)
         } else if server.h2c {
-            Self::h2c_opening(stream, limits.timeout).await?
+            Self::h2c_opening(stream, left(limits.timeout)).await?
         } else {
             (false, stream)
         };
@@ -208,11 +213,12 @@ impl ServerApp for Edge {
             let h2_limits = h2::H2Limits {
                 idle: server.h2_idle_timeout,
                 max_requests: server.max_requests_per_connection,
-                handshake: limits.timeout,
+                handshake: left(limits.timeout),
             };
             h2::serve(&self.proxy, stream, h2_limits, shutdown.clone()).await;
         } else {
-            self.serve_http1(stream, limits, server, shutdown).await;
+            self.serve_http1(stream, limits, accepted, server, shutdown)
+                .await;
         }
         None
     }

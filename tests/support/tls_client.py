@@ -2,18 +2,22 @@
 TLS listeners with an implementation independent of its own.
 
 usage: tls_client.py HOST PORT --ca CA.pem [--sni NAME] [--min 1.2] [--max 1.3]
+                     [--delay-handshake SECS] [--pause-in-head SECS]
 
 Connects once and prints one JSON line: {"version", "alpn", "serial",
 "names"} of the handshake, or {"error": "..."} when it fails. Then, for
 every line "PATH" read on stdin, sends `GET PATH` on that same connection
 and prints {"status": N, "body": "..."} (or {"error": ...}), so a test can
 hold a connection open across a reload. Exits when stdin closes.
+--delay-handshake: connect, then wait that long before the TLS handshake.
+--pause-in-head: send each request head in two parts, that long apart.
 """
 import argparse
 import json
 import socket
 import ssl
 import sys
+import time
 import warnings
 
 VERSIONS = {"1.1": "TLSv1_1", "1.2": "TLSv1_2", "1.3": "TLSv1_3"}
@@ -48,6 +52,8 @@ def main():
     ap.add_argument("--sni")
     ap.add_argument("--min")
     ap.add_argument("--max")
+    ap.add_argument("--delay-handshake", type=float, default=0.0)
+    ap.add_argument("--pause-in-head", type=float, default=0.0)
     args = ap.parse_args()
 
     ctx = ssl.create_default_context(cafile=args.ca)
@@ -63,6 +69,7 @@ def main():
             ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
     try:
         raw = socket.create_connection((args.host, args.port), timeout=10)
+        time.sleep(args.delay_handshake)
         conn = ctx.wrap_socket(raw, server_hostname=args.sni or args.host)
     except (ssl.SSLError, OSError) as e:
         say({"error": f"{type(e).__name__}: {e}"})
@@ -82,7 +89,9 @@ def main():
             continue
         try:
             host = args.sni or args.host
-            conn.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            conn.sendall(f"GET {path} HTTP/1.1\r\n".encode())
+            time.sleep(args.pause_in_head)
+            conn.sendall(f"Host: {host}\r\n\r\n".encode())
             status, body = read_response(f)
             say({"status": status, "body": body})
         except (OSError, ValueError, ConnectionError) as e:
