@@ -164,3 +164,47 @@ fn address_and_path_override_headers_from_a_client_do_not_pass() {
     // That was the first of two; rotating them all gets one more.
     assert_eq!(four(&t, sent), [200, 429, 429, 429]);
 }
+
+/// One request from `source` (a loopback address), its status.
+fn status_from(source: &str, port: u16) -> u16 {
+    use std::io::{Read, Write};
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let from: std::net::SocketAddr = format!("{source}:0").parse().unwrap();
+    socket.bind(&from.into()).unwrap();
+    let to: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    socket.connect(&to.into()).unwrap();
+    let mut stream: std::net::TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    stream
+        .write_all(b"GET /public/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    let _ = stream.read_to_string(&mut out);
+    out.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// On a dual-stack listener (`[::]:port`) IPv4 clients arrive as
+/// IPv4-mapped IPv6 addresses: each is still its own client, not one /64
+/// shared by every IPv4 caller.
+#[test]
+fn ipv4_clients_of_a_dual_stack_listener_are_keyed_apart() {
+    let echo = Echo::start();
+    let t = Tollgate::start(
+        &config(&echo.addr(), "client_ip_header: x-forwarded-for")
+            .replace("127.0.0.0/8", "10.0.0.0/8")
+            .replace(
+                "listen: [\"127.0.0.1:{port}\"]",
+                "listen: [\"[::]:{port}\"]",
+            ),
+    );
+    avoid_window_edge(3600, Duration::from_secs(5));
+    let a: Vec<u16> = (0..3).map(|_| status_from("127.0.0.2", t.port)).collect();
+    assert_eq!(a, [200, 200, 429]);
+    let b: Vec<u16> = (0..3).map(|_| status_from("127.0.0.3", t.port)).collect();
+    assert_eq!(b, [200, 200, 429]);
+}

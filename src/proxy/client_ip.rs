@@ -27,6 +27,9 @@ pub fn client_address(
     proxies: &[Cidr],
     header: ClientIpHeader,
 ) -> IpAddr {
+    // A dual-stack listener sees IPv4 clients as IPv4-mapped IPv6
+    // (`::ffff:a.b.c.d`): they are IPv4 clients, not one IPv6 /64.
+    let peer = peer.to_canonical();
     if !trusted(peer, proxies) {
         return peer;
     }
@@ -307,5 +310,25 @@ mod tests {
             let peer = IpAddr::from([10, 0, 0, 1]);
             prop_assert_eq!(client_address(peer, &req, &p, header), client);
         }
+    }
+
+    #[test]
+    fn an_ipv4_mapped_peer_is_an_ipv4_client() {
+        let p = [Cidr::parse("127.0.0.0/8").unwrap()];
+        let req = RequestHeader::build("GET", b"/", None).unwrap();
+        let mapped: IpAddr = "::ffff:192.0.2.9".parse().unwrap();
+        assert_eq!(
+            client_address(mapped, &req, &p, ClientIpHeader::XForwardedFor),
+            "192.0.2.9".parse::<IpAddr>().unwrap()
+        );
+        // A mapped trusted proxy is trusted.
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.insert_header("x-forwarded-for", "198.51.100.4")
+            .unwrap();
+        let proxy: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        assert_eq!(
+            client_address(proxy, &req, &p, ClientIpHeader::XForwardedFor),
+            "198.51.100.4".parse::<IpAddr>().unwrap()
+        );
     }
 }

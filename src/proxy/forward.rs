@@ -94,7 +94,7 @@ fn forwarded_for(
     peer: Option<IpAddr>,
     server: &ServerSettings,
 ) -> Result<()> {
-    let Some(peer) = peer else {
+    let Some(peer) = peer.map(|p| p.to_canonical()) else {
         req.remove_header("x-forwarded-for");
         return Ok(());
     };

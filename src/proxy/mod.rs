@@ -751,7 +751,7 @@ impl ProxyHttp for Proxy {
         let client = session
             .client_addr()
             .and_then(|a| a.as_inet())
-            .map(|a| a.ip().to_string())
+            .map(|a| a.ip().to_canonical().to_string())
             .unwrap_or_default();
         let upstream = ctx
             .tried
