@@ -777,3 +777,32 @@ fn raw_control_bytes_in_the_target_never_reach_the_upstream_raw() {
     // Pingora's encoding is in use.
     assert!(forwarded > 0);
 }
+
+/// A `Content-Length` list of one repeated value reaches the upstream as the
+/// one value; a list that disagrees is refused and reaches nothing.
+#[test]
+fn a_repeated_content_length_reaches_the_upstream_as_one_value() {
+    let up = Recorder::start();
+    let t = Tollgate::start(&config(&up.addr(), "max_header_bytes: 8192"));
+    for lines in [
+        "Content-Length: 3, 3\r\n",
+        "Content-Length: 3\r\nContent-Length: 3\r\n",
+    ] {
+        let out = exchange(
+            t.port,
+            format!("POST /public/x HTTP/1.1\r\nHost: a\r\n{lines}Connection: close\r\n\r\nabc")
+                .as_bytes(),
+        );
+        assert_eq!(response(&out).status, 200, "{out}");
+        let head = up.last_head().to_ascii_lowercase();
+        assert_eq!(head.matches("content-length").count(), 1, "{head}");
+        assert!(head.contains("content-length: 3\r\n"), "{head}");
+    }
+    let hits = up.hits();
+    let out = exchange(
+        t.port,
+        b"POST /public/x HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 4\r\nConnection: close\r\n\r\nabcd",
+    );
+    assert_eq!(response(&out).status, 400, "{out}");
+    assert_eq!(up.hits(), hits);
+}

@@ -222,7 +222,30 @@ pub fn upstream_request(
             req.insert_header(header.clone(), value)?;
         }
     }
+    single_content_length(req)?;
     req.insert_header(respond::REQUEST_ID, ctx.request_id.as_str())?;
+    Ok(())
+}
+
+/// Pingora accepts a `Content-Length` list of one value repeated (`5, 5`,
+/// or the header twice) and refuses a list that disagrees (RFC 9110 §8.6);
+/// the upstream gets the one value, so a backend that reads such lists its
+/// own way cannot frame the body differently.
+fn single_content_length(req: &mut RequestHeader) -> Result<()> {
+    let all = req.headers.get_all(http::header::CONTENT_LENGTH);
+    let mut values = all.iter();
+    let first = values.next();
+    let listed = values.next().is_some() || first.is_some_and(|v| v.as_bytes().contains(&b','));
+    if !listed {
+        return Ok(());
+    }
+    let one = first
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .map(|v| v.trim().to_owned());
+    if let Some(one) = one {
+        req.insert_header(http::header::CONTENT_LENGTH, one)?;
+    }
     Ok(())
 }
 
