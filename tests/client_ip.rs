@@ -142,6 +142,7 @@ fn address_and_path_override_headers_from_a_client_do_not_pass() {
             "True-Client-IP: 198.51.100.{i}\r\nX-Client-IP: 198.51.100.{i}\r\n\
              CF-Connecting-IP: 198.51.100.{i}\r\nX_Forwarded_For: 198.51.100.{i}\r\n\
              X-Original-URL: /admin/{i}\r\nX-Rewrite-URL: /admin/{i}\r\n\
+             X-HTTP-Method-Override: DELETE\r\nX-Method-Override: PUT\r\n\
              X-Forwarded-Port: 1{i}\r\nX-Forwarded-Prefix: /admin{i}\r\n"
         )
     };

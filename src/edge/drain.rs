@@ -42,6 +42,10 @@ pub struct Drain {
     /// each connection after its answer).
     closing: watch::Sender<bool>,
     open: AtomicUsize,
+    /// Sockets kept after their connection ended, for the client's last
+    /// bytes (see `linger`): they count towards `max_connections` at accept
+    /// (each holds a descriptor), not towards the drain.
+    lingering: AtomicUsize,
     all_closed: Notify,
     grace: Duration,
     /// True once the drain is over (idle connections are being closed).
@@ -54,6 +58,7 @@ impl Drain {
             draining: AtomicBool::new(false),
             closing: watch::channel(false).0,
             open: AtomicUsize::new(0),
+            lingering: AtomicUsize::new(0),
             all_closed: Notify::new(),
             grace,
             done: watch::channel(false).0,
@@ -83,10 +88,11 @@ impl Drain {
     /// At accept: counts the connection as open, unless `max` are open
     /// already (then it is counted as rejected and must be closed).
     pub fn admit(&self, max: Option<usize>) -> bool {
+        let lingering = self.lingering.load(Ordering::Relaxed);
         let admitted = self
             .open
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| match max {
-                Some(max) if n >= max => None,
+                Some(max) if n.saturating_add(lingering) >= max => None,
                 _ => Some(n + 1),
             })
             .is_ok();
@@ -102,6 +108,17 @@ impl Drain {
     /// is dropped.
     pub fn adopt(self: &Arc<Self>) -> OpenConnection {
         OpenConnection(self.clone())
+    }
+
+    /// Counts a lingering socket until the guard is dropped; `None` when
+    /// `max` are lingering already (the socket is then closed at once).
+    pub fn linger(self: &Arc<Self>, max: usize) -> Option<LingeringSocket> {
+        self.lingering
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| LingeringSocket(self.clone()))
     }
 
     pub fn open_connections(&self) -> usize {
@@ -151,6 +168,14 @@ impl Drain {
     pub async fn finished(&self) {
         let mut done = self.done.subscribe();
         let _ = done.wait_for(|d| *d).await;
+    }
+}
+
+pub struct LingeringSocket(Arc<Drain>);
+
+impl Drop for LingeringSocket {
+    fn drop(&mut self) {
+        self.0.lingering.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -209,5 +234,28 @@ impl ShutdownSignalWatch for Signals {
             }
             _ = int.recv() => ShutdownSignal::FastShutdown,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lingering_sockets_count_towards_max_connections_and_have_a_cap() {
+        let drain = Drain::new(Duration::from_secs(1));
+        assert!(drain.admit(Some(2)));
+        let open = drain.adopt();
+        let lingering = drain.linger(2).expect("below the cap");
+        // One open, one lingering: the third is refused.
+        assert!(!drain.admit(Some(2)));
+        let second = drain.linger(2).expect("below the cap");
+        assert!(drain.linger(2).is_none(), "over the cap");
+        drop((lingering, second));
+        assert!(drain.admit(Some(2)));
+        drop(open);
+        // The drain waits for open connections only, not lingering ones.
+        let _late = drain.linger(2);
+        assert_eq!(drain.open_connections(), 1);
     }
 }

@@ -17,10 +17,12 @@
 //! fails, and the connection is closed. Without it a client that stops
 //! reading holds its connection, and the answer buffered for it, forever.
 
+use super::drain::Drain;
 use pingora::protocols::Stream;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
@@ -30,6 +32,10 @@ use tokio::time::{Instant, Sleep};
 pub const LINGER_TIME: Duration = Duration::from_secs(2);
 /// How much a lingering connection reads before it is closed anyway.
 pub const LINGER_BYTES: usize = 256 * 1024;
+/// Sockets lingering at once; beyond it a connection is closed at once (a
+/// flood of short connections cannot hold descriptors for the linger time).
+/// They also count towards `server.max_connections`.
+pub const MAX_LINGERING: usize = 4096;
 
 /// A downstream connection's stream, closed with a linger; see the module
 /// docs.
@@ -44,6 +50,8 @@ pub struct Linger {
     send_timeout: Duration,
     /// Runs while a write waits for the client to read.
     stalled: Option<Pin<Box<Sleep>>>,
+    /// Counts lingering sockets.
+    drain: Arc<Drain>,
 }
 
 impl std::fmt::Debug for Linger {
@@ -56,13 +64,14 @@ impl std::fmt::Debug for Linger {
 }
 
 impl Linger {
-    pub fn new(inner: Stream, send_timeout: Duration) -> Self {
+    pub fn new(inner: Stream, send_timeout: Duration, drain: Arc<Drain>) -> Self {
         Linger {
             fd: inner.id(),
             inner,
             ended: false,
             send_timeout,
             stalled: None,
+            drain,
         }
     }
 
@@ -123,6 +132,9 @@ impl Drop for Linger {
         if fd < 0 {
             return;
         }
+        let Some(slot) = self.drain.linger(MAX_LINGERING) else {
+            return;
+        };
         // A second descriptor keeps the socket open once `inner` closes its
         // own (right after this).
         // SAFETY: `fd` is the open socket `inner` owns; `dup` returns a new
@@ -140,6 +152,7 @@ impl Drop for Linger {
             return;
         }
         runtime.spawn(async move {
+            let _slot = slot;
             let Ok(mut socket) = tokio::net::TcpStream::from_std(socket) else {
                 return;
             };

@@ -208,7 +208,11 @@ impl ServerApp for Edge {
         } else {
             (false, stream)
         };
-        let stream: Stream = Box::new(linger::Linger::new(stream, server.send_timeout));
+        let stream: Stream = Box::new(linger::Linger::new(
+            stream,
+            server.send_timeout,
+            self.drain.clone(),
+        ));
         if h2 {
             let h2_limits = h2::H2Limits {
                 idle: server.h2_idle_timeout,

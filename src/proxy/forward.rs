@@ -38,10 +38,18 @@ const CLIENT_HEADERS: [&str; 7] = [
     "fastly-client-ip",
 ];
 
-/// Headers that make some backends (IIS URL Rewrite, Symfony, Laravel,
-/// Zend) serve another path than the request line's — the one tollgate
-/// checked. Dropped from everyone.
-const PATH_OVERRIDES: [&str; 2] = ["x-original-url", "x-rewrite-url"];
+/// Headers that make some backends serve another path than the request
+/// line's (IIS URL Rewrite, Symfony, Laravel, Zend) or act as another method
+/// (Rails, Express's method-override, Spring's HiddenHttpMethodFilter
+/// relatives, Google APIs) — not the ones tollgate checked against the
+/// route's path and methods. Dropped from everyone.
+const PATH_OVERRIDES: [&str; 5] = [
+    "x-original-url",
+    "x-rewrite-url",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
 
 /// Headers tollgate sets itself: a look-alike with `_` for `-` (which CGI
 /// and several frameworks merge with the real one) is dropped.
@@ -348,6 +356,7 @@ mod tests {
             ("x-forwarded-prefix", "/admin"),
             ("x-original-url", "/admin/x"),
             ("x_rewrite_url", "/admin/y"),
+            ("x-http-method-override", "DELETE"),
             ("x_forwarded_for", "6.6.6.6"),
             ("x-real_ip", "6.6.6.7"),
             ("x-other", "kept"),
