@@ -717,6 +717,43 @@ fn a_client_that_ignores_the_goaway_round_trip_is_still_cut_off() {
     assert!(run["closed"].as_f64().is_some(), "{run}");
 }
 
+/// Streams refused after a GOAWAY do not keep the connection: the client's
+/// time to close runs from the last stream served, not from its last
+/// refused one (a client opening a stream every 0.2 s, PINGs unanswered,
+/// held the connection as long as it went on).
+#[test]
+fn refused_streams_after_a_goaway_do_not_keep_the_connection() {
+    let up = Echo::start();
+    let t = Tollgate::start(&config(&up.addr(), "max_requests_per_connection: 1"));
+    // 150 streams, one every 0.2 s: 30 s if the connection lasts.
+    let run = h2_burst(
+        t.port,
+        &[
+            "--requests",
+            "1",
+            "--rounds",
+            "150",
+            "--every",
+            "0.2",
+            "--ignore-ping",
+            "--wait",
+            "40",
+            "--path",
+            "/public/x",
+        ],
+    );
+    let all = streams(&run);
+    let served = all.iter().filter(|(_, s)| s["status"] == 200).count();
+    let refused = all.iter().filter(|(_, s)| s.get("reset").is_some()).count();
+    assert!((1..=1 + 32).contains(&served), "{served} served: {run}");
+    assert!(refused > 0, "{run}");
+    // Closed long before the client stopped (the last served stream ends
+    // by about 7 s, then 5 s to close).
+    let closed = run["closed"].as_f64().unwrap_or(f64::INFINITY);
+    assert!(closed < 25.0, "closed at {closed}: {run}");
+    assert!(all.len() < 150, "{} streams sent", all.len());
+}
+
 /// A raw control byte in the request line is percent-encoded before anything
 /// reads the target: in the path the encoded form is refused by the strict
 /// policy; in the query it reaches the upstream encoded, never raw (a

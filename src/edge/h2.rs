@@ -19,9 +19,10 @@ use pingora::protocols::{Digest, Stream};
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 /// Streams refused as malformed before the connection is dropped (the
 /// budget Pingora's own loop keeps).
@@ -49,16 +50,20 @@ pub struct H2Limits {
 }
 
 /// Streams being served on one connection.
-#[derive(Default)]
 struct Active {
     count: AtomicUsize,
     idle: Notify,
+    /// When the last served stream ended (or the quiet time was last
+    /// restarted): streams that are refused do not move it, so a client
+    /// cannot keep a connection by opening streams that are not served.
+    quiet_since: Mutex<Instant>,
 }
 
 struct StreamGuard(Arc<Active>);
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
+        self.0.restart_quiet();
         if self.0.count.fetch_sub(1, Ordering::Relaxed) == 1 {
             // A permit is kept if nobody waits yet: no wake-up is lost.
             self.0.idle.notify_one();
@@ -67,17 +72,42 @@ impl Drop for StreamGuard {
 }
 
 impl Active {
+    fn new() -> Self {
+        Active {
+            count: AtomicUsize::new(0),
+            idle: Notify::new(),
+            quiet_since: Mutex::new(Instant::now()),
+        }
+    }
+
     fn start(self: &Arc<Self>) -> StreamGuard {
         self.count.fetch_add(1, Ordering::Relaxed);
         StreamGuard(self.clone())
     }
 
-    /// Resolves once no stream has been open for `period`.
-    async fn idle_for(&self, period: Duration) {
-        while self.count.load(Ordering::Relaxed) != 0 {
-            self.idle.notified().await;
+    fn restart_quiet(&self) {
+        if let Ok(mut since) = self.quiet_since.lock() {
+            *since = Instant::now();
         }
-        tokio::time::sleep(period).await;
+    }
+
+    /// Resolves once no stream is open and none has been for `period`
+    /// (counted from the last served stream's end, so calling it again does
+    /// not start the period over).
+    async fn idle_for(&self, period: Duration) {
+        loop {
+            while self.count.load(Ordering::Relaxed) != 0 {
+                self.idle.notified().await;
+            }
+            let since = self
+                .quiet_since
+                .lock()
+                .map_or_else(|_| Instant::now(), |s| *s);
+            tokio::time::sleep_until(since + period).await;
+            if self.count.load(Ordering::Relaxed) == 0 {
+                return;
+            }
+        }
     }
 }
 
@@ -107,7 +137,7 @@ pub async fn serve(
             return;
         }
     };
-    let active = Arc::new(Active::default());
+    let active = Arc::new(Active::new());
     let (mut served, mut malformed) = (0u64, 0usize);
     // Streams accepted after the first GOAWAY (`None`: none sent yet).
     let mut after_goaway: Option<u64> = None;
@@ -125,6 +155,8 @@ pub async fn serve(
                 if changed.is_err() || *closing.borrow_and_update() {
                     conn.graceful_shutdown();
                     goaway = true;
+                    // The client has its time to close from the GOAWAY on.
+                    active.restart_quiet();
                 }
                 continue;
             }
@@ -137,6 +169,8 @@ pub async fn serve(
                 log::debug!("HTTP/2 connection idle for {:?} (server.h2_idle_timeout): GOAWAY", limits.idle);
                 conn.graceful_shutdown();
                 goaway = true;
+                // The client has its time to close from the GOAWAY on.
+                active.restart_quiet();
                 continue;
             }
         };
@@ -184,6 +218,8 @@ pub async fn serve(
                     log::debug!("HTTP/2 connection served {served} requests (server.max_requests_per_connection): GOAWAY");
                     conn.graceful_shutdown();
                     goaway = true;
+                    // The client has its time to close from the GOAWAY on.
+                    active.restart_quiet();
                 }
             }
         }

@@ -6,12 +6,13 @@ refused it; every GOAWAY; and when the server closed the socket. Frames by
 hyperframe, headers by hpack (independent of tollgate's HTTP/2 code).
 
     h2_burst.py --port P --requests K [--path /x] [--rounds R]
-                [--ignore-ping] [--wait S]
+                [--ignore-ping] [--wait S] [--every S]
 
 Sends K requests at once, then R-1 more bursts of K, each as soon as the
 previous burst's answers are in (or right away with --no-wait-rounds),
 while the connection is open. With --ignore-ping the client never answers
-a PING (a client that ignores the server's GOAWAY round trip). Prints one
+a PING (a client that ignores the server's GOAWAY round trip). With
+--every S a burst starts at most every S seconds. Prints one
 JSON object: {"streams": {"1": {"status": 200, "complete": true}, ...},
 "goaway": [...], "closed": 1.2, "error": null}.
 """
@@ -38,13 +39,14 @@ def main():
     ap.add_argument("--path", default="/")
     ap.add_argument("--ignore-ping", action="store_true")
     ap.add_argument("--wait", type=float, default=20.0)
+    ap.add_argument("--every", type=float, default=0.0)
     a = ap.parse_args()
 
     sock = socket.create_connection(("127.0.0.1", a.port))
     opened = time.monotonic()
     enc, dec = hpack.Encoder(), hpack.Decoder()
     streams, goaway = {}, []
-    state = {"next": 1, "closed": None, "error": None, "rounds": 0}
+    state = {"next": 1, "closed": None, "error": None, "rounds": 0, "last": 0.0}
 
     def now():
         return round(time.monotonic() - opened, 3)
@@ -58,6 +60,7 @@ def main():
 
     def burst():
         state["rounds"] += 1
+        state["last"] = time.monotonic()
         out = b""
         for _ in range(a.requests):
             sid = state["next"]
@@ -77,14 +80,14 @@ def main():
         try:
             data = sock.recv(65536)
         except socket.timeout:
-            continue
+            data = None
         except OSError as e:
             state["closed"], state["error"] = now(), type(e).__name__
             break
-        if not data:
+        if data is not None and not data:
             state["closed"] = now()
             break
-        buf += data
+        buf += data or b""
         while len(buf) >= 9:
             f, length = Frame.parse_frame_header(memoryview(buf[:9]))
             if len(buf) < 9 + length:
@@ -117,9 +120,10 @@ def main():
             elif isinstance(f, RstStreamFrame) and s is not None:
                 s["reset"] = f.error_code
         done = all(s["complete"] or "reset" in s for s in streams.values())
-        if done and state["rounds"] < a.rounds and not goaway:
+        due = time.monotonic() - state["last"] >= a.every
+        if done and due and state["rounds"] < a.rounds and not goaway:
             burst()
-        elif done and state["rounds"] < a.rounds and a.ignore_ping:
+        elif done and due and state["rounds"] < a.rounds and a.ignore_ping:
             # A client that ignores the GOAWAY keeps sending.
             burst()
     sock.close()
