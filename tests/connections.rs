@@ -843,3 +843,39 @@ fn a_repeated_content_length_reaches_the_upstream_as_one_value() {
     assert_eq!(response(&out).status, 400, "{out}");
     assert_eq!(up.hits(), hits);
 }
+
+/// An HTTP/2 client that grants no flow-control window reads nothing of its
+/// answers: each stream is given up after `send_timeout`, counted, and
+/// logged as the client's doing.
+#[test]
+fn an_h2_client_that_grants_no_window_is_cut_off_at_send_timeout() {
+    let up = Recorder::start();
+    let t = Tollgate::start(&config(&up.addr(), "send_timeout: 2s"));
+    let run = h2_burst(
+        t.port,
+        &[
+            "--requests",
+            "3",
+            "--window",
+            "0",
+            "--wait",
+            "10",
+            "--path",
+            "/public/x?big=1",
+        ],
+    );
+    let all = streams(&run);
+    assert_eq!(all.len(), 3, "{run}");
+    for (id, s) in &all {
+        assert!(
+            s["complete"] != true,
+            "stream {id} completed with no window: {run}"
+        );
+    }
+    t.wait_metric("tollgate_send_timeouts_total", 3.0);
+    let metrics = t.metrics();
+    assert!(
+        !metrics.contains("tollgate_upstream_errors_total{"),
+        "{metrics}"
+    );
+}

@@ -47,6 +47,11 @@ pub struct H2Limits {
     pub max_requests: Option<u32>,
     /// Time the client has to send its connection preface.
     pub handshake: Duration,
+    /// Longest a stream's write may wait for the client's flow-control
+    /// window (`server.send_timeout`; zero: no limit). The socket-level
+    /// timeout of `linger` never sees it: a client that grants no window
+    /// leaves nothing to write.
+    pub send_timeout: Duration,
 }
 
 /// Streams being served on one connection.
@@ -209,9 +214,11 @@ pub async fn serve(
                 let (proxy, shutdown) = (proxy.clone(), closing.clone());
                 tokio::spawn(async move {
                     let _open = guard;
-                    proxy
-                        .process_new_http(ServerSession::new_http2(session), &shutdown)
-                        .await;
+                    let mut session = ServerSession::new_http2(session);
+                    if !limits.send_timeout.is_zero() {
+                        session.set_write_timeout(Some(limits.send_timeout));
+                    }
+                    proxy.process_new_http(session, &shutdown).await;
                 });
                 let limit = limits.max_requests.map(u64::from);
                 if !goaway && limit.is_some_and(|max| served >= max) {

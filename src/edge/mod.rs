@@ -218,6 +218,7 @@ impl ServerApp for Edge {
                 idle: server.h2_idle_timeout,
                 max_requests: server.max_requests_per_connection,
                 handshake: left(limits.timeout),
+                send_timeout: server.send_timeout,
             };
             h2::serve(&self.proxy, stream, h2_limits, shutdown.clone()).await;
         } else {

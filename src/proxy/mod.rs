@@ -682,9 +682,14 @@ impl ProxyHttp for Proxy {
                 _ if e.esource() == &ErrorSource::Downstream => {
                     match e.etype() {
                         // The client is gone: nobody to answer.
+                        // (An HTTP/2 stream the client reset is an
+                        // H2Error; a write timed out is `send_timeout`.)
                         ErrorType::ReadError
                         | ErrorType::WriteError
-                        | ErrorType::ConnectionClosed => None,
+                        | ErrorType::ConnectionClosed
+                        | ErrorType::H2Error
+                        | ErrorType::ReadTimedout
+                        | ErrorType::WriteTimedout => None,
                         _ => Some(Refusal::BadRequest("the request is malformed".into())),
                     }
                 }
@@ -696,6 +701,12 @@ impl ProxyHttp for Proxy {
             // nginx's "client closed request": nobody to answer, no
             // upstream to blame.
             ctx.error = Some("client_closed");
+            if e.etype() == &ErrorType::WriteTimedout {
+                // An HTTP/2 stream whose client granted no window for
+                // `server.send_timeout` (HTTP/1 is counted by `linger`).
+                ctx.error = Some("send_timeout");
+                metrics::SEND_TIMEOUTS.inc();
+            }
             code = CLIENT_CLOSED;
         }
         if let Some(r) = refusal {

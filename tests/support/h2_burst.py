@@ -6,7 +6,7 @@ refused it; every GOAWAY; and when the server closed the socket. Frames by
 hyperframe, headers by hpack (independent of tollgate's HTTP/2 code).
 
     h2_burst.py --port P --requests K [--path /x] [--rounds R]
-                [--ignore-ping] [--wait S] [--every S]
+                [--ignore-ping] [--wait S] [--every S] [--window N]
 
 Sends K requests at once, then R-1 more bursts of K, each as soon as the
 previous burst's answers are in (or right away with --no-wait-rounds),
@@ -40,6 +40,8 @@ def main():
     ap.add_argument("--ignore-ping", action="store_true")
     ap.add_argument("--wait", type=float, default=20.0)
     ap.add_argument("--every", type=float, default=0.0)
+    ap.add_argument("--window", type=int, default=None,
+                    help="SETTINGS_INITIAL_WINDOW_SIZE to grant (0: the client reads nothing)")
     a = ap.parse_args()
 
     sock = socket.create_connection(("127.0.0.1", a.port))
@@ -71,7 +73,10 @@ def main():
             streams[sid] = {"status": None, "complete": False}
         send(out)
 
-    send(PREFACE + SettingsFrame(0).serialize())
+    settings = SettingsFrame(0)
+    if a.window is not None:
+        settings.settings[SettingsFrame.INITIAL_WINDOW_SIZE] = a.window
+    send(PREFACE + settings.serialize())
     burst()
     buf = b""
     sock.settimeout(0.2)
