@@ -235,6 +235,35 @@ pub fn strict_violation(raw: &str) -> Option<BadPath> {
     None
 }
 
+/// `bytes` with what some decoders read as `.`, `/` or `\\` written as
+/// those: overlong UTF-8 forms (`C0 AE`, `C0 AF`, `C1 9C`) and characters
+/// NFKC folds into them.
+fn fold_lookalikes(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if bytes.is_ascii() {
+        return std::borrow::Cow::Borrowed(bytes);
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let rest = &bytes[i..];
+        let (taken, with): (usize, &[u8]) = match rest {
+            [0xC0, 0xAE, ..] => (2, b"."),
+            [0xC0, 0xAF, ..] => (2, b"/"),
+            [0xC1, 0x9C, ..] => (2, b"\\"),
+            [0xE2, 0x80, 0xA4, ..] | [0xEF, 0xB9, 0x92, ..] | [0xEF, 0xBC, 0x8E, ..] => (3, b"."),
+            [0xE2, 0x80, 0xA5, ..] => (3, b".."),
+            [0xE2, 0x80, 0xA6, ..] => (3, b"..."),
+            [0xEF, 0xBC, 0x8F, ..] => (3, b"/"),
+            [0xEF, 0xB9, 0xA8, ..] | [0xEF, 0xBC, 0xBC, ..] => (3, b"\\"),
+            [b, ..] => (1, std::slice::from_ref(b)),
+            [] => break,
+        };
+        out.extend_from_slice(with);
+        i += taken;
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Characters whose compatibility decomposition (NFKC) is `.`, `..`,
 /// `...`, `/` or `\\`.
 fn reads_as_separator(c: char) -> bool {
@@ -265,6 +294,7 @@ pub fn may_read_differently(raw: &str) -> bool {
 pub fn lenient_reading(raw: &str) -> Result<String, PathError> {
     let mut decoded = Vec::with_capacity(raw.len());
     decode_once(raw.as_bytes(), &mut decoded);
+    let decoded = fold_lookalikes(&decoded);
     let mut text = String::with_capacity(decoded.len() + 8);
     for (i, segment) in decoded.split(|&b| b == b'/' || b == b'\\').enumerate() {
         if i > 0 {
@@ -274,7 +304,14 @@ pub fn lenient_reading(raw: &str) -> Result<String, PathError> {
             .iter()
             .position(|&b| b == b';')
             .unwrap_or(segment.len());
-        for &b in &segment[..end] {
+        let mut segment = &segment[..end];
+        // Backends that trim whitespace, or stop at a NUL, read `..%20`,
+        // `.%09.` or `..%00` as `..`.
+        let dots: Vec<u8> = segment.iter().copied().filter(|&b| b > 0x20).collect();
+        if dots == b"." || dots == b".." {
+            segment = if dots.len() == 1 { b"." } else { b".." };
+        }
+        for &b in segment {
             // What `normalize` takes as written stays so (a route path
             // compares with it); what it refuses, and `%`, are escaped.
             if (0x21..0x7f).contains(&b) && b != b'%' {
@@ -429,6 +466,23 @@ mod tests {
         assert_eq!(read("/a%20b/%3A"), "/a%20b/:");
         assert_eq!(read("/a/%25/b"), "/a/%25/b");
         assert_eq!(lenient_reading("/a/..;/..;/b"), Err(PathError::AboveRoot));
+        // Trimmed, cut at a NUL, folded (NFKC) or overlong: still `..`.
+        for form in [
+            "/files/..%20/admin/x",
+            "/files/..%09/admin/x",
+            "/files/..%00/admin/x",
+            "/files/..%0d%0a/admin/x",
+            "/files/.%20./admin/x",
+            "/files/%ef%bc%8e%ef%bc%8e/admin/x",
+            "/files/%e2%80%a5/admin/x",
+            "/files/%c0%ae%c0%ae/admin/x",
+            "/files/..%c0%afadmin/x",
+            "/files/..%ef%bc%8fadmin/x",
+            "/files/..%ef%bc%bcadmin/x",
+        ] {
+            assert_eq!(read(form), "/admin/x", "{form}");
+        }
+        assert_eq!(read("/caf%C3%A9/x"), "/caf%C3%A9/x");
     }
 
     #[test]
