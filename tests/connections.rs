@@ -493,9 +493,11 @@ fn a_client_that_stops_reading_is_cut_off_at_send_timeout() {
         got > 0 && got < LEN,
         "the client got {got} bytes of a {LEN}-byte answer it stopped reading"
     );
-    wait_for("the connection counted closed", Duration::from_secs(10), || {
-        (metric_value(&t.metrics(), "tollgate_connections_open") == Some(0.0)).then_some(())
-    });
+    wait_for(
+        "the connection counted closed",
+        Duration::from_secs(10),
+        || (metric_value(&t.metrics(), "tollgate_connections_open") == Some(0.0)).then_some(()),
+    );
     let r = get(t.port, "/health").unwrap();
     assert_eq!(r.status, 200);
 }
@@ -521,7 +523,11 @@ fn a_client_that_half_closes_after_its_request_gets_its_answer() {
         );
     }
     let m = t.metrics();
-    assert_eq!(metric_value(&m, "tollgate_upstream_errors_total"), None, "{m}");
+    assert_eq!(
+        metric_value(&m, "tollgate_upstream_errors_total"),
+        None,
+        "{m}"
+    );
 }
 
 #[test]
@@ -543,7 +549,11 @@ fn a_client_that_goes_away_is_no_upstream_error() {
         3.0,
     );
     let m = t.metrics();
-    assert_eq!(metric_value(&m, "tollgate_upstream_errors_total"), None, "{m}");
+    assert_eq!(
+        metric_value(&m, "tollgate_upstream_errors_total"),
+        None,
+        "{m}"
+    );
     assert_eq!(
         metric_value(&m, "tollgate_requests_total{status=\"502\"}"),
         None,
@@ -578,9 +588,11 @@ fn an_answer_before_a_close_survives_what_the_client_sent_after_it() {
         });
         // Read only once tollgate is done with the connection: the answer
         // is whole and ends in a clean close.
-        wait_for("the connection handed back", Duration::from_secs(20), || {
-            (metric_value(&t.metrics(), "tollgate_connections_open") == Some(0.0)).then_some(())
-        });
+        wait_for(
+            "the connection handed back",
+            Duration::from_secs(20),
+            || (metric_value(&t.metrics(), "tollgate_connections_open") == Some(0.0)).then_some(()),
+        );
         let mut out = Vec::new();
         let read = s.read_to_end(&mut out);
         sender.join().unwrap();
@@ -609,7 +621,11 @@ fn pipelined_requests_are_answered_in_order() {
     assert_eq!(answers.len(), 7, "{out}");
     assert_eq!(out.matches("HTTP/1.1 200 OK").count(), 7, "{out}");
     assert_eq!(up.hits(), 7);
-    assert!(up.last_head().starts_with("GET /public/p6 "), "{}", up.last_head());
+    assert!(
+        up.last_head().starts_with("GET /public/p6 "),
+        "{}",
+        up.last_head()
+    );
 
     // A pipelined head is bounded too, and so is a pipelined request that
     // never ends its head.
@@ -659,10 +675,16 @@ fn every_stream_below_the_goaway_gets_its_whole_answer() {
                 assert_eq!(s["status"], 200, "round {round}, stream {id}: {run}");
                 assert_eq!(s["complete"], true, "round {round}, stream {id}: {run}");
             } else {
-                assert!(s["status"].is_null(), "round {round}, stream {id} above the GOAWAY was served: {run}");
+                assert!(
+                    s["status"].is_null(),
+                    "round {round}, stream {id} above the GOAWAY was served: {run}"
+                );
             }
         }
-        assert!((5..=5 + 32).contains(&served), "round {round}: {served} served: {run}");
+        assert!(
+            (5..=5 + 32).contains(&served),
+            "round {round}: {served} served: {run}"
+        );
     }
 }
 
@@ -673,7 +695,15 @@ fn a_client_that_ignores_the_goaway_round_trip_is_still_cut_off() {
     // Bursts of 5 for as long as the connection serves them, PINGs unanswered.
     let run = h2_burst(
         t.port,
-        &["--requests", "5", "--rounds", "200", "--ignore-ping", "--path", "/public/x"],
+        &[
+            "--requests",
+            "5",
+            "--rounds",
+            "200",
+            "--ignore-ping",
+            "--path",
+            "/public/x",
+        ],
     );
     let served = streams(&run)
         .iter()

@@ -162,7 +162,9 @@ pub async fn serve(
                         // Not processed: the client may send it again on
                         // a new connection (RFC 9113 §8.7).
                         if *late == MAX_STREAMS_AFTER_GOAWAY + 1 {
-                            log::debug!("HTTP/2 client ignores the GOAWAY: its new streams are refused");
+                            log::debug!(
+                                "HTTP/2 client ignores the GOAWAY: its new streams are refused"
+                            );
                         }
                         session.shutdown_with_reason(h2::Reason::REFUSED_STREAM);
                         continue;

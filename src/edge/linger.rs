@@ -88,7 +88,11 @@ impl Linger {
         ))
     }
 
-    fn progress<T>(&mut self, result: Poll<io::Result<T>>, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+    fn progress<T>(
+        &mut self,
+        result: Poll<io::Result<T>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<T>> {
         match result {
             Poll::Pending => match self.stall(cx) {
                 Poll::Ready(e) => Poll::Ready(Err(e)),
@@ -130,7 +134,9 @@ impl Drop for Linger {
         // SAFETY: `copy` is a fresh descriptor owned by nothing else.
         let socket = unsafe { <std::net::TcpStream as std::os::fd::FromRawFd>::from_raw_fd(copy) };
         // FIN now: the client sees the end of the answers at once.
-        if socket.shutdown(std::net::Shutdown::Write).is_err() || socket.set_nonblocking(true).is_err() {
+        if socket.shutdown(std::net::Shutdown::Write).is_err()
+            || socket.set_nonblocking(true).is_err()
+        {
             return;
         }
         runtime.spawn(async move {
