@@ -638,6 +638,7 @@ telemetry:
     service_name: " "
     timeout: 0s
     headers: { "bad header": x }
+    queue_size: 0
 "#,
     )
     .unwrap();
@@ -651,6 +652,7 @@ telemetry:
         "telemetry.tracing.service_name:",
         "telemetry.tracing.timeout:",
         "telemetry.tracing.headers.bad header:",
+        "telemetry.tracing.queue_size:",
     ] {
         assert!(err.contains(key), "{key} missing in:\n{err}");
     }
@@ -682,4 +684,100 @@ telemetry:
         ),
         "{err}"
     );
+}
+
+#[test]
+fn a_reload_that_leaves_tracing_as_it_was_keeps_the_exporter() {
+    let receiver = Receiver::start();
+    let rec = Recorder::start();
+    let template = config(&rec.addr(), &grpc_to(&receiver, 1.0), "");
+    let t = Tollgate::start(&template);
+    let started = |t: &Tollgate| {
+        t.proc
+            .log_text()
+            .matches("tracing: exporter started")
+            .count()
+    };
+    assert_eq!(started(&t), 1);
+    // Another route, the same tracing settings.
+    t.rewrite_config(&template.replace(
+        "  - { name: open,",
+        "  - { name: more, path_prefix: /more/, upstream: backend, auth: none }\n  - { name: open,",
+    ));
+    t.proc.signal(libc::SIGHUP);
+    t.wait_metric(r#"tollgate_config_reloads_total{result="success"}"#, 1.0);
+    assert_eq!(call(&t, "/more/x", "").status, 200);
+    let (trace_id, _, _) = upstream_traceparent(&rec);
+    let spans = receiver.trace(&trace_id, 1);
+    assert_eq!(spans[0]["service_name"], "edge-test");
+    assert_eq!(
+        started(&t),
+        1,
+        "the exporter was kept:\n{}",
+        t.proc.log_text()
+    );
+}
+
+#[test]
+fn a_full_queue_drops_spans_while_the_collector_hangs() {
+    // Accepts connections (counted) and answers nothing.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = accepted.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming().flatten() {
+            held.push(s);
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let rec = Recorder::start();
+    let tracing = format!(
+        "{{ endpoint: \"http://127.0.0.1:{port}\", protocol: http, sample_ratio: 1.0, timeout: 30s, queue_size: 4 }}"
+    );
+    let t = Tollgate::start(&config(&rec.addr(), &tracing, ""));
+    assert_eq!(call(&t, "/open/x", "").status, 200);
+    // The exporter is now waiting on the collector with the first batch.
+    wait_for("the exporter's connection", Duration::from_secs(20), || {
+        (accepted.load(std::sync::atomic::Ordering::SeqCst) > 0).then_some(())
+    });
+    for _ in 0..20 {
+        assert_eq!(call(&t, "/open/x", "").status, 200);
+    }
+    // 40 spans for a queue of 4.
+    wait_for("spans dropped", Duration::from_secs(60), || {
+        (counter(&t, "tollgate_trace_spans_dropped_total") >= 36.0).then_some(())
+    });
+    assert_eq!(counter(&t, "tollgate_trace_spans_exported_total"), 0.0);
+}
+
+#[test]
+fn redis_on_the_request_path_shows_in_the_spans() {
+    let redis = Redis::start();
+    let receiver = Receiver::start();
+    let rec = Recorder::start();
+    let template = config(&rec.addr(), &grpc_to(&receiver, 1.0), "")
+        .replace(
+            "limits: { default: [{ requests: 1000000, window: 1m }] }",
+            &format!(
+                "redis: {{ url: \"{}\", timeout: 2s }}\nlimits: {{ sync: exact, default: [{{ requests: 1000000, window: 1m }}], concurrency: {{ default: 5 }} }}",
+                redis.url()
+            ),
+        );
+    let t = Tollgate::start(&template);
+    let r = call(
+        &t,
+        "/api/x",
+        &format!("Authorization: Bearer {}\r\n", token("redis-caller")),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (trace_id, _, _) = upstream_traceparent(&rec);
+    let spans = receiver.trace(&trace_id, 4);
+    let server = spans.iter().find(|s| s["kind"] == KIND_SERVER).unwrap();
+    let limit = spans.iter().find(|s| s["name"] == "rate limit").unwrap();
+    assert_eq!(attr(limit, "tollgate.ratelimit.source"), "redis");
+    assert_eq!(limit["parent_span_id"], server["span_id"]);
+    let slot = spans.iter().find(|s| s["name"] == "concurrency").unwrap();
+    assert_eq!(attr(slot, "tollgate.concurrency.limit"), 5);
 }

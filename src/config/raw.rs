@@ -57,6 +57,8 @@ pub struct RawTracing {
     pub service_name: String,
     pub headers: BTreeMap<String, String>,
     pub timeout: Checked<Span>,
+    /// Spans waiting for export; beyond it new ones are dropped.
+    pub queue_size: usize,
 }
 
 impl Default for RawTracing {
@@ -68,6 +70,7 @@ impl Default for RawTracing {
             service_name: "tollgate".into(),
             headers: BTreeMap::new(),
             timeout: span("10s"),
+            queue_size: 4096,
         }
     }
 }

@@ -44,6 +44,7 @@ pub struct TracingSettings {
     pub service_name: String,
     pub headers: BTreeMap<String, String>,
     pub timeout: Duration,
+    pub queue_size: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -1035,7 +1035,11 @@ fn tracing(p: &mut Problems, raw: &RawTracing) -> TracingSettings {
     if timeout > Duration::from_secs(60) {
         p.add(format!("{BASE}.timeout"), "must be at most 60s");
     }
+    if !(1..=1_000_000).contains(&raw.queue_size) {
+        p.add(format!("{BASE}.queue_size"), "must be from 1 to 1000000");
+    }
     TracingSettings {
+        queue_size: raw.queue_size.clamp(1, 1_000_000),
         endpoint,
         protocol,
         sample_ratio: raw.sample_ratio.clamp(0.0, 1.0),

@@ -527,11 +527,19 @@ impl Proxy {
             return Ok(());
         };
         let key = crate::ratelimit::key_id(&identity.key);
-        ctx.slot = Some(
-            self.concurrency
-                .acquire(state.redis.as_ref(), &key, limit, self.limiter.fleet())
-                .await?,
-        );
+        let start = Instant::now();
+        let slot = self
+            .concurrency
+            .acquire(state.redis.as_ref(), &key, limit, self.limiter.fleet())
+            .await;
+        if let Some(t) = ctx.timings() {
+            let mut attributes = vec![KeyValue::new("tollgate.concurrency.limit", limit as i64)];
+            if let Err(r) = &slot {
+                attributes.push(KeyValue::new("tollgate.error.code", r.code()));
+            }
+            t.stage("concurrency", start, attributes);
+        }
+        ctx.slot = Some(slot?);
         Ok(())
     }
 

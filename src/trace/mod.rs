@@ -20,9 +20,6 @@ use opentelemetry::KeyValue;
 use opentelemetry_sdk::trace::SpanData;
 use std::time::{Instant, SystemTime};
 
-/// Spans waiting for export; beyond it new ones are dropped.
-pub const QUEUE: usize = 4096;
-
 /// One exporter (its thread, queue and connection) per tracing config.
 /// A reload that leaves `telemetry.tracing` as it was keeps it.
 pub struct Tracer {
@@ -43,13 +40,22 @@ impl std::fmt::Debug for Tracer {
 impl Tracer {
     /// Starts the exporter thread (it connects when it has spans to send).
     pub fn new(settings: TracingSettings) -> Result<Tracer, ConfigProblem> {
-        let (queue, receiver) = tokio::sync::mpsc::channel(QUEUE);
+        let (queue, receiver) = tokio::sync::mpsc::channel(settings.queue_size.max(1));
         export::spawn(settings.clone(), receiver).map_err(|e| {
             ConfigProblem::new(
                 "telemetry.tracing",
                 format!("cannot start the span exporter: {e}"),
             )
         })?;
+        log::info!(
+            "tracing: exporter started for {} over OTLP/{} (new traces sampled at {})",
+            settings.endpoint,
+            match settings.protocol {
+                crate::config::TraceProtocol::Grpc => "gRPC",
+                crate::config::TraceProtocol::Http => "HTTP",
+            },
+            settings.sample_ratio
+        );
         Ok(Tracer {
             threshold: threshold(settings.sample_ratio),
             settings,
