@@ -7,7 +7,12 @@ trace and span ids in hex, parent, name, kind, attributes, events, status,
 the resource's service.name and which transport carried it. The first line
 on stdout is {"grpc": PORT, "http": PORT}.
 
-    otlp_receiver.py OUT_FILE [--grpc-port N] [--http-port N]
+    otlp_receiver.py OUT_FILE [--grpc-port N] [--http-port N] [--discard] [--forever]
+
+It serves until its stdin closes, or with --forever until it is killed.
+
+--discard (for benchmarks): OTLP/HTTP bodies are read and answered without
+being decoded, and nothing is written.
 """
 
 import argparse
@@ -89,13 +94,19 @@ class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
-def http_handler(out_path):
+def http_handler(out_path, discard=False):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def do_POST(self):
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length)
+            if discard and self.path == "/v1/traces":
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if self.path != "/v1/traces":
                 self.send_response(404)
                 self.send_header("Content-Length", "0")
@@ -123,6 +134,8 @@ def main():
     parser.add_argument("out")
     parser.add_argument("--grpc-port", type=int, default=0)
     parser.add_argument("--http-port", type=int, default=0)
+    parser.add_argument("--discard", action="store_true")
+    parser.add_argument("--forever", action="store_true")
     args = parser.parse_args()
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
@@ -131,10 +144,13 @@ def main():
     server.start()
 
     ThreadingHTTPServer.daemon_threads = True
-    httpd = ThreadingHTTPServer(("127.0.0.1", args.http_port), http_handler(args.out))
+    httpd = ThreadingHTTPServer(("127.0.0.1", args.http_port), http_handler(args.out, args.discard))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
 
     print(json.dumps({"grpc": grpc_port, "http": httpd.server_address[1]}), flush=True)
+    if args.forever:
+        server.wait_for_termination()
+        return
     # Until the test kills it, or its stdin closes.
     try:
         sys.stdin.read()
