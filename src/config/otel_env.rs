@@ -4,7 +4,8 @@
 //!
 //! Precedence, per key: the file and `TOLLGATE_*` variables, then
 //! `OTEL_EXPORTER_OTLP_TRACES_*`, then `OTEL_EXPORTER_OTLP_*` (and
-//! `OTEL_SERVICE_NAME`), then tollgate's defaults. Headers are merged: those
+//! `OTEL_SERVICE_NAME`), then tollgate's defaults. Read: `ENDPOINT`,
+//! `PROTOCOL`, `HEADERS`, `TIMEOUT` (milliseconds). Headers are merged: those
 //! of the variables are added to `headers`, and win on the same name.
 
 use super::env::Source;
@@ -17,6 +18,8 @@ const TRACES_PROTOCOL: &str = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL";
 const HEADERS: &str = "OTEL_EXPORTER_OTLP_HEADERS";
 const TRACES_HEADERS: &str = "OTEL_EXPORTER_OTLP_TRACES_HEADERS";
 const SERVICE_NAME: &str = "OTEL_SERVICE_NAME";
+const TIMEOUT: &str = "OTEL_EXPORTER_OTLP_TIMEOUT";
+const TRACES_TIMEOUT: &str = "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT";
 
 /// Fills the keys of `telemetry.tracing` the tree leaves out; returns which
 /// variable set which key, so a problem with the value names the variable.
@@ -66,6 +69,20 @@ pub fn fill(root: &mut Value, vars: &[(String, String)]) -> Vec<Source> {
                 v.to_string()
             };
             set(tracing, "endpoint", Value::from(value), ENDPOINT);
+        }
+    }
+    if !has(tracing, "timeout") {
+        if let Some((var, value)) = [TRACES_TIMEOUT, TIMEOUT]
+            .into_iter()
+            .find_map(|var| get(var).map(|v| (var, v)))
+        {
+            // Milliseconds, as the standard has it; anything else is left
+            // as written, for the duration check to refuse.
+            let value = match value.parse::<u64>() {
+                Ok(ms) => format!("{ms}ms"),
+                Err(_) => value.to_string(),
+            };
+            set(tracing, "timeout", Value::from(value), var);
         }
     }
     if !has(tracing, "service_name") {
@@ -169,13 +186,15 @@ mod tests {
                 (ENDPOINT, "http://env:4317"),
                 (SERVICE_NAME, "edge-eu"),
                 (PROTOCOL, "grpc"),
+                (TIMEOUT, "2500"),
             ]),
         );
         let tr = &t["telemetry"]["tracing"];
         assert_eq!(tr["endpoint"].as_str(), Some("http://file:4317"));
         assert_eq!(tr["service_name"].as_str(), Some("edge-eu"));
         assert_eq!(tr["protocol"].as_str(), Some("grpc"));
-        assert_eq!(sources.len(), 2);
+        assert_eq!(tr["timeout"].as_str(), Some("2500ms"));
+        assert_eq!(sources.len(), 3);
     }
 
     #[test]

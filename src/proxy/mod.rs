@@ -375,9 +375,10 @@ impl Proxy {
             }
             Err(VerifyError::Refused(r)) => return Err(r),
         };
-        let start = Instant::now();
+        let start = ctx.sampled().then(Instant::now);
         let stored = self.check_stored(state, &identity).await;
-        if let (Some(t), true) = (ctx.timings(), stored.is_err() || stored_checked(state)) {
+        let noted = stored.is_err() || stored_checked(state);
+        if let (Some(t), Some(start), true) = (ctx.timings(), start, noted) {
             let outcome = match &stored {
                 Ok(()) => "active",
                 Err(r) => r.code(),
@@ -463,12 +464,12 @@ impl Proxy {
         if scopes.is_empty() {
             return Ok(());
         }
-        let start = Instant::now();
+        let start = ctx.sampled().then(Instant::now);
         let decision = self
             .limiter
             .check(limits, state.redis.as_ref(), &scopes, settings.cost)
             .await;
-        if let Some(t) = ctx.timings() {
+        if let (Some(t), Some(start)) = (ctx.timings(), start) {
             let mut attributes = vec![KeyValue::new(
                 "tollgate.ratelimit.scopes",
                 scopes.len() as i64,
@@ -527,12 +528,12 @@ impl Proxy {
             return Ok(());
         };
         let key = crate::ratelimit::key_id(&identity.key);
-        let start = Instant::now();
+        let start = ctx.sampled().then(Instant::now);
         let slot = self
             .concurrency
             .acquire(state.redis.as_ref(), &key, limit, self.limiter.fleet())
             .await;
-        if let Some(t) = ctx.timings() {
+        if let (Some(t), Some(start)) = (ctx.timings(), start) {
             let mut attributes = vec![KeyValue::new("tollgate.concurrency.limit", limit as i64)];
             if let Err(r) = &slot {
                 attributes.push(KeyValue::new("tollgate.error.code", r.code()));
