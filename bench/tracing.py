@@ -30,7 +30,7 @@ next request on its connection (the p99 at 50% load is a closed-loop p99).
 Markdown report on stdout (progress on stderr).
 
 usage: python3 bench/tracing.py [--bin target/release/tollgate] [--duration 10] [--rounds 3]
-                                [--connections 16] [--callgrind 20000] [--quick]
+                                [--connections 16] [--callgrind 20000] [--quick] [--callgrind-only]
 --quick: 2-second runs, one round, 2,000 callgrind requests (checks the
 script works; the figures are rough).
 Needs nginx, wrk, h2load (nghttp2-client), redis-server, PyJWT (.venv) and,
@@ -155,6 +155,8 @@ def main():
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--callgrind", type=int, default=20000)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--callgrind-only", action="store_true",
+                        help="only the instruction counts (steady on a shared machine)")
     args = parser.parse_args()
     if args.quick:
         args.duration, args.rounds, args.callgrind = 2, 1, min(args.callgrind, 2000)
@@ -192,7 +194,9 @@ def main():
                 raise SystemExit(f"{label}: tollgate answered {status} on the full path")
 
         full = {label: [] for label in CONFIGS}
-        for r in range(args.rounds):
+        fixed = {label: [] for label in CONFIGS}
+        rate = 0
+        for r in range(0 if args.callgrind_only else args.rounds):
             for label in CONFIGS:
                 port, _, p = instances[label]
                 log(f"round {r + 1}/{args.rounds}: full speed, {label}")
@@ -201,9 +205,9 @@ def main():
                 if res["non2xx"] or res["socket_errors"]:
                     raise SystemExit(f"{label}: {res['non2xx']} non-2xx, {res['socket_errors']} socket errors")
                 full[label].append(res)
-        rate = int(statistics.median(r["rps"] for r in full["off"]) / 2)
-        fixed = {label: [] for label in CONFIGS}
-        for r in range(args.rounds):
+        if not args.callgrind_only:
+            rate = int(statistics.median(r["rps"] for r in full["off"]) / 2)
+        for r in range(0 if args.callgrind_only else args.rounds):
             for label in CONFIGS:
                 port, _, p = instances[label]
                 log(f"round {r + 1}/{args.rounds}: {rate} requests/s, {label}")
@@ -226,6 +230,13 @@ def main():
                 log(f"callgrind: {label}, {args.callgrind} requests")
                 cg[label] = callgrind(args.bin, ws, label, receiver_port, redis_port, upstream, args.callgrind, auth)
 
+    if args.callgrind_only:
+        print(f"Instructions per request (callgrind, {args.callgrind} requests, full path, "
+              f"{time.strftime('%Y-%m-%d')}):\n")
+        print("\n".join(table(["tracing", "instructions/req", "vs off"],
+                               [(label, f"{cg[label]:,.0f}", f"{(cg[label] / cg['off'] - 1) * 100:+.1f}%")
+                                for label in CONFIGS], "lrr")))
+        return
     med = lambda rows, key: statistics.median(r[key] for r in rows)
     base_cpu = med(full["off"], "cpu_us")
     base_fixed_cpu = med(fixed["off"], "cpu_us")

@@ -178,12 +178,14 @@ pub fn upstream_request(
     req.insert_header(respond::REQUEST_ID, ctx.request_id.as_str())?;
     if let Some(trace) = &ctx.trace {
         // tollgate's call is the upstream's parent, whatever the client sent.
-        req.insert_header("traceparent", trace.upstream_traceparent())?;
+        use crate::trace::context::{TRACEPARENT, TRACESTATE};
+        req.insert_header(TRACEPARENT, trace.upstream_traceparent())?;
         match &trace.tracestate {
-            Some(state) => req.insert_header("tracestate", state.as_str())?,
-            None => {
-                req.remove_header("tracestate");
+            Some(state) => req.insert_header(TRACESTATE, state.as_str())?,
+            None if req.headers.contains_key(TRACESTATE) => {
+                req.remove_header(&TRACESTATE);
             }
+            None => {}
         }
     }
     Ok(())

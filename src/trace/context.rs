@@ -4,7 +4,12 @@
 //! A header that does not follow the format is ignored, never answered with
 //! an error: the request then starts a trace of its own.
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
+
+/// The header names as constants: a name given as text is parsed again at
+/// every lookup.
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// Longest `tracestate` passed on; a longer one is dropped whole.
 pub const MAX_TRACESTATE_BYTES: usize = 512;
@@ -22,7 +27,7 @@ pub struct Parent {
 /// The incoming context when `headers` carry exactly one valid
 /// `traceparent`; its `tracestate` when that is valid too.
 pub fn incoming(headers: &HeaderMap) -> Option<(Parent, Option<String>)> {
-    let mut all = headers.get_all("traceparent").iter();
+    let mut all = headers.get_all(TRACEPARENT).iter();
     let first = all.next()?;
     if all.next().is_some() {
         return None;
@@ -88,7 +93,7 @@ fn hex_byte(two: &[u8]) -> Option<u8> {
 pub fn tracestate(headers: &HeaderMap) -> Option<String> {
     let mut members: Vec<&str> = Vec::new();
     let mut bytes = 0usize;
-    for value in headers.get_all("tracestate") {
+    for value in headers.get_all(TRACESTATE) {
         let text = value.to_str().ok()?;
         for member in text.split(',') {
             let member = member.trim_matches([' ', '\t']);

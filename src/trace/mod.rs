@@ -66,7 +66,7 @@ impl Tracer {
     /// The trace of a new request: continued from `traceparent` when the
     /// peer is trusted to send one (`trusted` is asked only then), else new.
     pub fn start(&self, headers: &HeaderMap, trusted: impl FnOnce() -> bool) -> RequestTrace {
-        let incoming = if headers.contains_key("traceparent") && trusted() {
+        let incoming = if headers.contains_key(context::TRACEPARENT) && trusted() {
             context::incoming(headers)
         } else {
             None
