@@ -12,8 +12,10 @@ use tokio::sync::mpsc::Receiver;
 
 /// Most spans in one export call.
 const MAX_BATCH: usize = 512;
-/// How long the first span of a batch waits for others.
-const BATCH_DELAY: Duration = Duration::from_millis(200);
+/// How long the first span of a batch waits for others: each export has a
+/// fixed cost (an HTTP/2 or HTTP call, the resource encoded again), which a
+/// low sample ratio would otherwise pay for every few spans.
+const BATCH_DELAY: Duration = Duration::from_secs(1);
 /// Export failures are logged at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
