@@ -46,7 +46,7 @@ if [ "$mode" = test ]; then
       python3 -m venv .venv
     fi
   fi
-  if ! .venv/bin/python3 -c 'import jwt, cryptography, grpc, websockets, h2' >/dev/null 2>&1; then
+  if ! .venv/bin/python3 -c 'import jwt, cryptography, grpc, websockets, h2, opentelemetry.proto' >/dev/null 2>&1; then
     echo "setup: installing tests/requirements.txt into .venv"
     .venv/bin/python3 -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
   fi

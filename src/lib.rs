@@ -25,5 +25,6 @@ pub mod reload;
 pub mod routes;
 pub mod server;
 pub mod state;
+pub mod trace;
 pub mod upstream;
 pub mod watch;

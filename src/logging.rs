@@ -127,6 +127,8 @@ pub struct AccessRecord<'a> {
     pub bytes: usize,
     /// The refusal code or upstream error kind, `-` when none.
     pub error: &'a str,
+    /// The request's trace id, `-` when tracing is off.
+    pub trace_id: &'a str,
 }
 
 pub fn access_enabled() -> bool {
@@ -146,14 +148,15 @@ pub fn access(r: &AccessRecord<'_>) {
             "duration_ms": r.duration_ms,
             "bytes": r.bytes,
             "error": r.error,
+            "trace_id": r.trace_id,
         });
         log::info!(target: "access", "{line}");
     } else {
         log::info!(
             target: "access",
-            "{} {} {} {} route={} status={} upstream={} duration_ms={:.3} bytes={} error={}",
+            "{} {} {} {} route={} status={} upstream={} duration_ms={:.3} bytes={} error={} trace_id={}",
             r.request_id, r.client, r.method, r.path, r.route, r.status, r.upstream,
-            r.duration_ms, r.bytes, r.error
+            r.duration_ms, r.bytes, r.error, r.trace_id
         );
     }
 }

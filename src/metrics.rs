@@ -260,6 +260,20 @@ pub static SEND_TIMEOUTS: LazyLock<IntCounter> = LazyLock::new(|| {
     ))
 });
 
+pub static TRACE_SPANS_DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
+    must!(register_int_counter!(
+        "tollgate_trace_spans_dropped_total",
+        "Spans not delivered: the export queue was full, or the collector was down, refused them or did not answer within telemetry.tracing.timeout."
+    ))
+});
+
+pub static TRACE_SPANS_EXPORTED: LazyLock<IntCounter> = LazyLock::new(|| {
+    must!(register_int_counter!(
+        "tollgate_trace_spans_exported_total",
+        "Spans the OTLP collector accepted."
+    ))
+});
+
 /// Forces registration so `/metrics` lists every family from the first scrape.
 pub fn init() {
     BUILD_INFO
@@ -284,6 +298,8 @@ pub fn init() {
     LazyLock::force(&CONNECTIONS_OPEN);
     LazyLock::force(&CONNECTIONS_REJECTED);
     LazyLock::force(&SEND_TIMEOUTS);
+    LazyLock::force(&TRACE_SPANS_DROPPED);
+    LazyLock::force(&TRACE_SPANS_EXPORTED);
 }
 
 /// Called once SIGHUP is handled: the reload series appear at zero, so

@@ -35,6 +35,8 @@ pub struct State {
     pub tls: Vec<Arc<TlsListener>>,
     /// The listeners this process listens on, from the config it started with.
     pub listening: Arc<Listening>,
+    /// `telemetry.tracing`: kept across reloads that leave it as it was.
+    pub tracer: Option<Arc<crate::trace::Tracer>>,
 }
 
 /// The proxy listeners as bound at start, each with whether it is HTTPS.
@@ -157,10 +159,24 @@ impl State {
             },
             (None, _) => None,
         };
+        let tracer = match (&config.tracing, previous.and_then(|p| p.tracer.as_ref())) {
+            (Some(settings), Some(old)) if old.settings == *settings => Some(old.clone()),
+            (Some(settings), _) if problems.is_empty() => {
+                match crate::trace::Tracer::new(settings.clone()) {
+                    Ok(t) => Some(Arc::new(t)),
+                    Err(e) => {
+                        problems.push(e);
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         if !problems.is_empty() {
             return Err(problems);
         }
         Ok(State {
+            tracer,
             routes: RouteTable::new(&config.routes),
             route_metrics: config
                 .routes

@@ -254,6 +254,11 @@ impl Verifier {
         })
     }
 
+    /// Whether `token` is among the verified tokens kept (a cache hit).
+    pub fn knows(&self, token: &str) -> bool {
+        token.len() <= MAX_TOKEN_LEN && self.cache.get(token, now_secs()).is_some()
+    }
+
     /// Like `verify`, but tells a missing JWKS key apart, so the caller can
     /// fetch the key set and try once more.
     pub fn try_verify(&self, token: &str) -> Result<Arc<Identity>, VerifyError> {

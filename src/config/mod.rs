@@ -5,6 +5,7 @@ pub mod checked;
 mod duration;
 pub mod env;
 pub mod keyexpr;
+pub mod otel_env;
 pub mod raw;
 mod shape;
 mod types;
@@ -14,7 +15,7 @@ mod words;
 pub use duration::{format_duration, parse_duration};
 pub use keyexpr::{KeyExpr, KeyExprError, KeyPart};
 pub use types::*;
-pub use validate::{check_peer, MAX_COST, MAX_REQUESTS, MAX_WINDOW};
+pub use validate::{check_peer, trace_endpoint, MAX_COST, MAX_REQUESTS, MAX_WINDOW};
 
 use std::path::Path;
 
@@ -117,7 +118,9 @@ where
             kind(&tree)
         ))));
     }
-    let (sources, mut problems) = env::apply_overrides(&mut tree, vars);
+    let vars: Vec<(String, String)> = vars.into_iter().collect();
+    let (mut sources, mut problems) = env::apply_overrides(&mut tree, vars.iter().cloned());
+    sources.extend(otel_env::fill(&mut tree, &vars));
     let (raw, shape_problems) = shape::typed(tree);
     problems.extend(shape_problems);
     if let Some(raw) = raw {

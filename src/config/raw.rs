@@ -9,7 +9,7 @@
 use super::checked::{span, Checked, Span};
 use super::types::{
     Algorithm, Calendar, HeaderMode, JwtAlgorithm, LogFormat, LogLevel, OnFailure, RouteAuth,
-    SyncMode, TlsVersion, UpstreamProtocol,
+    SyncMode, TlsVersion, TraceProtocol, UpstreamProtocol,
 };
 use super::types::{ClientIpHeader, PathPolicy};
 use serde::Deserialize;
@@ -34,6 +34,45 @@ pub struct RawConfig {
     pub upstreams: BTreeMap<String, RawUpstream>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
+    #[serde(default)]
+    pub telemetry: RawTelemetry,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTelemetry {
+    /// Absent: no tracing.
+    pub tracing: Option<RawTracing>,
+}
+
+/// `telemetry.tracing`. Keys left out here may be filled from the
+/// `OTEL_EXPORTER_OTLP_*` variables before typing (`config::otel_env`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTracing {
+    /// Default: the collector on this host for the protocol.
+    pub endpoint: Option<String>,
+    pub protocol: Checked<TraceProtocol>,
+    pub sample_ratio: f64,
+    pub service_name: String,
+    pub headers: BTreeMap<String, String>,
+    pub timeout: Checked<Span>,
+    /// Spans waiting for export; beyond it new ones are dropped.
+    pub queue_size: usize,
+}
+
+impl Default for RawTracing {
+    fn default() -> Self {
+        RawTracing {
+            endpoint: None,
+            protocol: Checked::default(),
+            sample_ratio: 0.01,
+            service_name: "tollgate".into(),
+            headers: BTreeMap::new(),
+            timeout: span("10s"),
+            queue_size: 4096,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -21,6 +21,30 @@ pub struct Config {
     pub limits: LimitSettings,
     pub upstreams: Vec<UpstreamSettings>,
     pub routes: Vec<RouteSettings>,
+    /// `telemetry.tracing`; `None`: tracing is off.
+    pub tracing: Option<TracingSettings>,
+}
+
+/// How spans leave: OTLP over gRPC or over HTTP with protobuf bodies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TraceProtocol {
+    #[default]
+    Grpc,
+    Http,
+}
+
+/// `telemetry.tracing`, resolved: `endpoint` is the URL spans are sent to
+/// (for `http`, with its `/v1/traces` path).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TracingSettings {
+    pub endpoint: String,
+    pub protocol: TraceProtocol,
+    pub sample_ratio: f64,
+    pub service_name: String,
+    pub headers: BTreeMap<String, String>,
+    pub timeout: Duration,
+    pub queue_size: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -974,6 +974,7 @@ impl TryFrom<RawConfig> for Config {
         let routes = routes(&mut p, &raw.routes, &upstreams, raw.auth.jwt.is_some());
         limits.rules = rules(&mut p, &raw.limits.rules, &routes);
         calendar_needs_windows(&mut p, &limits);
+        let tracing = raw.telemetry.tracing.as_ref().map(|t| tracing(&mut p, t));
         if !p.0.is_empty() {
             return Err(p.0);
         }
@@ -986,6 +987,116 @@ impl TryFrom<RawConfig> for Config {
             limits,
             upstreams,
             routes,
+            tracing,
         })
+    }
+}
+
+/// `telemetry.tracing`: where spans go and how many requests make them.
+fn tracing(p: &mut Problems, raw: &RawTracing) -> TracingSettings {
+    const BASE: &str = "telemetry.tracing";
+    let protocol = p.take(&format!("{BASE}.protocol"), &raw.protocol);
+    let endpoint = match &raw.endpoint {
+        Some(e) => e.trim().to_string(),
+        None => match protocol {
+            TraceProtocol::Grpc => "http://127.0.0.1:4317".to_string(),
+            TraceProtocol::Http => "http://127.0.0.1:4318".to_string(),
+        },
+    };
+    let endpoint = match trace_endpoint(&endpoint, protocol) {
+        Ok(e) => e,
+        Err(why) => {
+            p.add(format!("{BASE}.endpoint"), why);
+            String::new()
+        }
+    };
+    if !(0.0..=1.0).contains(&raw.sample_ratio) {
+        p.add(
+            format!("{BASE}.sample_ratio"),
+            format!(
+                "must be from 0 to 1 (0.01: one new trace in a hundred), got {}",
+                raw.sample_ratio
+            ),
+        );
+    }
+    if raw.service_name.trim().is_empty() {
+        p.add(format!("{BASE}.service_name"), "must not be empty");
+    }
+    for (name, value) in &raw.headers {
+        let path = format!("{BASE}.headers.{name}");
+        let lower = name.to_ascii_lowercase();
+        if HeaderName::from_bytes(lower.as_bytes()).is_err() {
+            p.add(&path, "not a valid header name");
+        } else if http::HeaderValue::from_str(value).is_err() {
+            p.add(&path, "the value must be visible ASCII characters");
+        }
+    }
+    let timeout = p.positive_duration(&format!("{BASE}.timeout"), &raw.timeout);
+    if timeout > Duration::from_secs(60) {
+        p.add(format!("{BASE}.timeout"), "must be at most 60s");
+    }
+    if !(1..=1_000_000).contains(&raw.queue_size) {
+        p.add(format!("{BASE}.queue_size"), "must be from 1 to 1000000");
+    }
+    TracingSettings {
+        queue_size: raw.queue_size.clamp(1, 1_000_000),
+        endpoint,
+        protocol,
+        sample_ratio: raw.sample_ratio.clamp(0.0, 1.0),
+        service_name: raw.service_name.trim().to_string(),
+        headers: raw
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+            .collect(),
+        timeout,
+    }
+}
+
+/// The URL spans are sent to. gRPC takes `scheme://host:port` only; OTLP/HTTP
+/// takes a full URL, and one without a path gets the standard `/v1/traces`.
+/// OTLP/HTTP is spoken in plain HTTP only (a collector beside tollgate); TLS
+/// to a remote collector is for gRPC.
+pub fn trace_endpoint(endpoint: &str, protocol: TraceProtocol) -> Result<String, String> {
+    let uri: http::Uri = endpoint
+        .parse()
+        .map_err(|_| format!("{endpoint:?} is not a URL (expected e.g. http://127.0.0.1:4317)"))?;
+    let scheme = uri.scheme_str().unwrap_or_default();
+    if scheme != "http" && scheme != "https" {
+        return Err(format!(
+            "{endpoint:?}: the URL must start with http:// or https://"
+        ));
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("{endpoint:?}: the URL names no host"));
+    }
+    if endpoint.contains('@') {
+        return Err(format!(
+            "{endpoint:?}: credentials belong in headers, not the URL"
+        ));
+    }
+    let path = uri.path();
+    match protocol {
+        TraceProtocol::Grpc => {
+            if path != "/" && !path.is_empty() || uri.query().is_some() {
+                return Err(format!(
+                    "{endpoint:?}: a gRPC endpoint is scheme://host:port, without a path"
+                ));
+            }
+            Ok(endpoint.trim_end_matches('/').to_string())
+        }
+        TraceProtocol::Http => {
+            if scheme == "https" {
+                return Err(format!(
+                    "{endpoint:?}: OTLP/HTTP is sent in plain HTTP (to a collector next to tollgate); \
+                     use protocol: grpc for an https:// endpoint"
+                ));
+            }
+            if path.is_empty() || path == "/" {
+                Ok(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
+            } else {
+                Ok(endpoint.to_string())
+            }
+        }
     }
 }

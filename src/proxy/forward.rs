@@ -232,6 +232,18 @@ pub fn upstream_request(
     }
     single_content_length(req)?;
     req.insert_header(respond::REQUEST_ID, ctx.request_id.as_str())?;
+    if let Some(trace) = &ctx.trace {
+        // tollgate's call is the upstream's parent, whatever the client sent.
+        use crate::trace::context::{TRACEPARENT, TRACESTATE};
+        req.insert_header(TRACEPARENT, trace.upstream_traceparent())?;
+        match &trace.tracestate {
+            Some(state) => req.insert_header(TRACESTATE, state.as_str())?,
+            None if req.headers.contains_key(TRACESTATE) => {
+                req.remove_header(&TRACESTATE);
+            }
+            None => {}
+        }
+    }
     Ok(())
 }
 

@@ -23,8 +23,10 @@ use crate::path;
 use crate::ratelimit::concurrency::{self, Concurrency, Slot};
 use crate::ratelimit::{self, rules, Limiter};
 use crate::state::{Health, SharedState, State};
+use crate::trace::{RequestTrace, Timings, UpstreamTiming};
 use crate::upstream::Upstream;
 use async_trait::async_trait;
+use opentelemetry::KeyValue;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -82,6 +84,8 @@ pub struct Ctx {
     /// Where each window charged the request, kept when the route settles
     /// the cost the upstream reports.
     pub charges: Vec<ratelimit::Charge>,
+    /// The request's trace, when `telemetry.tracing` is on.
+    pub trace: Option<RequestTrace>,
 }
 
 impl Ctx {
@@ -103,6 +107,15 @@ impl Ctx {
 
     fn upstream_name(&self) -> &str {
         self.upstream().map_or("-", |u| u.settings.name.as_str())
+    }
+
+    /// Where a sampled request records its stages; `None` otherwise.
+    pub fn timings(&mut self) -> Option<&mut Timings> {
+        self.trace.as_mut()?.timings.as_deref_mut()
+    }
+
+    fn sampled(&self) -> bool {
+        self.trace.as_ref().is_some_and(|t| t.timings.is_some())
     }
 }
 
@@ -292,7 +305,7 @@ impl Proxy {
         Ok(route)
     }
 
-    /// Steps 3 and 4: who is calling, and may they call this path.
+    /// Steps 3 and 4, with their span when the request is sampled.
     async fn authenticate(
         &self,
         session: &Session,
@@ -303,6 +316,39 @@ impl Proxy {
         if !state.config.routes[route].auth_jwt {
             return Ok(None);
         }
+        if !ctx.sampled() {
+            return self.verify_caller(session, ctx, state, None).await;
+        }
+        let start = Instant::now();
+        let mut cached = None;
+        let result = self
+            .verify_caller(session, ctx, state, Some(&mut cached))
+            .await;
+        if let Some(t) = ctx.timings() {
+            let mut attributes = Vec::with_capacity(2);
+            if let Some(hit) = cached {
+                attributes.push(KeyValue::new("tollgate.auth.cache_hit", hit));
+            }
+            if let Ok(Some(identity)) = &result {
+                attributes.push(KeyValue::new("tollgate.key_hash", key_hash(&identity.key)));
+            }
+            t.stage("auth", start, attributes);
+            if let (Err(r), Some(stage)) = (&result, t.stages.last_mut()) {
+                stage.error = Some(r.code());
+            }
+        }
+        result
+    }
+
+    /// Who is calling, and may they call this path. `cached` (sampled
+    /// requests only) learns whether the token was verified before.
+    async fn verify_caller(
+        &self,
+        session: &Session,
+        ctx: &mut Ctx,
+        state: &State,
+        cached: Option<&mut Option<bool>>,
+    ) -> Result<Option<Arc<Identity>>, Refusal> {
         let verifier = state.verifier.as_ref().ok_or(Refusal::AuthUnavailable)?;
         let header = session
             .req_header()
@@ -310,19 +356,43 @@ impl Proxy {
             .get(http::header::AUTHORIZATION);
         let token = bearer_token(header.map(|v| v.as_bytes())).ok_or(Refusal::MissingToken)?;
         ctx.verified_authorization = header.cloned();
+        if let Some(cached) = cached {
+            *cached = Some(verifier.knows(token));
+        }
         let identity = match verifier.try_verify(token) {
             Ok(id) => id,
             // A key id the JWKS lacks, or no key set yet: let the background
             // service fetch (single-flight, rate-limited) and try once more.
             Err(VerifyError::UnknownKey | VerifyError::NoKeys) => {
                 if let Some(jwks) = verifier.jwks() {
+                    let start = Instant::now();
                     jwks.refetch_and_wait().await;
+                    if let Some(t) = ctx.timings() {
+                        t.stage("jwks fetch", start, Vec::new());
+                    }
                 }
                 verifier.verify(token)?
             }
             Err(VerifyError::Refused(r)) => return Err(r),
         };
-        self.check_stored(state, &identity).await?;
+        let start = ctx.sampled().then(Instant::now);
+        let stored = self.check_stored(state, &identity).await;
+        let noted = stored.is_err() || stored_checked(state);
+        if let (Some(t), Some(start), true) = (ctx.timings(), start, noted) {
+            let outcome = match &stored {
+                Ok(()) => "active",
+                Err(r) => r.code(),
+            };
+            t.stage(
+                "token store",
+                start,
+                vec![
+                    KeyValue::new("db.system.name", "redis"),
+                    KeyValue::new("tollgate.token_store.outcome", outcome),
+                ],
+            );
+        }
+        stored?;
         let path = ctx.target.split('?').next().unwrap_or_default();
         let lenient = &ctx.lenient_paths;
         if !identity.routes.allows(path) || lenient.iter().any(|p| !identity.routes.allows(p)) {
@@ -394,11 +464,38 @@ impl Proxy {
         if scopes.is_empty() {
             return Ok(());
         }
+        let start = ctx.sampled().then(Instant::now);
         let decision = self
             .limiter
             .check(limits, state.redis.as_ref(), &scopes, settings.cost)
-            .await?;
-        let Some(d) = decision else {
+            .await;
+        if let (Some(t), Some(start)) = (ctx.timings(), start) {
+            let mut attributes = vec![KeyValue::new(
+                "tollgate.ratelimit.scopes",
+                scopes.len() as i64,
+            )];
+            match &decision {
+                Ok(Some(d)) => {
+                    attributes.push(KeyValue::new("tollgate.ratelimit.decision", d.label()));
+                    attributes.push(KeyValue::new("tollgate.ratelimit.source", d.source));
+                    if let Some(policy) = d
+                        .windows
+                        .iter()
+                        .find(|c| !c.outcome.allowed)
+                        .and_then(|c| scopes.get(c.scope))
+                    {
+                        attributes.push(KeyValue::new(
+                            "tollgate.ratelimit.policy",
+                            policy.name.to_string(),
+                        ));
+                    }
+                }
+                Ok(None) => {}
+                Err(r) => attributes.push(KeyValue::new("tollgate.error.code", r.code())),
+            }
+            t.stage("rate limit", start, attributes);
+        }
+        let Some(d) = decision? else {
             return Ok(());
         };
         metrics::count_ratelimit_decision(d.label(), d.source);
@@ -431,11 +528,19 @@ impl Proxy {
             return Ok(());
         };
         let key = crate::ratelimit::key_id(&identity.key);
-        ctx.slot = Some(
-            self.concurrency
-                .acquire(state.redis.as_ref(), &key, limit, self.limiter.fleet())
-                .await?,
-        );
+        let start = ctx.sampled().then(Instant::now);
+        let slot = self
+            .concurrency
+            .acquire(state.redis.as_ref(), &key, limit, self.limiter.fleet())
+            .await;
+        if let (Some(t), Some(start)) = (ctx.timings(), start) {
+            let mut attributes = vec![KeyValue::new("tollgate.concurrency.limit", limit as i64)];
+            if let Err(r) = &slot {
+                attributes.push(KeyValue::new("tollgate.error.code", r.code()));
+            }
+            t.stage("concurrency", start, attributes);
+        }
+        ctx.slot = Some(slot?);
         Ok(())
     }
 
@@ -514,6 +619,7 @@ impl ProxyHttp for Proxy {
             extra_headers: Vec::new(),
             grpc_refused: false,
             charges: Vec::new(),
+            trace: None,
         }
     }
 
@@ -536,6 +642,16 @@ impl ProxyHttp for Proxy {
 
         if let Step::Answered = self.probes(session, ctx, &state).await? {
             return Ok(true);
+        }
+        if let Some(tracer) = &state.tracer {
+            let peer = session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip());
+            let proxies = &state.config.server.trusted_proxies;
+            ctx.trace = Some(tracer.start(&session.req_header().headers, || {
+                peer.is_some_and(|ip| forward::trusted(ip, proxies))
+            }));
         }
         let route = match self.route(session, ctx, &state) {
             Ok(route) => route,
@@ -598,7 +714,44 @@ impl ProxyHttp for Proxy {
         if let Some(addr) = pingora::upstreams::peer::Peer::address(&peer).as_inet() {
             ctx.tried.push(*addr);
         }
+        if let Some(t) = ctx.timings() {
+            t.upstream.get_or_insert_with(|| UpstreamTiming {
+                start: Instant::now(),
+                connected: None,
+                reused: None,
+                first_byte: None,
+            });
+        }
         Ok(Box::new(peer))
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(up) = ctx.timings().and_then(|t| t.upstream.as_mut()) {
+            up.connected = Some(Instant::now());
+            up.reused = Some(reused);
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        _upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(up) = ctx.timings().and_then(|t| t.upstream.as_mut()) {
+            up.first_byte.get_or_insert_with(Instant::now);
+        }
+        Ok(())
     }
 
     fn fail_to_connect(
@@ -734,6 +887,7 @@ impl ProxyHttp for Proxy {
             Some(r) if !ctx.grpc_refused => r.status.as_u16(),
             _ => ctx.status,
         };
+        let timings = ctx.trace.as_mut().and_then(|t| t.timings.take());
         let route = ctx.route_name();
         let elapsed = ctx.start.elapsed();
         // Indexes of `metrics::PROTOCOLS`.
@@ -755,9 +909,19 @@ impl ProxyHttp for Proxy {
             Some(m) => m.answered(status, protocol, elapsed.as_secs_f64()),
             None => metrics::answered_unrouted(route, status, protocol, elapsed.as_secs_f64()),
         }
+        if let Some(timings) = timings {
+            if let (Some(tracer), Some(trace)) = (
+                ctx.state.as_ref().and_then(|s| s.tracer.as_ref()),
+                &ctx.trace,
+            ) {
+                let server = server_span(session, ctx, status, route);
+                tracer.submit(crate::trace::spans::build(trace, &timings, server));
+            }
+        }
         if !logging::access_enabled() {
             return;
         }
+        let trace_id = ctx.trace.as_ref().map(|t| t.trace_id_hex());
         let req = session.req_header();
         let client = session
             .client_addr()
@@ -779,7 +943,113 @@ impl ProxyHttp for Proxy {
             duration_ms: elapsed.as_secs_f64() * 1000.0,
             bytes: session.body_bytes_sent(),
             error: ctx.error.unwrap_or("-"),
+            trace_id: trace_id.as_deref().unwrap_or("-"),
         });
+    }
+}
+
+/// A hashed api key: the same caller reads the same in every span, and the
+/// key itself is in none.
+fn key_hash(key: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    crate::trace::context::trace_id_hex(&{
+        let mut first = [0u8; 16];
+        first.copy_from_slice(&digest[..16]);
+        first
+    })
+}
+
+/// Whether this config asks the token store on every request.
+fn stored_checked(state: &State) -> bool {
+    state.redis.is_some() && state.verifier.as_ref().is_some_and(|v| v.require_stored())
+}
+
+/// At most `max` bytes of `text`, cut at a character boundary.
+fn clipped(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
+}
+
+/// The server span's name and attributes (OpenTelemetry's HTTP server
+/// conventions), from what the request ended with.
+fn server_span(
+    session: &Session,
+    ctx: &Ctx,
+    status: u16,
+    route: &str,
+) -> crate::trace::spans::Server {
+    let req = session.req_header();
+    let method = req.method.as_str();
+    let mut a = Vec::with_capacity(14);
+    a.push(KeyValue::new("http.request.method", method.to_string()));
+    a.push(KeyValue::new("http.route", route.to_string()));
+    if let Some(path) = ctx.target.split('?').next().filter(|p| !p.is_empty()) {
+        a.push(KeyValue::new("url.path", clipped(path, 1024)));
+    }
+    let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+    a.push(KeyValue::new(
+        "url.scheme",
+        if tls { "https" } else { "http" },
+    ));
+    a.push(KeyValue::new(
+        "http.response.status_code",
+        i64::from(status),
+    ));
+    let version = match req.version {
+        http::Version::HTTP_10 => "1.0",
+        http::Version::HTTP_2 => "2",
+        _ => "1.1",
+    };
+    a.push(KeyValue::new("network.protocol.version", version));
+    if let Ok(Some(host)) = request::host(req) {
+        a.push(KeyValue::new("server.address", clipped(host, 255)));
+    }
+    if let Some(peer) = session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
+    {
+        let server = ctx.state.as_ref().map(|s| &s.config.server);
+        let client = server.map_or(peer, |s| {
+            forward::client_address(peer, req, &s.trusted_proxies, s.client_ip_header)
+        });
+        a.push(KeyValue::new("client.address", client.to_string()));
+        a.push(KeyValue::new("network.peer.address", peer.to_string()));
+    }
+    if let Some(ua) = req
+        .headers
+        .get(http::header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+    {
+        a.push(KeyValue::new("user_agent.original", clipped(ua, 256)));
+    }
+    a.push(KeyValue::new("tollgate.request_id", ctx.request_id.clone()));
+    if ctx.websocket {
+        a.push(KeyValue::new("tollgate.websocket", true));
+    }
+    let mut upstream = Vec::new();
+    if let Some(u) = ctx.upstream() {
+        upstream.push(KeyValue::new("tollgate.upstream", u.settings.name.clone()));
+    }
+    if let Some(peer) = ctx.tried.last() {
+        upstream.push(KeyValue::new("server.address", peer.ip().to_string()));
+        upstream.push(KeyValue::new("server.port", i64::from(peer.port())));
+        upstream.push(KeyValue::new(
+            "tollgate.upstream.attempts",
+            ctx.tried.len() as i64,
+        ));
+    }
+    crate::trace::spans::Server {
+        name: format!("{method} {route}"),
+        attributes: a,
+        status,
+        error: ctx.error,
+        upstream,
+        upstream_failed: ctx.error.is_some() && status >= 500,
     }
 }
 

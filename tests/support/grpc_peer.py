@@ -24,6 +24,7 @@ Every method also sets trailing metadata describing what it received:
   x-seen-api-key        incoming x-api-key (absent if none came)
   x-seen-authorization  "present" or "absent"
   x-seen-proto          incoming x-forwarded-proto (absent if none came)
+  x-seen-traceparent    incoming traceparent (absent if none came)
   x-seen-authority      the :authority the server saw (read from grpcio
                         internals; left out if a grpcio version hides it)
 
@@ -61,6 +62,8 @@ def seen(context):
         out.append(("x-seen-api-key", md["x-api-key"]))
     if "x-forwarded-proto" in md:
         out.append(("x-seen-proto", md["x-forwarded-proto"]))
+    if "traceparent" in md:
+        out.append(("x-seen-traceparent", md["traceparent"]))
     # grpcio keeps :authority out of the metadata; its call details hold it.
     host = getattr(getattr(getattr(context, "_rpc_event", None), "call_details", None), "host", None)
     if host:
