@@ -622,6 +622,67 @@ fn a_fleet_without_redis_admits_its_shares_of_the_limit() {
     );
 }
 
+/// A reload that changes a window's limit while Redis is unreachable hands
+/// no instance a fresh fallback share: what each admitted on its own moves
+/// to the lease of the new limit, so the fleet stays at the limit it has
+/// now. (Found by the simulation; through the binary, three such reloads
+/// admitted 294 against a limit of 100 with GCRA before the fix.)
+#[test]
+fn reloads_during_an_outage_draw_no_fresh_shares() {
+    for algorithm in ["fixed_window", "gcra"] {
+        let up = Recorder::start();
+        let mut redis = Redis::start();
+        let settings = redis_settings(&redis, "500ms", "local", "rs:");
+        let template = |limit: u64| {
+            config(&Setup {
+                upstream: &up.addr(),
+                redis: Some(settings.clone()),
+                limits: &per_key(
+                    algorithm,
+                    "hybrid",
+                    &format!("[{{ requests: {limit}, window: 1h }}]"),
+                ),
+                server: "",
+            })
+            .replace("threads: 2", "threads: 1")
+        };
+        let fleet: Vec<Tollgate> = (0..3).map(|_| Tollgate::start(&template(60))).collect();
+        avoid_window_edge(3600, Duration::from_secs(60));
+        for t in &fleet {
+            assert_eq!(hit(t, "/public/x", "warm-up").status, 200);
+        }
+        wait_fleet(&redis, "rs:", 3);
+        let warm = up.hits();
+
+        redis.stop();
+        let mut admitted = spread(&fleet, "shared", 40);
+        let mut rounds = vec![admitted];
+        for (i, limit) in [61u64, 62, 63].into_iter().enumerate() {
+            for t in &fleet {
+                t.rewrite_config(&template(limit));
+                t.proc.signal(libc::SIGHUP);
+            }
+            for t in &fleet {
+                t.wait_metric(
+                    r#"tollgate_config_reloads_total{result="success"}"#,
+                    (i + 1) as f64,
+                );
+            }
+            let n = spread(&fleet, "shared", 40);
+            rounds.push(n);
+            admitted += n;
+        }
+        assert_eq!(up.hits() - warm, admitted);
+        eprintln!("{algorithm}: admitted per round {rounds:?}, {admitted} in all (limit 60 → 63)");
+        // Each instance's share of the last limit (a third of 63).
+        assert!(
+            admitted <= 63,
+            "{algorithm}: {admitted} admitted across reloads during the outage \
+             (rounds {rounds:?}), limit 63"
+        );
+    }
+}
+
 /// The `<slots>:<expiry ms>` holdings of a concurrency key, per instance.
 fn holdings(redis: &Redis, key: &str) -> Vec<(u64, u64)> {
     let out = redis.cli(&["HGETALL", key]);

@@ -132,6 +132,20 @@ impl KeyState {
         let held = self.held.slice();
         held.len() == windows.len() && held.iter().zip(windows).all(|(l, w)| l.window.is(w))
     }
+
+    /// An answer to `asks` (made for `windows`) is this key's own: the
+    /// same windows and the very leases it was asked for. A lease made
+    /// since (a reload, an eviction, a change of namespace) has another
+    /// incarnation and never takes an answer meant for its predecessor.
+    fn answers(&self, windows: &[Window], asks: &[Ask]) -> bool {
+        self.matches(windows)
+            && self
+                .held
+                .slice()
+                .iter()
+                .zip(asks)
+                .all(|(l, a)| l.incarnation == a.incarnation)
+    }
 }
 
 struct Shard {
@@ -378,6 +392,107 @@ impl Inner {
         send_returns(self.instance.clone(), self.unreturned.clone(), returns);
     }
 
+    /// Hands `units` back to the ledgers of leases this instance may no
+    /// longer hold (each ask names its lease and period; see
+    /// [`lease::give_back`]), in the background; what fails is made again
+    /// by the keeper until the longest window's period could have ended.
+    fn give_back(&self, ns: &Arc<Namespace>, key: &str, backs: Vec<(Window, Ask)>) {
+        if backs.is_empty() {
+            return;
+        }
+        let longest = backs
+            .iter()
+            .map(|(w, _)| super::algo::Period::of(w).length())
+            .max()
+            .unwrap_or(0);
+        let (windows, asks) = backs.into_iter().unzip();
+        let r = Return {
+            ns: ns.clone(),
+            key: key.to_string(),
+            windows,
+            asks,
+            until: self.now().saturating_add(longest),
+        };
+        send_returns(self.instance.clone(), self.unreturned.clone(), vec![r]);
+    }
+
+    /// An answer to a call of `key` during which its leases changed: each
+    /// window's part goes to the lease it was asked for if this instance
+    /// still holds it, else back to that lease's ledger in Redis.
+    #[allow(clippy::too_many_arguments)]
+    fn late_answer(
+        &self,
+        ns: &Arc<Namespace>,
+        k: Option<&mut KeyState>,
+        key: &str,
+        windows: &[Window],
+        asks: &[Ask],
+        reserved: &[u64],
+        grants: &[Grant],
+        admitted: bool,
+    ) {
+        let mut held = k.map(|k| k.held.slice_mut());
+        let mut backs = Vec::new();
+        for (i, (a, g)) in asks.iter().zip(grants).enumerate() {
+            let r = reserved.get(i).copied().unwrap_or(0);
+            let asked = windows.get(i);
+            let mut units = lease::orphaned(a, r, g, admitted);
+            if let Some(l) = held
+                .as_deref_mut()
+                .and_then(|h| h.iter_mut().find(|l| l.incarnation == a.incarnation))
+            {
+                if asked.is_some_and(|w| l.window.is(w)) {
+                    if lease::apply_one(l, ns.algo, a, r, g, admitted) {
+                        continue;
+                    }
+                } else if lease::admitted_late(l, a, r, g, admitted) {
+                    // The lease's limit changed during the call: it keeps
+                    // what the request admitted, the grant's surplus (taken
+                    // under the old limit) goes back.
+                    units = g.granted.saturating_sub(if admitted { a.need } else { 0 });
+                }
+            }
+            if let (true, Some(w)) = (units > 0, windows.get(i)) {
+                backs.push((*w, lease::give_back(g.period, units, a.incarnation)));
+            }
+        }
+        self.give_back(ns, key, backs);
+    }
+
+    /// A call of `key` failed after its leases changed: the units it
+    /// reserved go back to the leases they came from, or to their ledgers
+    /// in Redis when the lease is gone (they were stated as admitted when
+    /// it was handed back).
+    fn late_failure(
+        &self,
+        ns: &Arc<Namespace>,
+        k: Option<&mut KeyState>,
+        key: &str,
+        windows: &[Window],
+        asks: &[Ask],
+        reserved: &[u64],
+    ) {
+        let mut held = k.map(|k| k.held.slice_mut());
+        let mut backs = Vec::new();
+        for (i, a) in asks.iter().enumerate() {
+            let r = reserved.get(i).copied().unwrap_or(0);
+            if let Some(l) = held
+                .as_deref_mut()
+                .and_then(|h| h.iter_mut().find(|l| l.incarnation == a.incarnation))
+            {
+                if Some(l.period) == a.period {
+                    l.consumed = l.consumed.saturating_sub(r);
+                }
+                l.unsure = true;
+                continue;
+            }
+            if let (true, Some(w), Some(p)) = (r > 0, windows.get(i), a.period) {
+                backs.push((*w, lease::give_back(p, r, a.incarnation)));
+            }
+        }
+        self.give_back(ns, key, backs);
+    }
+
     /// Hands back the unused units of leases a realignment dropped (a
     /// reload removed their window), so Redis does not count them for an
     /// instance that no longer holds them.
@@ -478,7 +593,7 @@ impl Inner {
     /// One keeper round of calls that admit no request: keys that owe a
     /// sync, and idle keys whose leases are worth handing back. Each key is
     /// busy while its call runs, so it never races a request's call.
-    async fn background_calls(&self, ns: &Namespace, idle: Duration, stopping: bool) -> usize {
+    async fn background_calls(&self, ns: &Arc<Namespace>, idle: Duration, stopping: bool) -> usize {
         let now = self.now();
         let idle = us(idle);
         let mut calls = Vec::new();
@@ -549,7 +664,7 @@ impl Inner {
                 continue;
             };
             match answer {
-                Ok((grants, sent)) if k.matches(&windows) => {
+                Ok((grants, sent)) if k.answers(&windows, &asks) => {
                     let zeros = vec![0; asks.len()];
                     lease::apply(
                         k.held.slice_mut(),
@@ -565,7 +680,12 @@ impl Inner {
                     k.set_sync(owes);
                     made += 1;
                 }
-                Ok(_) => {}
+                Ok((grants, _)) => {
+                    // A call that admits no request: what it granted to a
+                    // lease that changed meanwhile goes back.
+                    let none = vec![0; asks.len()];
+                    self.late_answer(ns, Some(k), &key, &windows, &asks, &none, &grants, true);
+                }
                 Err(_) => {
                     failed = true;
                     k.set_sync(true);
@@ -769,7 +889,7 @@ impl Leases {
         .await;
         let mut map = lock(&shard.map);
         let now = inner.now();
-        let state = map.get_mut(key_id).filter(|k| k.matches(windows));
+        let state = map.get_mut(key_id).filter(|k| k.answers(windows, &asks));
         match (answer, state) {
             (Ok(grants), Some(k)) => {
                 let (allowed, outcomes) = lease::apply(
@@ -809,7 +929,20 @@ impl Leases {
                 })
             }
             (Ok(grants), None) => {
+                // The key's leases changed during the call (a reload, an
+                // eviction, a change of namespace): the answer goes to the
+                // leases it was asked for, or back to their ledgers.
                 let (allowed, outcomes) = bare_outcomes(&asks, &grants);
+                inner.late_answer(
+                    &ns,
+                    map.get_mut(key_id),
+                    key_id,
+                    windows,
+                    &asks,
+                    &reserved,
+                    &grants,
+                    allowed,
+                );
                 if let Some(k) = map.get_mut(key_id) {
                     k.set_sync(true);
                 }
@@ -817,15 +950,27 @@ impl Leases {
                     allowed,
                     outcomes,
                     asked_redis: true,
-                    // Charged in no lease this instance keeps.
-                    periods: grants.iter().map(|g| (u32::MAX, g.period)).collect(),
+                    // A refund finds the lease, or its ledger in Redis.
+                    periods: asks
+                        .iter()
+                        .zip(&grants)
+                        .map(|(a, g)| (a.incarnation, g.period))
+                        .collect(),
                 })
             }
             (Err(e), state) => {
                 // What the call did is unknown: the reserved units go back,
                 // and the key syncs once Redis answers again.
-                if let Some(k) = state {
-                    lease::undo(k.held.slice_mut(), &reserved);
+                match state {
+                    Some(k) => lease::undo(k.held.slice_mut(), &reserved),
+                    None => inner.late_failure(
+                        &ns,
+                        map.get_mut(key_id),
+                        key_id,
+                        windows,
+                        &asks,
+                        &reserved,
+                    ),
                 }
                 if let Some(k) = map.get_mut(key_id) {
                     k.set_sync(true);
@@ -863,6 +1008,11 @@ impl Leases {
         let dropped = lease::align(&mut state.held, windows, algo, now, crate::clock::now_us());
         if !dropped.is_empty() {
             inner.return_dropped(ns, key_id, dropped);
+        }
+        if state.held.slice().iter().any(|l| l.returning) {
+            // A budget to hand back: the keeper makes the call if no
+            // request does.
+            state.set_sync(true);
         }
         let busy = state.busy();
         if let Some((allowed, outcomes)) = lease::local(state.held.slice_mut(), cost, now) {
@@ -940,6 +1090,9 @@ impl Leases {
         if let (false, Some(ns)) = (dropped.is_empty(), inner.namespace.load_full()) {
             inner.return_dropped(&ns, key_id, dropped);
         }
+        if k.held.slice().iter().any(|l| l.returning) {
+            k.set_sync(true);
+        }
         let (allowed, outcomes) = lease::fallback(k.held.slice_mut(), cost, fleet, now);
         if allowed {
             k.set_sync(true);
@@ -963,6 +1116,9 @@ impl Leases {
     /// Gives back `units` charged to `window` of `key_id` in `period`, by
     /// the lease `incarnation` (a lease made since, in another namespace
     /// or after the window was dropped, never gets them).
+    /// A lease that is gone (a reload replaced it, its key was forgotten)
+    /// gets them back in its ledger in Redis: its hand-back stated them as
+    /// admitted.
     pub fn refund(&self, key_id: &str, window: &Window, units: u64, incarnation: u32, period: u64) {
         let inner = &*self.inner;
         let mut map = lock(&inner.shard(key_id).map);
@@ -971,11 +1127,18 @@ impl Leases {
             k.held
                 .slice_mut()
                 .iter_mut()
-                .find(|l| l.window.same_counter(window))
+                .find(|l| l.incarnation == incarnation)
         }) {
-            if l.incarnation == incarnation {
-                lease::refund(l, units, period, now);
-            }
+            lease::refund(l, units, period, now);
+            return;
+        }
+        drop(map);
+        // In the namespace the leases are in now: a lease of another one
+        // has no ledger there, and Redis never takes more than a ledger
+        // counts.
+        if let (Some(ns), true) = (inner.namespace.load_full(), units > 0) {
+            let back = lease::give_back(period, units, incarnation);
+            inner.give_back(&ns, key_id, vec![(*window, back)]);
         }
     }
 
@@ -1129,7 +1292,7 @@ impl Leases {
                     .iter()
                     .find(|l| l.window.same_counter(window) && l.period == period)
             })
-            .map_or(0, |l| l.budget())
+            .map_or(0, |l| l.held())
     }
 
     /// Units this instance admitted in that period that Redis does not
@@ -1272,10 +1435,16 @@ fn spawn_top_up(
         )
         .await;
         let mut map = lock(&shard.map);
-        let Some(k) = map.get_mut(key_id.as_str()).filter(|k| k.matches(&windows)) else {
+        let Some(k) = map.get_mut(key_id.as_str()) else {
             return;
         };
         match answer {
+            Ok(grants) if !k.answers(&windows, &asks) => {
+                // The key's leases changed during the call: what it
+                // granted goes to the leases it was asked for, or back.
+                let none = vec![0; asks.len()];
+                inner.late_answer(&ns, Some(k), &key_id, &windows, &asks, &none, &grants, true);
+            }
             Ok(grants) => {
                 let zeros = vec![0; asks.len()];
                 lease::apply(
@@ -1305,7 +1474,10 @@ fn spawn_top_up(
 /// Units admitted that Redis does not count yet (reported after an answer
 /// that was already on its way, or admitted while Redis was away).
 fn owes(k: &KeyState) -> bool {
-    k.held.slice().iter().any(|l| l.pending() > 0)
+    k.held
+        .slice()
+        .iter()
+        .any(|l| l.pending() > 0 || l.returning)
 }
 
 #[cfg(test)]

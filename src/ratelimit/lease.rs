@@ -76,6 +76,11 @@ pub struct Lease {
     /// never saw. A lease dropped or forgotten in that state still makes
     /// its hand-back call, which tells Redis what it really admitted.
     pub unsure: bool,
+    /// The budget was taken under a limit a reload has replaced: it is no
+    /// longer in `ledger` (never spent under the new limit), `last_grant`
+    /// holds it, and the lease's next call hands it back (in the same call,
+    /// so no answer is read against a count the hand-back has not reached).
+    pub returning: bool,
 }
 
 /// A new lease's incarnation.
@@ -116,12 +121,28 @@ impl Lease {
             refused_cost: 0,
             incarnation: next_incarnation(),
             unsure: false,
+            returning: false,
         }
     }
 
     /// Units held and not yet admitted.
     pub fn budget(&self) -> u64 {
         self.ledger.saturating_sub(self.consumed)
+    }
+
+    /// Units Redis counts for this lease beyond what it admitted: its
+    /// budget and what is on its way back.
+    pub fn held(&self) -> u64 {
+        self.budget().saturating_add(self.surplus())
+    }
+
+    /// Units on their way back (see [`Lease::returning`]).
+    fn surplus(&self) -> u64 {
+        if self.returning {
+            u64::from(self.last_grant)
+        } else {
+            0
+        }
     }
 
     /// Units admitted that Redis does not count yet.
@@ -153,7 +174,7 @@ impl Lease {
             need: 0,
             period: Some(self.period),
             floor: self.floor(algo),
-            back: 0,
+            back: self.surplus(),
             consumed: Some(self.consumed),
             incarnation: self.incarnation,
         }
@@ -202,23 +223,36 @@ pub fn align(
     } else {
         current.iter().filter(|l| l.live(now)).copied().collect()
     };
-    let dropped = held.align(windows, keep, |w| {
+    let mut dropped = held.align(windows, keep, |w| {
         let mut l = Lease::fresh(w, algo, now, wall);
         if let Some(r) = replaced
             .iter()
-            .find(|r| r.window.same_counter(w) && r.period == l.period && !gcra(&l.window, algo))
+            .find(|r| r.window.same_counter(w) && r.period == l.period)
         {
             // Same counter, same period, a new limit: what the fleet used
-            // by the last answer, and what this instance admitted since,
-            // are not available under the new limit either (a fallback
-            // share is drawn from what is left, not from the whole new
-            // limit again).
-            let used = r
-                .window
-                .requests
-                .saturating_sub(r.available)
-                .saturating_add(r.pending());
+            // by the last answer is not available under the new limit
+            // either, and what this instance admitted stays admitted — it
+            // counts against the instance's fallback share (a reload during
+            // an outage does not hand every instance a fresh share). The
+            // lease keeps its name in the ledger, so what it states there
+            // is one count whatever order its calls land in; only its
+            // budget goes back (the hand-back of the replaced lease).
+            let used = r.window.requests.saturating_sub(r.available);
             l.available = w.requests.saturating_sub(used);
+            if gcra(&l.window, algo) {
+                // GCRA states units admitted on its own as a charge to add
+                // (not a count), so they move to the new lease and the
+                // hand-back no longer states them (below).
+                l.consumed = r.pending();
+            } else {
+                l.incarnation = r.incarnation;
+                l.consumed = r.consumed;
+                l.ledger = r.ledger.min(r.consumed);
+                l.unsure = r.unsure;
+                let back = r.held();
+                l.returning = back > 0;
+                l.last_grant = if l.returning { saturated(back) } else { 0 };
+            }
         }
         if let Some(e) = ended.iter().find(|e| e.window.same_counter(w)) {
             l.incarnation = e.incarnation;
@@ -240,6 +274,28 @@ pub fn align(
         }
         l
     });
+    // A replaced lease that keeps its name hands its budget back through
+    // its successor's next call (above), not on its own.
+    dropped.retain(|d| {
+        gcra(&d.window, algo)
+            || !d.live(now)
+            || !held.slice().iter().any(|l| l.incarnation == d.incarnation)
+    });
+    // What a replaced GCRA lease admitted beyond its ledger moved to its
+    // successor (above): its hand-back no longer charges it.
+    for d in dropped
+        .iter_mut()
+        .filter(|d| d.live(now) && gcra(&d.window, algo))
+    {
+        let succeeded = held.slice().iter().any(|l| {
+            l.window.same_counter(&d.window.window())
+                && l.period == d.period
+                && l.incarnation != d.incarnation
+        });
+        if succeeded {
+            d.consumed = d.consumed.min(d.ledger);
+        }
+    }
     for l in held.slice_mut() {
         if l.over_until != 0 && l.over_until <= now {
             l.over_until = 0;
@@ -337,6 +393,7 @@ pub fn apply(
             // units here).
             l.period = g.period;
             l.consumed = 0;
+            l.returning = false;
             l.over_until = 0;
             l.expires = expires;
             reserved_here = 0;
@@ -345,6 +402,10 @@ pub fn apply(
             Some(ledger) => {
                 l.ledger = ledger;
                 l.unsure = false;
+                if l.returning {
+                    l.returning = false;
+                    l.last_grant = 0;
+                }
             }
             None => l.ledger = l.ledger.saturating_add(ask.floor).saturating_add(g.granted),
         }
@@ -380,6 +441,89 @@ pub fn apply(
         outcomes.push(l.outcome(now, ok, if ok { 0 } else { g.retry_us }));
     }
     (admitted, outcomes)
+}
+
+/// An answer for one lease of a call during which the key's windows
+/// changed (a reload replaced another of them): applied to the lease it was
+/// asked for, found by its incarnation, with the call's own outcome
+/// (`admitted`: every window of the call granted). `false`: the lease has
+/// moved on to another period, so the answer is not its own.
+pub fn apply_one(
+    l: &mut Lease,
+    algo: Algorithm,
+    ask: &Ask,
+    reserved: u64,
+    g: &Grant,
+    admitted: bool,
+) -> bool {
+    if !gcra(&l.window, algo) && g.period != l.period {
+        return false;
+    }
+    match g.ledger {
+        Some(ledger) => {
+            l.ledger = ledger;
+            l.unsure = false;
+            if l.returning {
+                l.returning = false;
+                l.last_grant = 0;
+            }
+        }
+        None => l.ledger = l.ledger.saturating_add(ask.floor).saturating_add(g.granted),
+    }
+    l.available = g.available;
+    if admitted {
+        l.consumed = l.consumed.saturating_add(ask.need);
+    } else {
+        l.consumed = l.consumed.saturating_sub(reserved);
+    }
+    true
+}
+
+/// The part of a late answer a lease whose limit changed during the call
+/// keeps: the request's admitted units (its ledger is left as it is; the
+/// next call states them). `false`: the lease has moved on to another
+/// period.
+pub fn admitted_late(l: &mut Lease, ask: &Ask, reserved: u64, g: &Grant, admitted: bool) -> bool {
+    if g.period != l.period {
+        return false;
+    }
+    if admitted {
+        l.consumed = l.consumed.saturating_add(ask.need);
+    } else {
+        l.consumed = l.consumed.saturating_sub(reserved);
+    }
+    true
+}
+
+/// Units Redis counts for a lease that is gone (a reload, an eviction or a
+/// change of namespace replaced it while its call was under way) beyond
+/// what it admitted: the grant's surplus, or, for a refused request, what
+/// the call granted and the units reserved from the lease's budget (they
+/// were stated as admitted when the lease was handed back). They go back
+/// to that lease's own ledger ([`give_back`]).
+pub fn orphaned(ask: &Ask, reserved: u64, g: &Grant, admitted: bool) -> u64 {
+    if admitted {
+        g.granted.saturating_sub(ask.need)
+    } else if ask.period == Some(g.period) {
+        g.granted.saturating_add(reserved)
+    } else {
+        g.granted
+    }
+}
+
+/// A call that hands `units` back to the ledger of the lease `incarnation`
+/// in `period`, whether or not this instance still holds it (a refund or
+/// a grant's surplus for a lease that is gone). Redis never takes more
+/// than that ledger counts, and a period that has ended is left alone.
+pub fn give_back(period: u64, units: u64, incarnation: u32) -> Ask {
+    Ask {
+        need: 0,
+        period: Some(period),
+        floor: 0,
+        back: units,
+        consumed: None,
+        incarnation,
+    }
 }
 
 /// A call failed (its effect unknown): the reserved units go back.
@@ -453,12 +597,16 @@ pub fn extra(lease: &mut Lease, units: u64, now: u64) -> bool {
 /// budget is gone at once (no request can use what is on its way back);
 /// the answer says what Redis counts afterwards.
 pub fn hand_back(lease: &mut Lease, algo: Algorithm) -> Ask {
-    let back = lease.budget();
+    let back = lease.held();
     let ask = Ask {
         back,
         ..lease.sync(algo)
     };
-    lease.ledger -= back;
+    lease.ledger -= lease.budget();
+    if lease.returning {
+        lease.returning = false;
+        lease.last_grant = 0;
+    }
     Ask {
         floor: lease.floor(algo),
         ..ask
@@ -524,7 +672,9 @@ pub fn horizon_secs(l: &Lease, now: u64) -> f64 {
 
 pub fn needs_top_up(leases: &[Lease]) -> bool {
     leases.iter().any(|l| {
-        u64::from(l.last_grant) >= PREFETCH_MIN_GRANT && l.budget() < u64::from(l.last_grant) / 4
+        !l.returning
+            && u64::from(l.last_grant) >= PREFETCH_MIN_GRANT
+            && l.budget() < u64::from(l.last_grant) / 4
     })
 }
 
@@ -629,6 +779,95 @@ mod tests {
         assert!(!extra(&mut l, 2, 1));
         assert!(extra(&mut l, 1, 1));
         assert_eq!(l.pending(), 1);
+    }
+
+    #[test]
+    fn a_new_limit_keeps_the_lease_name_and_what_it_admitted_and_returns_its_budget() {
+        let algo = Algorithm::FixedWindow;
+        let mut held = Slots::from_vec(vec![Lease::fresh(&w(100, 60), algo, 0, WALL)]);
+        let old = held.slice()[0];
+        {
+            let l = &mut held.slice_mut()[0];
+            l.ledger = 40;
+            l.consumed = 15;
+            l.available = 50;
+        }
+        let dropped = align(&mut held, &[w(80, 60)], algo, 1, WALL);
+        // No hand-back of its own: the successor's next call makes it.
+        assert!(dropped.is_empty(), "{dropped:?}");
+        let l = held.slice()[0];
+        assert_eq!(l.incarnation, old.incarnation);
+        assert_eq!(
+            (l.consumed, l.ledger, l.budget(), l.held()),
+            (15, 15, 0, 25)
+        );
+        // Used 50 of the old limit: 30 of the new one are left.
+        assert_eq!(l.available, 30);
+        // The next call hands the 25 back and states the 15 admitted.
+        let ask = l.sync(algo);
+        assert_eq!(
+            (ask.back, ask.floor, ask.incarnation),
+            (25, 15, old.incarnation)
+        );
+        // Its budget is not spent under the new limit.
+        let mut leases = [l];
+        assert_eq!(local(&mut leases, 1, 2), None);
+        // Without Redis (one instance): what it admitted and the 30 left;
+        // the budget on its way back is not spent.
+        let admitted = (0..60).filter(|_| fallback(&mut leases, 1, 1, 2).0).count();
+        assert_eq!(admitted, 30);
+        assert_eq!(leases[0].consumed, 45);
+    }
+
+    #[test]
+    fn a_gcra_lease_under_a_new_limit_carries_what_it_admitted_on_its_own() {
+        let algo = Algorithm::Gcra;
+        let mut held = Slots::from_vec(vec![Lease::fresh(&w(30, 60), algo, 0, WALL)]);
+        {
+            let l = &mut held.slice_mut()[0];
+            l.ledger = 0;
+            l.consumed = 10;
+        }
+        let dropped = align(&mut held, &[w(31, 60)], algo, 1, WALL);
+        // The old lease's hand-back charges nothing more: the 10 moved.
+        assert_eq!(dropped.len(), 1);
+        assert_eq!(dropped[0].pending(), 0);
+        let mut leases = [held.slice()[0]];
+        assert_eq!(leases[0].pending(), 10);
+        // A third of 31 for one of three instances: 10 are already used.
+        assert!(!fallback(&mut leases, 1, 3, 2).0);
+    }
+
+    #[test]
+    fn what_a_gone_lease_gets_back() {
+        let ask = Ask {
+            need: 2,
+            period: Some(7),
+            floor: 5,
+            back: 0,
+            consumed: Some(5),
+            incarnation: 3,
+        };
+        let g = |granted| Grant {
+            granted,
+            available: 10,
+            reset_us: S,
+            retry_us: 0,
+            period: 7,
+            ledger: Some(9),
+        };
+        // Admitted: the grant beyond the request's own units.
+        assert_eq!(orphaned(&ask, 1, &g(6), true), 4);
+        // Refused: the grant and the units reserved from the budget.
+        assert_eq!(orphaned(&ask, 1, &g(0), false), 1);
+        // Refused in a later period: the reserved units were the last one's.
+        let later = Grant { period: 8, ..g(0) };
+        assert_eq!(orphaned(&ask, 1, &later, false), 0);
+        let back = give_back(7, 4, 3);
+        assert_eq!(
+            (back.need, back.floor, back.back, back.consumed),
+            (0, 0, 4, None)
+        );
     }
 
     #[test]

@@ -1108,6 +1108,21 @@ fn schedules() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// Schedules that broke an invariant on an earlier limiter, replayed on
+/// every run (bench/results/simulation.md): a reload that changes a limit,
+/// or moves the key prefix, while a lease call is under way or Redis is
+/// failing — answers applied to a lease made since, refunds naming a lease
+/// that was gone, a fresh fallback share per reload.
+#[test]
+fn schedules_that_failed_before() {
+    const SEEDS: &[u64] = &[
+        88930, 530525, 532843, 532907, 536727, 542146, 546007, 551909, 568100, 578939, 585986,
+        587873, 587932, 588898, 591966, 595560, 597163, 597712, 628669, 909789,
+    ];
+    let failures: Vec<String> = SEEDS.iter().filter_map(|&s| run(s).err()).collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 /// `RateLimit` fields are exact on every answer, refusals included: with
 /// one instance (in process, or through leases on a healthy Redis), the
 /// `r` each fixed window reports falls by exactly the cost of each
