@@ -629,7 +629,7 @@ impl Inner {
                         } else if hand_back && l.budget() > 0 && worth(l) {
                             lease::hand_back(l, ns.algo)
                         } else {
-                            l.sync(ns.algo)
+                            l.sync_once(ns.algo)
                         }
                     })
                     .collect();
@@ -1416,7 +1416,11 @@ fn spawn_top_up(
                 }
                 k.set_busy(true);
             }
-            k.held.slice().iter().map(|l| l.sync(ns.algo)).collect()
+            k.held
+                .slice_mut()
+                .iter_mut()
+                .map(|l| l.sync_once(ns.algo))
+                .collect()
         };
         let _busy = Busy {
             shard,

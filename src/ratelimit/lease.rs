@@ -180,6 +180,18 @@ impl Lease {
         }
     }
 
+    /// [`Lease::sync`] for a call about to be made: the units on their way
+    /// back go in this call only (calls made meanwhile must not hand them
+    /// back again).
+    pub fn sync_once(&mut self, algo: Algorithm) -> Ask {
+        let ask = self.sync(algo);
+        if self.returning {
+            self.returning = false;
+            self.last_grant = 0;
+        }
+        ask
+    }
+
     fn outcome(&self, now: u64, allowed: bool, retry_us: u64) -> Outcome {
         Outcome {
             allowed,
@@ -239,10 +251,13 @@ pub fn align(
             // budget goes back (the hand-back of the replaced lease).
             let used = r.window.requests.saturating_sub(r.available);
             l.available = w.requests.saturating_sub(used);
-            if gcra(&l.window, algo) {
+            if gcra(&l.window, algo) || r.unsure {
                 // GCRA states units admitted on its own as a charge to add
-                // (not a count), so they move to the new lease and the
-                // hand-back no longer states them (below).
+                // (not a count); a lease whose call failed may have grants
+                // in its ledger it never saw, taken under the old limit,
+                // which its hand-back releases. Both start a new lease:
+                // what was admitted on its own moves to it, and the
+                // hand-back no longer states it (below).
                 l.consumed = r.pending();
             } else {
                 l.incarnation = r.incarnation;
@@ -275,17 +290,17 @@ pub fn align(
         l
     });
     // A replaced lease that keeps its name hands its budget back through
-    // its successor's next call (above), not on its own.
+    // its successor's next call (above), not on its own; one whose
+    // successor has a name of its own has moved what it admitted beyond its
+    // ledger there.
     dropped.retain(|d| {
         gcra(&d.window, algo)
             || !d.live(now)
             || !held.slice().iter().any(|l| l.incarnation == d.incarnation)
     });
-    // What a replaced GCRA lease admitted beyond its ledger moved to its
-    // successor (above): its hand-back no longer charges it.
     for d in dropped
         .iter_mut()
-        .filter(|d| d.live(now) && gcra(&d.window, algo))
+        .filter(|d| d.live(now) && (gcra(&d.window, algo) || d.unsure))
     {
         let succeeded = held.slice().iter().any(|l| {
             l.window.same_counter(&d.window.window())
@@ -347,11 +362,11 @@ pub fn ask(leases: &mut [Lease], algo: Algorithm, cost: u64) -> (Vec<Ask>, Vec<u
         l.consumed += r;
     }
     let asks = leases
-        .iter()
+        .iter_mut()
         .zip(&reserved)
         .map(|(l, r)| Ask {
             need: cost - r,
-            ..l.sync(algo)
+            ..l.sync_once(algo)
         })
         .collect();
     (asks, reserved)
