@@ -1136,7 +1136,12 @@ impl Leases {
         // In the namespace the leases are in now: a lease of another one
         // has no ledger there, and Redis never takes more than a ledger
         // counts.
+        // GCRA keeps no ledger to bound a hand-back: a refund for a lease
+        // that is gone is dropped (a bucket of a new key prefix would take it).
         if let (Some(ns), true) = (inner.namespace.load_full(), units > 0) {
+            if ns.algo == crate::config::Algorithm::Gcra {
+                return;
+            }
             let back = lease::give_back(period, units, incarnation);
             inner.give_back(&ns, key_id, vec![(*window, back)]);
         }
