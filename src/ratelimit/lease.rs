@@ -413,18 +413,7 @@ pub fn apply(
             l.expires = expires;
             reserved_here = 0;
         }
-        match g.ledger {
-            Some(ledger) => {
-                l.ledger = ledger;
-                l.unsure = false;
-                if l.returning {
-                    l.returning = false;
-                    l.last_grant = 0;
-                }
-            }
-            None => l.ledger = l.ledger.saturating_add(ask.floor).saturating_add(g.granted),
-        }
-        l.available = g.available;
+        learn(l, ask, g);
         let ok = admitted || g.available >= ask.need;
         if admitted {
             l.consumed = l.consumed.saturating_add(ask.need);
@@ -458,6 +447,24 @@ pub fn apply(
     (admitted, outcomes)
 }
 
+/// What an answer tells a lease of its ledger (GCRA keeps none: what the
+/// call charged and granted is added) and of what is left.
+fn learn(l: &mut Lease, ask: &Ask, g: &Grant) {
+    match g.ledger {
+        Some(ledger) => {
+            l.ledger = ledger;
+            l.unsure = false;
+            if l.returning {
+                // The answer counts the hand-back the call carried.
+                l.returning = false;
+                l.last_grant = 0;
+            }
+        }
+        None => l.ledger = l.ledger.saturating_add(ask.floor).saturating_add(g.granted),
+    }
+    l.available = g.available;
+}
+
 /// An answer for one lease of a call during which the key's windows
 /// changed (a reload replaced another of them): applied to the lease it was
 /// asked for, found by its incarnation, with the call's own outcome
@@ -474,18 +481,7 @@ pub fn apply_one(
     if !gcra(&l.window, algo) && g.period != l.period {
         return false;
     }
-    match g.ledger {
-        Some(ledger) => {
-            l.ledger = ledger;
-            l.unsure = false;
-            if l.returning {
-                l.returning = false;
-                l.last_grant = 0;
-            }
-        }
-        None => l.ledger = l.ledger.saturating_add(ask.floor).saturating_add(g.granted),
-    }
-    l.available = g.available;
+    learn(l, ask, g);
     if admitted {
         l.consumed = l.consumed.saturating_add(ask.need);
     } else {
