@@ -683,6 +683,68 @@ fn reloads_during_an_outage_draw_no_fresh_shares() {
     }
 }
 
+/// A reload during an outage that moves a window to another length, or the
+/// limits to another key prefix, and a later one that moves it back: the
+/// window's counter is the one it was, and each instance's lease of it
+/// starts from what its dropped lease knew, not from a fresh share of the
+/// whole limit. (Found by the breaker: 299 admitted against 100 with 3
+/// instances, a whole second round of shares on the first counter.)
+#[test]
+fn a_window_moved_and_moved_back_during_an_outage_draws_no_fresh_share() {
+    for (name, away) in [("length", ("3601s", "rt:")), ("prefix", ("1h", "rt2:"))] {
+        let up = Recorder::start();
+        let mut redis = Redis::start();
+        let template = |(window, prefix): (&str, &str)| {
+            config(&Setup {
+                upstream: &up.addr(),
+                redis: Some(redis_settings(&redis, "500ms", "local", prefix)),
+                limits: &per_key(
+                    "fixed_window",
+                    "hybrid",
+                    &format!("[{{ requests: 60, window: {window} }}]"),
+                ),
+                server: "",
+            })
+            .replace("threads: 2", "threads: 1")
+        };
+        let (home, away) = (template(("1h", "rt:")), template(away));
+        let fleet: Vec<Tollgate> = (0..3).map(|_| Tollgate::start(&home)).collect();
+        avoid_window_edge(3600, Duration::from_secs(60));
+        for t in &fleet {
+            assert_eq!(hit(t, "/public/x", "warm-up").status, 200);
+        }
+        wait_fleet(&redis, "rt:", 3);
+        let warm = up.hits();
+
+        redis.stop();
+        let mut rounds = vec![spread(&fleet, "shared", 40)];
+        for (i, to) in [&away, &home].into_iter().enumerate() {
+            for t in &fleet {
+                t.rewrite_config(to);
+                t.proc.signal(libc::SIGHUP);
+            }
+            for t in &fleet {
+                t.wait_metric(
+                    r#"tollgate_config_reloads_total{result="success"}"#,
+                    (i + 1) as f64,
+                );
+            }
+            rounds.push(spread(&fleet, "shared", 40));
+        }
+        assert_eq!(up.hits() - warm, rounds.iter().sum::<usize>());
+        eprintln!("{name}: admitted per round {rounds:?} (limit 60 each counter)");
+        // The away round counts in a counter of its own (as it would with
+        // Redis healthy); the first counter gets nothing more when it is back.
+        assert!(rounds[1] <= 60, "{name}: {rounds:?}");
+        assert!(
+            rounds[0] + rounds[2] <= 60,
+            "{name}: {} admitted in the first counter across the round trip \
+             (rounds {rounds:?}), limit 60",
+            rounds[0] + rounds[2]
+        );
+    }
+}
+
 /// The `<slots>:<expiry ms>` holdings of a concurrency key, per instance.
 fn holdings(redis: &Redis, key: &str) -> Vec<(u64, u64)> {
     let out = redis.cli(&["HGETALL", key]);

@@ -31,7 +31,7 @@
 //! one script call per admitted request.
 
 use super::algo::Outcome;
-use super::lease::{self, Lease};
+use super::lease::{self, Ghost, Lease};
 use super::packed::Slots;
 use super::remote::{self, Ask, Grant};
 use crate::cache::{KeyHasher, KeyMap};
@@ -70,6 +70,12 @@ const CALLS_PER_ROUND: usize = 2000;
 const FLEET_TTL_MS: u64 = 10_000;
 /// Keys kept when no `limits.max_keys` was given.
 pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
+/// Leases dropped by reloads remembered at most (see [`Ghost`]); beyond
+/// it a lease made again presumes what a fresh one does.
+const MAX_GHOSTS: usize = 65_536;
+
+/// Where a dropped lease was: its namespace, key and counter.
+type GhostKey = (u64, Box<str>, u64);
 
 /// Everything one instance knows about one key (no allocation of its own
 /// beyond the key's name and, for several windows, the lease slice).
@@ -205,6 +211,9 @@ fn send_returns(instance: String, unreturned: Returns, returns: Vec<Return>) {
 
 /// Where leases were taken: the Redis (its URL, key prefix) and algorithm.
 struct Namespace {
+    /// Its place ([`Namespace::same_place`]) as a number: leases dropped
+    /// here are remembered under it.
+    place: u64,
     redis: Arc<Redis>,
     /// A connection of its own for calls that admit no request.
     background: Arc<Redis>,
@@ -212,6 +221,14 @@ struct Namespace {
 }
 
 impl Namespace {
+    fn place_of(redis: &Redis, algo: Algorithm) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let s = &redis.settings;
+        let mut h = std::hash::DefaultHasher::new();
+        (&s.urls, s.cluster, &s.key_prefix, algo as u8).hash(&mut h);
+        h.finish()
+    }
+
     fn same_place(&self, redis: &Redis, algo: Algorithm) -> bool {
         let (a, b) = (&self.redis.settings, &redis.settings);
         self.algo == algo
@@ -240,6 +257,12 @@ struct Inner {
     per_shard: AtomicUsize,
     /// Returns that failed, for the keeper to make again.
     unreturned: Returns,
+    /// What leases dropped in their period knew, until the period ends.
+    ghosts: Mutex<std::collections::HashMap<GhostKey, Ghost>>,
+    /// `ghosts`' length, read without the lock on the request path.
+    ghost_count: AtomicUsize,
+    /// When full `ghosts` last made room.
+    ghosts_purged: AtomicU64,
 }
 
 pub struct Leases {
@@ -493,10 +516,66 @@ impl Inner {
         self.give_back(ns, key, backs);
     }
 
+    /// Remembers what live leases being dropped knew (a reload removed
+    /// their window or left their namespace), for a lease of the same
+    /// counter made again in their period.
+    fn remember(&self, place: u64, key: &str, dropped: &[Lease], now: u64) {
+        if !dropped.iter().any(|l| l.live(now)) {
+            return;
+        }
+        let mut ghosts = lock(&self.ghosts);
+        for l in dropped.iter().filter(|l| l.live(now)) {
+            if ghosts.len() >= MAX_GHOSTS {
+                // Ended ones make room (at most once a second: a reload
+                // that drops a million keys' leases stays linear).
+                let last = self.ghosts_purged.load(Ordering::Relaxed);
+                if now.saturating_sub(last) >= us(KEEP_EVERY) {
+                    self.ghosts_purged.store(now, Ordering::Relaxed);
+                    ghosts.retain(|_, g| g.expires > now);
+                }
+                if ghosts.len() >= MAX_GHOSTS {
+                    break;
+                }
+            }
+            ghosts.insert((place, key.into(), l.window.counter()), Ghost::of(l));
+        }
+        self.ghost_count.store(ghosts.len(), Ordering::Relaxed);
+    }
+
+    /// For a fresh lease of `key` in the namespace `place`: starts it from
+    /// the ghost of its counter, if one was left in its period (and
+    /// forgets the ghost: the lease carries on from it).
+    fn recall(&self, place: u64, key: &str, l: &mut Lease, algo: Algorithm, now: u64) -> bool {
+        if self.ghost_count.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let mut ghosts = lock(&self.ghosts);
+        let Some(g) = ghosts.remove(&(place, Box::<str>::from(key), l.window.counter())) else {
+            return false;
+        };
+        self.ghost_count.store(ghosts.len(), Ordering::Relaxed);
+        drop(ghosts);
+        g.haunt(l, algo, self.fleet.load(Ordering::Relaxed), now)
+    }
+
+    /// Forgets ghosts whose periods have ended.
+    fn forget_ghosts(&self, now: u64) {
+        if self.ghost_count.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let mut ghosts = lock(&self.ghosts);
+        ghosts.retain(|_, g| g.expires > now);
+        if ghosts.capacity() > 4 * ghosts.len() + 64 {
+            ghosts.shrink_to_fit();
+        }
+        self.ghost_count.store(ghosts.len(), Ordering::Relaxed);
+    }
+
     /// Hands back the unused units of leases a realignment dropped (a
     /// reload removed their window), so Redis does not count them for an
     /// instance that no longer holds them.
     fn return_dropped(&self, ns: &Arc<Namespace>, key: &str, dropped: Vec<Lease>) {
+        self.remember(ns.place, key, &dropped, self.now());
         let mut k = KeyState::new(0);
         k.held = Slots::from_vec(dropped);
         // Every live one: what it admitted must stay counted (its floor
@@ -567,6 +646,7 @@ impl Inner {
     /// 135,000 keys in 7 ms; now at most 0.15 ms per shard), delaying every
     /// request and lease answer on it.
     async fn sweep(&self) {
+        self.forget_ghosts(self.now());
         for shard in self.shards.iter() {
             self.sweep_shard(shard);
             tokio::task::yield_now().await;
@@ -757,6 +837,9 @@ impl Leases {
                 reconnects_seen: AtomicU64::new(0),
                 per_shard: AtomicUsize::new(DEFAULT_MAX_KEYS.div_ceil(SHARDS)),
                 unreturned: Arc::default(),
+                ghosts: Mutex::default(),
+                ghost_count: AtomicUsize::new(0),
+                ghosts_purged: AtomicU64::new(0),
             }),
         }
     }
@@ -804,6 +887,7 @@ impl Leases {
             _ => Arc::new(redis.detached()),
         };
         let fresh = Arc::new(Namespace {
+            place: Namespace::place_of(redis, algo),
             redis: redis.clone(),
             background,
             algo,
@@ -824,6 +908,7 @@ impl Leases {
         for shard in inner.shards.iter() {
             let mut map = lock(&shard.map);
             for (key, k) in map.iter_mut() {
+                inner.remember(old.place, key, k.held.slice(), now);
                 if let Some(r) = returnable(&old, key, k, now, |l| l.budget() > 0) {
                     returns.push(r);
                 }
@@ -1005,7 +1090,14 @@ impl Leases {
             return Step::Wait;
         };
         state.used_at(now);
-        let dropped = lease::align(&mut state.held, windows, algo, now, crate::clock::now_us());
+        let dropped = lease::align(
+            &mut state.held,
+            windows,
+            algo,
+            now,
+            crate::clock::now_us(),
+            |l| inner.recall(ns.place, key_id, l, algo, now),
+        );
         if !dropped.is_empty() {
             inner.return_dropped(ns, key_id, dropped);
         }
@@ -1086,8 +1178,17 @@ impl Leases {
             };
         };
         k.used_at(now);
-        let dropped = lease::align(&mut k.held, windows, algo, now, crate::clock::now_us());
-        if let (false, Some(ns)) = (dropped.is_empty(), inner.namespace.load_full()) {
+        let ns = inner.namespace.load_full();
+        let place = ns.as_ref().map(|ns| ns.place);
+        let dropped = lease::align(
+            &mut k.held,
+            windows,
+            algo,
+            now,
+            crate::clock::now_us(),
+            |l| place.is_some_and(|p| inner.recall(p, key_id, l, algo, now)),
+        );
+        if let (false, Some(ns)) = (dropped.is_empty(), ns) {
             inner.return_dropped(&ns, key_id, dropped);
         }
         if k.held.slice().iter().any(|l| l.returning) {
@@ -1177,7 +1278,14 @@ impl Leases {
         // (same windows: a call under way keeps its answer).
         if k.held.slice().iter().any(|l| !l.live(now)) {
             let windows: Vec<Window> = k.held.slice().iter().map(|l| l.window.window()).collect();
-            let dropped = lease::align(&mut k.held, &windows, ns.algo, now, crate::clock::now_us());
+            let dropped = lease::align(
+                &mut k.held,
+                &windows,
+                ns.algo,
+                now,
+                crate::clock::now_us(),
+                |_| false,
+            );
             inner.return_dropped(&ns, key_id, dropped);
         }
         let Some(l) = k

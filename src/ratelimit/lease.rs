@@ -83,6 +83,63 @@ pub struct Lease {
     pub returning: bool,
 }
 
+/// What a lease this instance dropped in a period knew when it went (a
+/// reload removed its window or moved the key prefix, and may put it
+/// back): a lease made again for the same counter in the same period
+/// starts from it, so a window removed and put back while Redis cannot be
+/// reached does not presume the whole limit available again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ghost {
+    /// The period it counted in (GCRA: 0).
+    pub period: u64,
+    /// When it would have ended (instance µs).
+    pub expires: u64,
+    /// Its limit, and what Redis last said was left under it.
+    pub limit: u64,
+    pub available: u64,
+    /// Units it admitted on its own that Redis did not count yet (its
+    /// hand-back states them, under its own name).
+    pub own: u64,
+    pub over_until: u64,
+    pub refused_cost: u32,
+}
+
+impl Ghost {
+    pub fn of(l: &Lease) -> Ghost {
+        Ghost {
+            period: l.period,
+            expires: l.expires,
+            limit: l.window.requests,
+            available: l.available,
+            own: l.pending(),
+            over_until: l.over_until,
+            refused_cost: l.refused_cost,
+        }
+    }
+
+    /// A fresh lease of the same counter starts from what the ghost knew:
+    /// what the fleet had used stays used, and what the ghost admitted on
+    /// its own comes off this instance's fallback share (`fleet`: the
+    /// instances sharing what is left), as it would have on the ghost.
+    /// A ghost of another period, or one that has ended, tells nothing.
+    pub fn haunt(&self, l: &mut Lease, algo: Algorithm, fleet: u64, now: u64) -> bool {
+        if self.expires <= now || (!gcra(&l.window, algo) && self.period != l.period) {
+            return false;
+        }
+        let used = self.limit.saturating_sub(self.available);
+        l.available = l
+            .window
+            .requests
+            .saturating_sub(used)
+            .saturating_sub(self.own.saturating_mul(fleet.max(1)));
+        if self.over_until > now {
+            l.over_until = self.over_until;
+            l.refused_cost = self.refused_cost;
+        }
+        true
+    }
+}
+
 /// A new lease's incarnation.
 fn next_incarnation() -> u32 {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -207,12 +264,16 @@ impl Lease {
 /// period ended starts afresh.
 /// Returns the leases of windows no longer named (their unused units
 /// should go back to Redis).
+/// `prior` tells, for a window without a lease, what a lease of its
+/// counter dropped earlier in the period knew ([`Ghost`]; consulted only
+/// when no lease of the counter is held).
 pub fn align(
     held: &mut Slots<Lease>,
     windows: &[Window],
     algo: Algorithm,
     now: u64,
     wall: u64,
+    prior: impl Fn(&mut Lease) -> bool,
 ) -> Vec<Lease> {
     // A lease of a window whose limit a reload changed is dropped (what it
     // held goes back) and a new one counts on in the same counter: units
@@ -237,6 +298,7 @@ pub fn align(
     };
     let mut dropped = held.align(windows, keep, |w| {
         let mut l = Lease::fresh(w, algo, now, wall);
+        let mut known = false;
         if let Some(r) = replaced
             .iter()
             .find(|r| r.window.same_counter(w) && r.period == l.period)
@@ -249,6 +311,7 @@ pub fn align(
             // lease keeps its name in the ledger, so what it states there
             // is one count whatever order its calls land in; only its
             // budget goes back (the hand-back of the replaced lease).
+            known = true;
             let used = r.window.requests.saturating_sub(r.available);
             l.available = w.requests.saturating_sub(used);
             if gcra(&l.window, algo) || r.unsure {
@@ -272,6 +335,7 @@ pub fn align(
         if let Some(e) = ended.iter().find(|e| e.window.same_counter(w)) {
             l.incarnation = e.incarnation;
             if !gcra(&l.window, algo) && e.period == l.period {
+                known = true;
                 // Ended by the answer's timing (its period's end is taken
                 // from when the call was sent) while this instance's clock
                 // still sees the same period: the period may not have
@@ -286,6 +350,9 @@ pub fn align(
                 l.refused_cost = e.refused_cost;
                 l.unsure = e.unsure;
             }
+        }
+        if !known {
+            prior(&mut l);
         }
         l
     });
@@ -778,6 +845,42 @@ mod tests {
     }
 
     #[test]
+    fn a_window_put_back_in_its_period_starts_from_what_its_lease_knew() {
+        let algo = Algorithm::FixedWindow;
+        let mut held = Slots::from_vec(vec![Lease::fresh(&w(90, 60), algo, 0, WALL)]);
+        // Redis said 30 were left; then, unreachable, the instance admitted
+        // its share (10 of 3 instances' 30) and 2 more from its ledger of 2.
+        held.slice_mut()[0].ledger = 2;
+        held.slice_mut()[0].available = 30;
+        let admitted = (0..40)
+            .filter(|_| fallback(held.slice_mut(), 1, 3, 1).0)
+            .count();
+        assert_eq!(admitted, 12);
+        // A reload moves the window to another length: the lease goes.
+        let gone = align(&mut held, &[w(90, 61)], algo, 2, WALL, |_| false);
+        assert_eq!(gone.len(), 1);
+        let ghost = Ghost::of(&gone[0]);
+        assert_eq!((ghost.available, ghost.own), (30, 10));
+        // And back, in the same period: nothing more on its own.
+        let _ = align(&mut held, &[w(90, 60)], algo, 3, WALL, |l| {
+            ghost.haunt(l, algo, 3, 3)
+        });
+        assert_eq!(held.slice()[0].available, 0);
+        assert!(!fallback(held.slice_mut(), 1, 3, 4).0);
+        // Under a limit raised by 30 meanwhile: 30 more for the fleet.
+        let mut fresh = Slots::from_vec(vec![]);
+        let _ = align(&mut fresh, &[w(120, 60)], algo, 5, WALL, |l| {
+            ghost.haunt(l, algo, 3, 5)
+        });
+        assert_eq!(fresh.slice()[0].available, 30);
+        // A ghost of an ended period, or of another one, tells nothing.
+        let mut later = Lease::fresh(&w(90, 60), algo, 0, WALL + 60 * S);
+        assert!(!ghost.haunt(&mut later, algo, 3, 5));
+        assert_eq!(later.available, 90);
+        assert!(!ghost.haunt(&mut later, algo, 3, ghost.expires));
+    }
+
+    #[test]
     fn refunds_go_back_only_to_the_period_charged() {
         let mut l = Lease::fresh(&w(10, 60), Algorithm::FixedWindow, 0, WALL);
         l.ledger = 5;
@@ -803,7 +906,7 @@ mod tests {
             l.consumed = 15;
             l.available = 50;
         }
-        let dropped = align(&mut held, &[w(80, 60)], algo, 1, WALL);
+        let dropped = align(&mut held, &[w(80, 60)], algo, 1, WALL, |_| false);
         // No hand-back of its own: the successor's next call makes it.
         assert!(dropped.is_empty(), "{dropped:?}");
         let l = held.slice()[0];
@@ -839,7 +942,7 @@ mod tests {
             l.ledger = 0;
             l.consumed = 10;
         }
-        let dropped = align(&mut held, &[w(31, 60)], algo, 1, WALL);
+        let dropped = align(&mut held, &[w(31, 60)], algo, 1, WALL, |_| false);
         // The old lease's hand-back charges nothing more: the 10 moved.
         assert_eq!(dropped.len(), 1);
         assert_eq!(dropped[0].pending(), 0);

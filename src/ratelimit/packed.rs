@@ -47,6 +47,11 @@ impl PackedWindow {
         self.span == PackedWindow::of(w).span
     }
 
+    /// The counter's identity ([`PackedWindow::same_counter`]) as a number.
+    pub fn counter(&self) -> u64 {
+        self.span.get()
+    }
+
     fn length_nanos(&self) -> u64 {
         (self.span.get() - 1) & LENGTH_MASK
     }

@@ -79,6 +79,16 @@ struct State {
     in_flight: usize,
     /// Window counters units were handed back to: (base key, period start).
     handed_back: std::collections::HashSet<(String, u64)>,
+    /// The least a window's counter counted as used in a period by an
+    /// answer sent to an instance: (base key, period start, instance).
+    /// What the instance may know was left is at most its limit minus it.
+    /// Each entry: when the answer reached the instance (the simulation's
+    /// wall clock, microseconds) and what it said was used. Answers that
+    /// never arrived (the caller had given up) taught nothing.
+    least_used: HashMap<(String, u64, usize), Vec<(u64, u64)>>,
+    /// What the window script just run says of each window: (base key,
+    /// period start, used), kept until its answer is delivered.
+    answer: Vec<(String, u64, u64)>,
     /// Offset of the server's clock from the simulation's wall clock.
     skew_us: i64,
 }
@@ -136,6 +146,8 @@ impl Server {
             lost: HashMap::new(),
             in_flight: 0,
             handed_back: Default::default(),
+            least_used: HashMap::new(),
+            answer: Vec::new(),
             skew_us: 0,
         })))
     }
@@ -229,6 +241,25 @@ impl Server {
         lock(&self.0)
             .handed_back
             .contains(&(base_key.to_string(), period))
+    }
+
+    /// The least an answer that reached `instance` before `before_us` (the
+    /// simulation's wall clock) said a window's counter had used in a
+    /// period (`None`: no answer had reached it).
+    pub fn least_used(
+        &self,
+        base_key: &str,
+        period: u64,
+        instance: usize,
+        before_us: u64,
+    ) -> Option<u64> {
+        lock(&self.0)
+            .least_used
+            .get(&(base_key.to_string(), period, instance))?
+            .iter()
+            .filter(|(at, _)| *at < before_us)
+            .map(|(_, used)| *used)
+            .min()
     }
 
     /// What restarts lost of an integer key.
@@ -356,9 +387,14 @@ impl State {
         if argv.len() == 2 + 10 * n && ints.len() == 6 * n {
             for i in 0..n {
                 let back: u64 = argv[2 + 10 * i + 7].parse().unwrap_or(0);
+                let period = ints[6 * i + 4].max(0) as u64;
                 if let (true, Some(key)) = (back > 0, keys.get(i)) {
-                    let period = ints[6 * i + 4].max(0) as u64;
                     self.handed_back.insert((key.clone(), period));
+                }
+                let limit: u64 = argv[2 + 10 * i].parse().unwrap_or(0);
+                let used = limit.saturating_sub(ints[6 * i + 1].max(0) as u64);
+                if let Some(key) = keys.get(i) {
+                    self.answer.push((key.clone(), period, used));
                 }
             }
         }
@@ -886,9 +922,19 @@ impl Link for SimLink {
                 tokio::time::sleep_until(until).await;
             }
             let reply = server.execute(instance, args);
+            let answer = std::mem::take(&mut lock(&server.0).answer);
             tokio::time::sleep(back).await;
             lock(&server.0).in_flight -= 1;
-            let _ = tx.send(reply);
+            if tx.send(reply).is_ok() {
+                let at = crate::clock::now_us();
+                let mut s = lock(&server.0);
+                for (key, period, used) in answer {
+                    s.least_used
+                        .entry((key, period, instance))
+                        .or_default()
+                        .push((at, used));
+                }
+            }
         });
         Box::pin(async move {
             rx.await
