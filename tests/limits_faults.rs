@@ -540,6 +540,19 @@ fn a_new_key_prefix_gets_nothing_of_the_old_leases() {
 
 /// Waits until `n` instances are registered in the fleet under `prefix`
 /// and each has registered again since (so each one has counted all `n`).
+/// Three instances of `config`, away from an hour window's edge, each
+/// warmed up by one request (which starts its keeper, registering it) and
+/// all three registered in Redis under `prefix`.
+fn warm_fleet(config: &str, redis: &Redis, prefix: &str) -> Vec<Tollgate> {
+    let fleet: Vec<Tollgate> = (0..3).map(|_| Tollgate::start(config)).collect();
+    avoid_window_edge(3600, Duration::from_secs(60));
+    for t in &fleet {
+        assert_eq!(hit(t, "/public/x", "warm-up").status, 200);
+    }
+    wait_fleet(redis, prefix, 3);
+    fleet
+}
+
 fn wait_fleet(redis: &Redis, prefix: &str, n: usize) {
     let key = format!("{prefix}instances");
     let seen = |redis: &Redis| -> Vec<u64> {
@@ -589,13 +602,7 @@ fn a_fleet_without_redis_admits_its_shares_of_the_limit() {
         server: "",
     })
     .replace("threads: 2", "threads: 1");
-    let fleet: Vec<Tollgate> = (0..3).map(|_| Tollgate::start(&template)).collect();
-    avoid_window_edge(3600, Duration::from_secs(60));
-    // A request on each instance starts its keeper, which registers it.
-    for t in &fleet {
-        assert_eq!(hit(t, "/public/x", "warm-up").status, 200);
-    }
-    wait_fleet(&redis, "fl:", 3);
+    let fleet = warm_fleet(&template, &redis, "fl:");
     let warm = up.hits();
 
     redis.stop();
@@ -646,12 +653,7 @@ fn reloads_during_an_outage_draw_no_fresh_shares() {
             })
             .replace("threads: 2", "threads: 1")
         };
-        let fleet: Vec<Tollgate> = (0..3).map(|_| Tollgate::start(&template(60))).collect();
-        avoid_window_edge(3600, Duration::from_secs(60));
-        for t in &fleet {
-            assert_eq!(hit(t, "/public/x", "warm-up").status, 200);
-        }
-        wait_fleet(&redis, "rs:", 3);
+        let fleet = warm_fleet(&template(60), &redis, "rs:");
         let warm = up.hits();
 
         redis.stop();
@@ -708,12 +710,7 @@ fn a_window_moved_and_moved_back_during_an_outage_draws_no_fresh_share() {
             .replace("threads: 2", "threads: 1")
         };
         let (home, away) = (template(("1h", "rt:")), template(away));
-        let fleet: Vec<Tollgate> = (0..3).map(|_| Tollgate::start(&home)).collect();
-        avoid_window_edge(3600, Duration::from_secs(60));
-        for t in &fleet {
-            assert_eq!(hit(t, "/public/x", "warm-up").status, 200);
-        }
-        wait_fleet(&redis, "rt:", 3);
+        let fleet = warm_fleet(&home, &redis, "rt:");
         let warm = up.hits();
 
         redis.stop();
