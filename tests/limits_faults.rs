@@ -742,6 +742,79 @@ fn a_window_moved_and_moved_back_during_an_outage_draws_no_fresh_share() {
     }
 }
 
+/// `per` requests to each instance at once, each under a key of its own
+/// (one kept-alive connection each); returns how many were admitted.
+fn flood(instances: &[Tollgate], tag: &str, per: usize) -> usize {
+    let handles: Vec<_> = instances
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let (port, tag) = (t.port, tag.to_string());
+            std::thread::spawn(move || {
+                let mut c = Client::connect(port).expect("connect");
+                let mut ok = 0;
+                for n in 0..per {
+                    let r = c
+                        .get("/public/x", &format!("X-Key: {tag}-{i}-{n}\r\n"))
+                        .expect("response");
+                    match r.status {
+                        200 => ok += 1,
+                        s => panic!("unexpected status {s}: {}", r.text()),
+                    }
+                }
+                ok
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("client thread"))
+        .sum()
+}
+
+/// A key evicted by `limits.max_keys` while Redis cannot be reached does
+/// not come back to a fresh share: a client that floods an instance with
+/// keys of its own choosing (a `header:` rule) to push its key out gets
+/// nothing more in that key's window.
+#[test]
+fn a_key_evicted_during_an_outage_draws_no_fresh_share() {
+    let up = Recorder::start();
+    let mut redis = Redis::start();
+    let template = config(&Setup {
+        upstream: &up.addr(),
+        redis: Some(redis_settings(&redis, "500ms", "local", "ev:")),
+        limits: &format!(
+            "{}\n  max_keys: 1000",
+            per_key("fixed_window", "hybrid", "[{ requests: 60, window: 1h }]")
+        ),
+        server: "max_requests_per_connection: 0",
+    })
+    .replace("threads: 2", "threads: 1");
+    let fleet = warm_fleet(&template, &redis, "ev:");
+    let warm = up.hits();
+
+    redis.stop();
+    let first = spread(&fleet, "shared", 40);
+    // 1,000 keys are 16 a shard; 4,000 fresh keys an instance put about 62
+    // in the shard of "shared", which goes with the first eighth evicted.
+    let flooded = flood(&fleet, "flood", 4000);
+    for t in &fleet {
+        assert!(
+            metric(t, "tollgate_ratelimit_keys_evicted_total") >= 3000.0,
+            "the flood evicted keys"
+        );
+    }
+    let again = spread(&fleet, "shared", 40);
+    assert_eq!(up.hits() - warm, first + flooded + again);
+    eprintln!("admitted {first}, then {again} after the flood (limit 60)");
+    assert!(
+        first + again <= 60,
+        "{} admitted under one key with Redis down (first {first}, after the \
+         flood evicted it {again}), limit 60",
+        first + again
+    );
+}
+
 /// The `<slots>:<expiry ms>` holdings of a concurrency key, per instance.
 fn holdings(redis: &Redis, key: &str) -> Vec<(u64, u64)> {
     let out = redis.cli(&["HGETALL", key]);

@@ -113,6 +113,14 @@ impl KeyState {
         self.stamp & BUSY != 0
     }
 
+    /// How long ago the key was used, for eviction: a key owing a sync
+    /// (a call that failed or timed out may have been granted in Redis
+    /// unseen; its sync finds that) counts as newer than any other, so
+    /// it goes last.
+    fn eviction_age(&self) -> u64 {
+        self.stamp & (SYNC | TIME)
+    }
+
     fn set_busy(&mut self, busy: bool) {
         self.flag(BUSY, busy);
     }
@@ -172,7 +180,23 @@ struct Return {
     until: u64,
 }
 
-type Returns = Arc<Mutex<Vec<Return>>>;
+type Returns = Arc<Unreturned>;
+
+/// Hand-backs not made yet: those on their way, and those that failed
+/// (for the keeper to make again; it keeps running while any is left,
+/// even when every key is gone — an eviction or a reload during an
+/// outage may leave nothing but them).
+#[derive(Default)]
+struct Unreturned {
+    failed: Mutex<Vec<Return>>,
+    sending: AtomicUsize,
+}
+
+impl Unreturned {
+    fn done(&self) -> bool {
+        self.sending.load(Ordering::Acquire) == 0 && lock(&self.failed).is_empty()
+    }
+}
 
 /// Makes `returns` in the background; what fails waits in `unreturned`.
 fn send_returns(instance: String, unreturned: Returns, returns: Vec<Return>) {
@@ -180,9 +204,10 @@ fn send_returns(instance: String, unreturned: Returns, returns: Vec<Return>) {
         return;
     }
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        lock(&unreturned).extend(returns);
+        lock(&unreturned.failed).extend(returns);
         return;
     };
+    unreturned.sending.fetch_add(1, Ordering::AcqRel);
     runtime.spawn(async move {
         let mut failed = false;
         for r in returns {
@@ -204,8 +229,9 @@ fn send_returns(instance: String, unreturned: Returns, returns: Vec<Return>) {
                 }
                 failed = true;
             }
-            lock(&unreturned).push(r);
+            lock(&unreturned.failed).push(r);
         }
+        unreturned.sending.fetch_sub(1, Ordering::AcqRel);
     });
 }
 
@@ -385,29 +411,60 @@ impl Inner {
         let mut ages: Vec<u64> = map
             .values()
             .filter(|k| !k.busy())
-            .map(|k| k.last_used())
+            .map(KeyState::eviction_age)
             .collect();
         let go = (cap / 8).max(1).min(ages.len());
         if go == 0 {
             return;
         }
         let (_, cut, _) = ages.select_nth_unstable(go - 1);
-        let cut = *cut;
+        self.evict(map, *cut, |_, _, _| {});
+    }
+
+    /// Forgets the keys of `map` not in use since `cut`: their unused
+    /// units go back, and what their live leases knew is remembered (a
+    /// ghost each, as for a reload), so a key evicted while Redis cannot
+    /// be reached does not come back to a fresh share of the limit.
+    /// `seen` is shown each live lease of an evicted key, and whether it
+    /// is handed back (else its units are left to end with their period:
+    /// too few to be worth a call).
+    fn evict(
+        &self,
+        map: &mut KeyMap<Box<str>, KeyState>,
+        cut: u64,
+        mut seen: impl FnMut(&str, &Lease, bool),
+    ) {
+        let before = map.len();
         let Some(ns) = self.namespace.load_full() else {
-            map.retain(|_, k| k.busy() || k.last_used() > cut);
+            map.retain(|_, k| k.busy() || k.eviction_age() > cut);
+            metrics::RATELIMIT_KEYS_EVICTED.inc_by((before - map.len()) as u64);
             return;
         };
         let now = self.now();
         let mut returns = Vec::new();
-        let before = map.len();
         map.retain(|key, k| {
-            if k.busy() || k.last_used() > cut {
+            if k.busy() || k.eviction_age() > cut {
                 return true;
             }
+            self.remember(ns.place, key, k.held.slice(), now);
             // Only leases worth a call (as idle ones, or owing units).
             let worth = |l: &Lease| l.budget().saturating_mul(RETURN_SHARE) >= l.window.requests;
-            if let Some(r) = returnable(&ns, key, k, now, worth) {
-                returns.push(r);
+            let live = |l: &&Lease| l.live(now);
+            match returnable(&ns, key, k, now, worth) {
+                Some(r) => {
+                    k.held
+                        .slice()
+                        .iter()
+                        .filter(live)
+                        .for_each(|l| seen(key, l, true));
+                    returns.push(r)
+                }
+                None => k
+                    .held
+                    .slice()
+                    .iter()
+                    .filter(live)
+                    .for_each(|l| seen(key, l, false)),
             }
             false
         });
@@ -590,7 +647,7 @@ impl Inner {
     /// The keeper's round of returns that failed before.
     async fn retry_returns(&self) {
         let now = self.now();
-        let pending: Vec<Return> = std::mem::take(&mut *lock(&self.unreturned))
+        let pending: Vec<Return> = std::mem::take(&mut *lock(&self.unreturned.failed))
             .into_iter()
             .filter(|r| r.until > now)
             .collect();
@@ -614,7 +671,7 @@ impl Inner {
                 }
                 failed = true;
             }
-            lock(&self.unreturned).push(r);
+            lock(&self.unreturned.failed).push(r);
         }
     }
 
@@ -1360,6 +1417,22 @@ impl Leases {
             .map_or(0, |l| l.consumed)
     }
 
+    /// Evicts every key not in use now, as a full shard would; returns
+    /// the live leases of the keys evicted, with their key prefix and key,
+    /// and whether each was handed back (tests).
+    #[cfg(test)]
+    pub fn evict_idle(&self) -> Vec<(String, String, Lease, bool)> {
+        let prefix = self.namespace_prefix().unwrap_or_default();
+        let mut out = Vec::new();
+        for shard in self.inner.shards.iter() {
+            self.inner
+                .evict(&mut lock(&shard.map), u64::MAX, |key, l, back| {
+                    out.push((prefix.clone(), key.to_string(), *l, back))
+                });
+        }
+        out
+    }
+
     /// The lease of `window` of `key_id`, as this instance keeps it (tests).
     #[cfg(test)]
     pub fn lease_of(&self, key_id: &str, window: &Window) -> Option<Lease> {
@@ -1484,7 +1557,7 @@ fn spawn_keeper(inner: Weak<Inner>) {
             } else {
                 inner.sweep().await;
             }
-            if inner.keys() == 0 {
+            if inner.keys() == 0 && inner.unreturned.done() {
                 inner.keeper_running.store(false, Ordering::Release);
                 // A key that arrived meanwhile saw the keeper running.
                 if inner.keys() == 0 || inner.keeper_running.swap(true, Ordering::AcqRel) {
@@ -1730,6 +1803,39 @@ mod tests {
         let ((), turns) = super::super::turns_beside(leases.inner.sweep()).await;
         assert_eq!(leases.keys(), 0);
         assert!(turns >= SHARDS - 1, "{turns} turns in {SHARDS} shards");
+    }
+
+    /// Remembered leases stop at `MAX_GHOSTS`: past it a lease made again
+    /// presumes what a fresh one does; once the remembered ones have
+    /// ended, a full table makes room for new ones.
+    #[test]
+    fn ghosts_stop_at_their_cap_and_ended_ones_make_room() {
+        let leases = Leases::default();
+        let inner = &*leases.inner;
+        let algo = Algorithm::FixedWindow;
+        let now = 10_000_000_000;
+        let ends_soon = lease(100, 10, 1, now);
+        for i in 0..MAX_GHOSTS + 10 {
+            inner.remember(1, &format!("k{i}"), &[ends_soon], now);
+        }
+        assert_eq!(inner.ghost_count.load(Ordering::Relaxed), MAX_GHOSTS);
+        let mut first = lease(100, 100, 60, now);
+        assert!(inner.recall(1, "k0", &mut first, algo, now));
+        assert_eq!(first.available, 10, "what Redis last said was left");
+        let mut past_cap = lease(100, 100, 60, now);
+        let key = format!("k{}", MAX_GHOSTS + 5);
+        assert!(!inner.recall(1, &key, &mut past_cap, algo, now));
+        assert_eq!(past_cap.available, 100, "presumed as a fresh lease");
+        inner.remember(1, "fills", &[ends_soon], now);
+        assert_eq!(inner.ghost_count.load(Ordering::Relaxed), MAX_GHOSTS);
+
+        let later = now + 2_000_000;
+        inner.remember(1, "late", &[lease(100, 20, 60, later)], later);
+        assert_eq!(inner.ghost_count.load(Ordering::Relaxed), 1, "ended ones went");
+        let mut late = lease(100, 100, 60, later);
+        assert!(inner.recall(1, "late", &mut late, algo, later));
+        assert_eq!(late.available, 20);
+        assert!(!inner.recall(1, "k1", &mut lease(100, 100, 60, later), algo, later));
     }
 
     #[test]

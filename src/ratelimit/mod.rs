@@ -644,6 +644,13 @@ impl Limiter {
         self.leases.fleet()
     }
 
+    /// Evicts every key not in use now, as `limits.max_keys` would
+    /// (tests).
+    #[cfg(test)]
+    pub fn evict_idle(&self) -> Vec<(String, String, lease::Lease, bool)> {
+        self.leases.evict_idle()
+    }
+
     /// The lease of a window of a key (tests).
     #[cfg(test)]
     pub fn lease_of(&self, key_id: &str, window: &Window) -> Option<lease::Lease> {
