@@ -331,6 +331,29 @@ struct Busy<'a> {
     key: &'a str,
 }
 
+/// A request's call of some of a key's leases (`busy`: the key was marked
+/// busy for it, as in [`Busy`]): over when dropped.
+struct Asking<'a> {
+    shard: &'a Shard,
+    key: &'a str,
+    busy: bool,
+    incarnations: Vec<u32>,
+}
+
+impl Drop for Asking<'_> {
+    fn drop(&mut self) {
+        if let Some(k) = lock(&self.shard.map).get_mut(self.key) {
+            lease::answered(k.held.slice_mut(), &self.incarnations);
+            if self.busy {
+                k.set_busy(false);
+            }
+        }
+        if self.busy {
+            self.shard.done.notify_waiters();
+        }
+    }
+}
+
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
         if let Some(k) = lock(&self.shard.map).get_mut(self.key) {
@@ -1015,7 +1038,12 @@ impl Leases {
         // The namespace's Redis and algorithm (a request of an older config
         // is counted under the current one).
         let (redis, algo) = (&ns.redis, ns.algo);
-        let _busy = hybrid.then_some(Busy { shard, key: key_id });
+        let _asking = Asking {
+            shard,
+            key: key_id,
+            busy: hybrid,
+            incarnations: asks.iter().map(|a| a.incarnation).collect(),
+        };
         let divisor = if hybrid { DIVISOR } else { u64::MAX / 2 };
         let sent = inner.now();
         let answer = remote::lease(
@@ -1831,7 +1859,11 @@ mod tests {
 
         let later = now + 2_000_000;
         inner.remember(1, "late", &[lease(100, 20, 60, later)], later);
-        assert_eq!(inner.ghost_count.load(Ordering::Relaxed), 1, "ended ones went");
+        assert_eq!(
+            inner.ghost_count.load(Ordering::Relaxed),
+            1,
+            "ended ones went"
+        );
         let mut late = lease(100, 100, 60, later);
         assert!(inner.recall(1, "late", &mut late, algo, later));
         assert_eq!(late.available, 20);

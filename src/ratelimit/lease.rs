@@ -81,6 +81,11 @@ pub struct Lease {
     /// holds it, and the lease's next call hands it back (in the same call,
     /// so no answer is read against a count the hand-back has not reached).
     pub returning: bool,
+    /// Calls of requests for this lease under way (`sync: exact` makes one
+    /// per request, all at once). A lease dropped or forgotten meanwhile
+    /// hands back only what it holds: their grants are not lost, their
+    /// answers admit requests. Stays at its maximum once it reaches it.
+    pub asking: u16,
 }
 
 /// What a lease this instance dropped in a period knew when it went (a
@@ -179,6 +184,7 @@ impl Lease {
             incarnation: next_incarnation(),
             unsure: false,
             returning: false,
+            asking: 0,
         }
     }
 
@@ -427,6 +433,7 @@ pub fn ask(leases: &mut [Lease], algo: Algorithm, cost: u64) -> (Vec<Ask>, Vec<u
     let reserved: Vec<u64> = leases.iter().map(|l| l.budget().min(cost)).collect();
     for (l, r) in leases.iter_mut().zip(&reserved) {
         l.consumed += r;
+        l.asking = l.asking.saturating_add(1);
     }
     let asks = leases
         .iter_mut()
@@ -604,6 +611,16 @@ pub fn give_back(period: u64, units: u64, incarnation: u32) -> Ask {
     }
 }
 
+/// A request's call of the leases `incarnations` is over (answered,
+/// failed or given up).
+pub fn answered(leases: &mut [Lease], incarnations: &[u32]) {
+    for l in leases.iter_mut() {
+        if l.asking != u16::MAX && incarnations.contains(&l.incarnation) {
+            l.asking = l.asking.saturating_sub(1);
+        }
+    }
+}
+
 /// A call failed (its effect unknown): the reserved units go back.
 pub fn undo(leases: &mut [Lease], reserved: &[u64]) {
     for (l, r) in leases.iter_mut().zip(reserved) {
@@ -699,12 +716,15 @@ const ALL_BACK: u64 = 1 << 52;
 /// The hand-back of a lease about to be forgotten (a reload dropped its
 /// window, its key was evicted, its namespace left): like [`hand_back`],
 /// and when a call of it failed after it may have reached Redis
-/// ([`Lease::unsure`]), everything Redis counts for the lease beyond what
-/// it admitted goes back, the grant whose answer was lost too. GCRA keeps
+/// ([`Lease::unsure`]) and none is under way, everything Redis counts for
+/// the lease beyond what it admitted goes back, the grant whose answer was
+/// lost too. GCRA keeps
 /// no ledger to tell them apart: its lost grants stay counted until its
 /// bucket drains.
 pub fn hand_back_last(lease: &mut Lease, algo: Algorithm) -> Ask {
-    let unsure = lease.unsure && !gcra(&lease.window, algo);
+    // Not while a request's call is under way: its grant is not lost, and
+    // the request it admits stays counted.
+    let unsure = lease.unsure && lease.asking == 0 && !gcra(&lease.window, algo);
     let ask = hand_back(lease, algo);
     if unsure {
         Ask {
