@@ -32,7 +32,7 @@
 
 use super::algo::Outcome;
 use super::lease::{self, Ghost, Lease};
-use super::packed::Slots;
+use super::packed::{PackedWindow, Slots};
 use super::remote::{self, Ask, Grant};
 use crate::cache::{KeyHasher, KeyMap};
 use crate::clock::Instant;
@@ -198,43 +198,6 @@ impl Unreturned {
     }
 }
 
-/// Makes `returns` in the background; what fails waits in `unreturned`.
-fn send_returns(instance: String, unreturned: Returns, returns: Vec<Return>) {
-    if returns.is_empty() {
-        return;
-    }
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        lock(&unreturned.failed).extend(returns);
-        return;
-    };
-    unreturned.sending.fetch_add(1, Ordering::AcqRel);
-    runtime.spawn(async move {
-        let mut failed = false;
-        for r in returns {
-            if !failed {
-                let ns = &r.ns;
-                let answer = remote::lease(
-                    &ns.background,
-                    ns.algo,
-                    &instance,
-                    &r.key,
-                    &r.windows,
-                    &r.asks,
-                    DIVISOR,
-                    0,
-                )
-                .await;
-                if answer.is_ok() {
-                    continue;
-                }
-                failed = true;
-            }
-            lock(&unreturned.failed).push(r);
-        }
-        unreturned.sending.fetch_sub(1, Ordering::AcqRel);
-    });
-}
-
 /// Where leases were taken: the Redis (its URL, key prefix) and algorithm.
 struct Namespace {
     /// Its place ([`Namespace::same_place`]) as a number: leases dropped
@@ -283,6 +246,8 @@ struct Inner {
     per_shard: AtomicUsize,
     /// Returns that failed, for the keeper to make again.
     unreturned: Returns,
+    /// Itself, for the background calls it starts.
+    me: Weak<Inner>,
     /// What leases dropped in their period knew, until the period ends.
     ghosts: Mutex<std::collections::HashMap<GhostKey, Ghost>>,
     /// `ghosts`' length, read without the lock on the request path.
@@ -492,7 +457,114 @@ impl Inner {
             false
         });
         metrics::RATELIMIT_KEYS_EVICTED.inc_by((before - map.len()) as u64);
-        send_returns(self.instance.clone(), self.unreturned.clone(), returns);
+        self.send_returns(returns);
+    }
+
+    /// Makes `returns` in the background; what fails waits in
+    /// `unreturned` for the keeper.
+    fn send_returns(&self, returns: Vec<Return>) {
+        if returns.is_empty() {
+            return;
+        }
+        let (Ok(runtime), Some(inner)) = (tokio::runtime::Handle::try_current(), self.me.upgrade())
+        else {
+            lock(&self.unreturned.failed).extend(returns);
+            return;
+        };
+        self.unreturned.sending.fetch_add(1, Ordering::AcqRel);
+        runtime.spawn(async move {
+            let mut failed = false;
+            for r in returns {
+                if !failed {
+                    if let Ok(grants) = inner.hand_back(&r).await {
+                        inner.told(&r, &grants);
+                        continue;
+                    }
+                    failed = true;
+                }
+                lock(&inner.unreturned.failed).push(r);
+            }
+            inner.unreturned.sending.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+
+    async fn hand_back(&self, r: &Return) -> Result<Vec<Grant>, Unavailable> {
+        let ns = &r.ns;
+        remote::lease(
+            &ns.background,
+            ns.algo,
+            &self.instance,
+            &r.key,
+            &r.windows,
+            &r.asks,
+            DIVISOR,
+            0,
+        )
+        .await
+    }
+
+    /// What a hand-back's answer said was left in each window's period is
+    /// kept for this instance's lease of the same counter in that period:
+    /// the one it holds, or one made later (as a ghost). An instance that
+    /// has to decide on its own in that period then presumes no more than
+    /// Redis last told it, even when the answer came for a lease that is
+    /// gone (a reload or an eviction near a period's end: the answer
+    /// speaks of the next period). GCRA has no periods to speak of.
+    fn told(&self, r: &Return, grants: &[Grant]) {
+        if r.ns.algo == Algorithm::Gcra {
+            return;
+        }
+        let now = self.now();
+        let here = self
+            .namespace
+            .load()
+            .as_ref()
+            .is_some_and(|ns| ns.place == r.ns.place);
+        for (w, g) in r.windows.iter().zip(grants) {
+            if g.reset_us == 0 {
+                continue;
+            }
+            if here {
+                let mut map = lock(&self.shard(&r.key).map);
+                if let Some(l) = map.get_mut(r.key.as_str()).and_then(|k| {
+                    k.held
+                        .slice_mut()
+                        .iter_mut()
+                        .find(|l| l.window.same_counter(w) && l.period == g.period && l.live(now))
+                }) {
+                    l.available = l.available.min(g.available);
+                    continue;
+                }
+            }
+            let told = Ghost {
+                period: g.period,
+                expires: now.saturating_add(g.reset_us),
+                limit: w.requests,
+                available: g.available,
+                own: 0,
+                over_until: 0,
+                refused_cost: 0,
+            };
+            let at = (
+                r.ns.place,
+                Box::<str>::from(r.key.as_str()),
+                PackedWindow::of(w).counter(),
+            );
+            let mut ghosts = lock(&self.ghosts);
+            match ghosts.get_mut(&at) {
+                Some(known) if known.period == g.period && known.limit == w.requests => {
+                    known.available = known.available.min(g.available);
+                }
+                Some(known) if known.period < g.period => *known = told,
+                Some(_) => {}
+                None => {
+                    if ghosts.len() < MAX_GHOSTS {
+                        ghosts.insert(at, told);
+                    }
+                }
+            }
+            self.ghost_count.store(ghosts.len(), Ordering::Relaxed);
+        }
     }
 
     /// Hands `units` back to the ledgers of leases this instance may no
@@ -516,7 +588,7 @@ impl Inner {
             asks,
             until: self.now().saturating_add(longest),
         };
-        send_returns(self.instance.clone(), self.unreturned.clone(), vec![r]);
+        self.send_returns(vec![r]);
     }
 
     /// An answer to a call of `key` during which its leases changed: each
@@ -663,7 +735,7 @@ impl Inner {
         if let Some(r) = returnable(ns, key, &mut k, self.now(), |l| {
             l.consumed > 0 || l.budget() > 0
         }) {
-            send_returns(self.instance.clone(), self.unreturned.clone(), vec![r]);
+            self.send_returns(vec![r]);
         }
     }
 
@@ -677,19 +749,8 @@ impl Inner {
         let mut failed = false;
         for r in pending {
             if !failed {
-                let ns = &r.ns;
-                let answer = remote::lease(
-                    &ns.background,
-                    ns.algo,
-                    &self.instance,
-                    &r.key,
-                    &r.windows,
-                    &r.asks,
-                    DIVISOR,
-                    0,
-                )
-                .await;
-                if answer.is_ok() {
+                if let Ok(grants) = self.hand_back(&r).await {
+                    self.told(&r, &grants);
                     continue;
                 }
                 failed = true;
@@ -899,7 +960,8 @@ fn returnable(
 impl Leases {
     pub fn new(instance: String) -> Leases {
         Leases {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|me| Inner {
+                me: me.clone(),
                 shards: (0..SHARDS)
                     .map(|_| Shard {
                         map: Mutex::new(KeyMap::default()),
@@ -995,7 +1057,7 @@ impl Leases {
             }
             map.clear();
         }
-        send_returns(inner.instance.clone(), inner.unreturned.clone(), returns);
+        inner.send_returns(returns);
     }
 
     pub async fn acquire(
