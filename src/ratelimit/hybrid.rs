@@ -70,12 +70,19 @@ const CALLS_PER_ROUND: usize = 2000;
 const FLEET_TTL_MS: u64 = 10_000;
 /// Keys kept when no `limits.max_keys` was given.
 pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
-/// Leases dropped by reloads remembered at most (see [`Ghost`]); beyond
-/// it a lease made again presumes what a fresh one does.
-const MAX_GHOSTS: usize = 65_536;
+/// Leases dropped by reloads or evictions remembered at most (see
+/// [`Ghost`]); beyond it a lease made again presumes what a fresh one
+/// does. As many as fill a table of 32,768 slots: about 2 MiB.
+const MAX_GHOSTS: usize = 28_672;
+/// Hand-backs that failed kept for the keeper at most (an outage that
+/// evicts many keys leaves one each; about 400 bytes apiece): beyond it
+/// the newest are dropped, and what their leases admitted on their own is
+/// not counted in Redis.
+const MAX_UNRETURNED: usize = 65_536;
 
-/// Where a dropped lease was: its namespace, key and counter.
-type GhostKey = (u64, Box<str>, u64);
+/// Where a dropped lease was (its namespace, key and counter), hashed with
+/// the instance's random seed.
+type GhostKey = u64;
 
 /// Everything one instance knows about one key (no allocation of its own
 /// beyond the key's name and, for several windows, the lease slice).
@@ -193,6 +200,15 @@ struct Unreturned {
 }
 
 impl Unreturned {
+    /// A hand-back that failed, for the keeper to make again (up to
+    /// [`MAX_UNRETURNED`]).
+    fn keep(&self, r: Return) {
+        let mut failed = lock(&self.failed);
+        if failed.len() < MAX_UNRETURNED {
+            failed.push(r);
+        }
+    }
+
     fn done(&self) -> bool {
         self.sending.load(Ordering::Acquire) == 0 && lock(&self.failed).is_empty()
     }
@@ -468,7 +484,7 @@ impl Inner {
         }
         let (Ok(runtime), Some(inner)) = (tokio::runtime::Handle::try_current(), self.me.upgrade())
         else {
-            lock(&self.unreturned.failed).extend(returns);
+            returns.into_iter().for_each(|r| self.unreturned.keep(r));
             return;
         };
         self.unreturned.sending.fetch_add(1, Ordering::AcqRel);
@@ -482,7 +498,7 @@ impl Inner {
                     }
                     failed = true;
                 }
-                lock(&inner.unreturned.failed).push(r);
+                inner.unreturned.keep(r);
             }
             inner.unreturned.sending.fetch_sub(1, Ordering::AcqRel);
         });
@@ -545,11 +561,7 @@ impl Inner {
                 over_until: 0,
                 refused_cost: 0,
             };
-            let at = (
-                r.ns.place,
-                Box::<str>::from(r.key.as_str()),
-                PackedWindow::of(w).counter(),
-            );
+            let at = self.ghost_key(r.ns.place, &r.key, PackedWindow::of(w).counter());
             let mut ghosts = lock(&self.ghosts);
             match ghosts.get_mut(&at) {
                 Some(known) if known.period == g.period && known.limit == w.requests => {
@@ -668,6 +680,10 @@ impl Inner {
         self.give_back(ns, key, backs);
     }
 
+    fn ghost_key(&self, place: u64, key: &str, counter: u64) -> GhostKey {
+        self.hasher.hash_one((place, key, counter))
+    }
+
     /// Remembers what live leases being dropped knew (a reload removed
     /// their window or left their namespace), for a lease of the same
     /// counter made again in their period.
@@ -689,7 +705,7 @@ impl Inner {
                     break;
                 }
             }
-            ghosts.insert((place, key.into(), l.window.counter()), Ghost::of(l));
+            ghosts.insert(self.ghost_key(place, key, l.window.counter()), Ghost::of(l));
         }
         self.ghost_count.store(ghosts.len(), Ordering::Relaxed);
     }
@@ -702,7 +718,7 @@ impl Inner {
             return false;
         }
         let mut ghosts = lock(&self.ghosts);
-        let Some(g) = ghosts.remove(&(place, Box::<str>::from(key), l.window.counter())) else {
+        let Some(g) = ghosts.remove(&self.ghost_key(place, key, l.window.counter())) else {
             return false;
         };
         self.ghost_count.store(ghosts.len(), Ordering::Relaxed);
@@ -755,7 +771,7 @@ impl Inner {
                 }
                 failed = true;
             }
-            lock(&self.unreturned.failed).push(r);
+            self.unreturned.keep(r);
         }
     }
 
