@@ -983,8 +983,10 @@ fn memory_is_bounded_by_max_keys_under_random_keys() {
             grown as f64 / 1048576.0,
             bound as f64 / 1048576.0
         );
+        // A store keeps max_keys rounded up to a whole number per shard:
+        // 64 shards of 16, 1,024 keys (98,998 evicted in one run).
         assert!(
-            evicted >= (keys - 1000) as f64,
+            evicted >= (keys - 1024) as f64,
             "{store}: {evicted} evicted"
         );
         assert!(
