@@ -189,6 +189,14 @@ struct Return {
 
 type Returns = Arc<Unreturned>;
 
+/// Whether a hand-back call was made.
+enum Made {
+    Yes,
+    No,
+    /// It may have been (not to be made again).
+    Maybe,
+}
+
 /// Hand-backs not made yet: those on their way, and those that failed
 /// (for the keeper to make again; it keeps running while any is left,
 /// even when every key is gone — an eviction or a reload during an
@@ -492,16 +500,37 @@ impl Inner {
             let mut failed = false;
             for r in returns {
                 if !failed {
-                    if let Ok(grants) = inner.hand_back(&r).await {
-                        inner.told(&r, &grants);
-                        continue;
+                    match inner.make_return(&r).await {
+                        Made::Yes => continue,
+                        Made::Maybe => {
+                            failed = true;
+                            continue;
+                        }
+                        Made::No => failed = true,
                     }
-                    failed = true;
                 }
                 inner.unreturned.keep(r);
             }
             inner.unreturned.sending.fetch_sub(1, Ordering::AcqRel);
         });
+    }
+
+    /// Makes one hand-back. A call that failed is made again later when it
+    /// never reached Redis or making it twice does no harm; a bare
+    /// hand-back to a ledger that may have reached it (a timeout, a
+    /// connection lost on the way) is not — made twice it would take its
+    /// units off the ledger twice. Its units then stay counted for nobody
+    /// (callers are refused them early; never admitted more).
+    async fn make_return(&self, r: &Return) -> Made {
+        match self.hand_back(r).await {
+            Ok(grants) => {
+                self.told(r, &grants);
+                Made::Yes
+            }
+            Err(Unavailable::BackingOff) => Made::No,
+            Err(_) if r.asks.iter().all(Ask::repeatable) => Made::No,
+            Err(_) => Made::Maybe,
+        }
     }
 
     async fn hand_back(&self, r: &Return) -> Result<Vec<Grant>, Unavailable> {
@@ -765,11 +794,14 @@ impl Inner {
         let mut failed = false;
         for r in pending {
             if !failed {
-                if let Ok(grants) = self.hand_back(&r).await {
-                    self.told(&r, &grants);
-                    continue;
+                match self.make_return(&r).await {
+                    Made::Yes => continue,
+                    Made::Maybe => {
+                        failed = true;
+                        continue;
+                    }
+                    Made::No => failed = true,
                 }
-                failed = true;
             }
             self.unreturned.keep(r);
         }

@@ -53,6 +53,16 @@ pub struct Ask {
     pub incarnation: u32,
 }
 
+impl Ask {
+    /// Whether making the call twice does what making it once does: every
+    /// ask but a bare hand-back to a ledger ([`super::lease::give_back`],
+    /// which takes `back` off whatever the ledger counts) states what its
+    /// lease admitted, which Redis keeps as the ledger's floor.
+    pub fn repeatable(&self) -> bool {
+        self.consumed.is_some() || self.back == 0
+    }
+}
+
 /// What Redis answered for one window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Grant {
