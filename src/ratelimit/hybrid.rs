@@ -497,22 +497,28 @@ impl Inner {
         };
         self.unreturned.sending.fetch_add(1, Ordering::AcqRel);
         runtime.spawn(async move {
-            let mut failed = false;
-            for r in returns {
-                if !failed {
-                    match inner.make_return(&r).await {
-                        Made::Yes => continue,
-                        Made::Maybe => {
-                            failed = true;
-                            continue;
-                        }
-                        Made::No => failed = true,
-                    }
-                }
-                inner.unreturned.keep(r);
-            }
+            inner.make_returns(returns).await;
             inner.unreturned.sending.fetch_sub(1, Ordering::AcqRel);
         });
+    }
+
+    /// Makes `returns` in turn until one fails; what is left (and the one
+    /// that failed, if it may be made again) waits for the keeper.
+    async fn make_returns(&self, returns: Vec<Return>) {
+        let mut failed = false;
+        for r in returns {
+            if !failed {
+                match self.make_return(&r).await {
+                    Made::Yes => continue,
+                    Made::Maybe => {
+                        failed = true;
+                        continue;
+                    }
+                    Made::No => failed = true,
+                }
+            }
+            self.unreturned.keep(r);
+        }
     }
 
     /// Makes one hand-back. A call that failed is made again later when it
@@ -791,20 +797,7 @@ impl Inner {
             .into_iter()
             .filter(|r| r.until > now)
             .collect();
-        let mut failed = false;
-        for r in pending {
-            if !failed {
-                match self.make_return(&r).await {
-                    Made::Yes => continue,
-                    Made::Maybe => {
-                        failed = true;
-                        continue;
-                    }
-                    Made::No => failed = true,
-                }
-            }
-            self.unreturned.keep(r);
-        }
+        self.make_returns(pending).await;
     }
 
     /// A connection to Redis was lost (it may have restarted and lost its
